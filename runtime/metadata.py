@@ -1,0 +1,226 @@
+"""The sampling contract: everything a runtime needs to sample from an exported noise predictor.
+
+One versioned dataclass with a strict JSON round trip. It travels inside every exported model (ONNX
+``metadata_props``, TorchScript extra files) under the key ``CONTRACT_KEY``. Reading a contract with a
+missing or unknown field, an unknown value or a newer schema version raises ``ContractError`` naming
+the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from runtime.schedule import SCHEDULE_NAMES, NoiseSchedule, default_params
+
+SCHEMA_VERSION = 1
+CONTRACT_KEY = "ddpm_contract"
+PREDICTION_TYPES = ("epsilon",)
+VARIANCES = ("beta", "beta_tilde")
+DTYPES = ("float32", "float16", "int64")
+
+
+class ContractError(ValueError):
+    """A sampling contract that cannot be read; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Which noise schedule the model was trained with: name, T and the schedule's parameters."""
+
+    name: Literal["linear", "cosine"] = "linear"
+    timesteps: int = 1000
+    params: dict[str, float] = field(default_factory=lambda: default_params("linear"))
+
+    def build(self) -> NoiseSchedule:
+        """The full T-step schedule tables (float64)."""
+        return NoiseSchedule.from_name(self.name, self.timesteps, **self.params)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: name, dtype and symbolic shape (strings are dynamic dimensions)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from. Free-form strings; ``None`` where unknown."""
+
+    dataset: str | None = None
+    training_steps: int | None = None
+    package: str | None = None
+    package_version: str | None = None
+    torch_version: str | None = None
+    exporter: str | None = None
+    exporter_version: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingContract:
+    """The sampling contract of one exported model (schema ``SCHEMA_VERSION``).
+
+    Images are (B, channels, image_size, image_size) float32 in ``pixel_range``; class-conditional
+    models take labels 0 … num_classes−1 and reserve ``num_classes`` as the null (unconditional) label.
+    """
+
+    image_size: int
+    channels: int
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    pixel_range: tuple[float, float] = (-1.0, 1.0)
+    prediction_type: Literal["epsilon"] = "epsilon"
+    variance: Literal["beta", "beta_tilde"] = "beta"
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    ema: bool = False
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    provenance: Provenance = field(default_factory=Provenance)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            object.__setattr__(self, "inputs", default_inputs(self.channels, self.image_size, self.num_classes))
+        if not self.outputs:
+            object.__setattr__(self, "outputs", default_outputs(self.channels, self.image_size))
+        _validate(self)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def null_class(self) -> int | None:
+        """The label that means "no class" (classifier-free guidance), or None for unconditional models."""
+        return self.num_classes if self.conditional else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pixel_range"] = list(self.pixel_range)
+        return d
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SamplingContract:
+        if not isinstance(data, dict):
+            raise ContractError("contract: expected a JSON object")
+        version = data.get("schema_version")
+        if version is None:
+            raise ContractError("contract field 'schema_version': missing")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ContractError(f"contract field 'schema_version': expected a positive integer, got {version!r}")
+        if version > SCHEMA_VERSION:
+            raise ContractError(
+                f"contract field 'schema_version': {version} is newer than this runtime understands "
+                f"({SCHEMA_VERSION}); upgrade ddpm-toolkit"
+            )
+        kw = _fields(cls, data, "")
+        kw["schedule"] = ScheduleSpec(**_fields(ScheduleSpec, kw["schedule"], "schedule."))
+        kw["provenance"] = Provenance(**_fields(Provenance, kw["provenance"], "provenance."))
+        for key in ("inputs", "outputs"):
+            if not isinstance(kw[key], list):
+                raise ContractError(f"contract field '{key}': expected a list")
+            kw[key] = [TensorSpec(**_fields(TensorSpec, s, f"{key}[{i}].")) for i, s in enumerate(kw[key])]
+        if not isinstance(kw["pixel_range"], list | tuple):
+            raise ContractError("contract field 'pixel_range': expected [low, high]")
+        kw["pixel_range"] = tuple(kw["pixel_range"])
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SamplingContract:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ContractError(f"contract: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+def default_inputs(channels: int, image_size: int, num_classes: int) -> list[TensorSpec]:
+    """x float32 [B,C,H,W], t int64 [B], and y int64 [B] for class-conditional models."""
+    specs = [
+        TensorSpec("x", "float32", ["batch", channels, image_size, image_size]),
+        TensorSpec("t", "int64", ["batch"]),
+    ]
+    if num_classes > 0:
+        specs.append(TensorSpec("y", "int64", ["batch"]))
+    return specs
+
+
+def default_outputs(channels: int, image_size: int) -> list[TensorSpec]:
+    return [TensorSpec("eps", "float32", ["batch", channels, image_size, image_size])]
+
+
+def _fields(cls: type, data: Any, prefix: str) -> dict[str, Any]:
+    """The dict's entries for ``cls``'s fields; missing or unknown keys raise ContractError."""
+    if not isinstance(data, dict):
+        raise ContractError(f"contract field '{prefix.rstrip('.') or 'contract'}': expected a JSON object")
+    names = [f.name for f in fields(cls) if f.init]
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ContractError(f"contract field '{prefix}{missing[0]}': missing")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ContractError(f"contract field '{prefix}{unknown[0]}': unknown field")
+    return {n: data[n] for n in names}
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ContractError(f"contract field '{name}': {message}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate(c: SamplingContract) -> None:
+    _check(_is_int(c.schema_version) and 1 <= c.schema_version <= SCHEMA_VERSION, "schema_version",
+           f"unsupported version {c.schema_version!r}")
+    _check(_is_int(c.image_size) and c.image_size > 0, "image_size", f"expected a positive integer, got {c.image_size!r}")
+    _check(c.channels in (1, 3) and _is_int(c.channels), "channels", f"expected 1 or 3, got {c.channels!r}")
+    lo_hi = c.pixel_range
+    _check(len(lo_hi) == 2 and all(isinstance(v, int | float) for v in lo_hi) and tuple(lo_hi) == (-1.0, 1.0),
+           "pixel_range", f"only [-1, 1] is supported, got {list(lo_hi)!r}")
+    _check(c.prediction_type in PREDICTION_TYPES, "prediction_type",
+           f"unknown value {c.prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})")
+    _check(c.variance in VARIANCES, "variance", f"unknown value {c.variance!r} (expected one of {', '.join(VARIANCES)})")
+    _check(_is_int(c.num_classes) and c.num_classes >= 0, "num_classes",
+           f"expected a non-negative integer, got {c.num_classes!r}")
+    _check(isinstance(c.class_names, list) and all(isinstance(n, str) for n in c.class_names), "class_names",
+           "expected a list of strings")
+    _check(len(c.class_names) in (0, c.num_classes), "class_names",
+           f"has {len(c.class_names)} names for {c.num_classes} classes")
+    _check(isinstance(c.ema, bool), "ema", f"expected true or false, got {c.ema!r}")
+    s = c.schedule
+    _check(s.name in SCHEDULE_NAMES, "schedule.name", f"unknown value {s.name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+    _check(_is_int(s.timesteps) and s.timesteps > 0, "schedule.timesteps",
+           f"expected a positive integer, got {s.timesteps!r}")
+    _check(isinstance(s.params, dict), "schedule.params", "expected an object")
+    expected = set(default_params(s.name))
+    _check(set(s.params) == expected, "schedule.params",
+           f"{s.name} schedule takes exactly {sorted(expected)}, got {sorted(s.params)}")
+    for k, v in s.params.items():
+        _check(isinstance(v, int | float) and math.isfinite(v), f"schedule.params.{k}", f"expected a number, got {v!r}")
+    for key in ("inputs", "outputs"):
+        for i, spec in enumerate(getattr(c, key)):
+            _check(isinstance(spec.name, str) and spec.name != "", f"{key}[{i}].name", "expected a non-empty string")
+            _check(spec.dtype in DTYPES, f"{key}[{i}].dtype", f"unknown value {spec.dtype!r} (expected one of {', '.join(DTYPES)})")
+            _check(isinstance(spec.shape, list) and all(_is_int(d) or isinstance(d, str) for d in spec.shape),
+                   f"{key}[{i}].shape", "expected a list of integers and dimension names")
+    names = [spec.name for spec in c.inputs]
+    _check(names[:2] == ["x", "t"] and (("y" in names) == c.conditional), "inputs",
+           f"expected x, t{', y' if c.conditional else ''}, got {', '.join(names)}")
+    p = c.provenance
+    _check(p.training_steps is None or (_is_int(p.training_steps) and p.training_steps >= 0),
+           "provenance.training_steps", f"expected a non-negative integer, got {p.training_steps!r}")
+    for f in fields(Provenance):
+        if f.name != "training_steps":
+            v = getattr(p, f.name)
+            _check(v is None or isinstance(v, str), f"provenance.{f.name}", f"expected a string, got {v!r}")

@@ -1,0 +1,189 @@
+"""The one source of DDPM noise-schedule math: pure NumPy, float64 inside.
+
+Index convention: array index ``i`` in ``0 .. K-1`` is the paper's step ``t = i + 1``; the model is
+called with the *original* timestep ``timesteps[i]`` (equal to ``i`` unless the schedule is respaced).
+Names follow Ho et al. 2020 / Improved DDPM (``alphas_cumprod`` is ᾱ, ``posterior_variance`` is β̃).
+Training, export and every sampler take their tables from here; there is no second copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+ScheduleName = Literal["linear", "cosine"]
+SCHEDULE_NAMES: tuple[str, ...] = ("linear", "cosine")
+DEFAULT_TIMESTEPS = 1000
+LINEAR_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
+COSINE_DEFAULTS = {"s": 0.008, "max_beta": 0.999}
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """β_t evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020): (T,) float64."""
+    _check_timesteps(timesteps)
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal 2021: ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at ``max_beta``."""
+    _check_timesteps(timesteps)
+    steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+    f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
+
+
+def make_betas(name: str, timesteps: int = DEFAULT_TIMESTEPS, **params: float) -> np.ndarray:
+    """β table of a named schedule; ``params`` override that schedule's defaults."""
+    if name == "linear":
+        return linear_betas(timesteps, **{**LINEAR_DEFAULTS, **params})
+    if name == "cosine":
+        return cosine_betas(timesteps, **{**COSINE_DEFAULTS, **params})
+    raise ValueError(f"unknown schedule {name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+
+
+def default_params(name: str) -> dict[str, float]:
+    """The parameters a named schedule uses when none are given."""
+    if name == "linear":
+        return dict(LINEAR_DEFAULTS)
+    if name == "cosine":
+        return dict(COSINE_DEFAULTS)
+    raise ValueError(f"unknown schedule {name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+
+
+def _check_timesteps(timesteps: int) -> None:
+    if int(timesteps) != timesteps or timesteps < 1:
+        raise ValueError(f"the number of timesteps must be a positive integer, got {timesteps!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """All per-step tables of a (possibly respaced) schedule, float64, shape (K,).
+
+    ``timesteps[i]`` is the timestep the noise predictor was trained with for step ``i``.
+    """
+
+    betas: np.ndarray
+    timesteps: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        betas = np.asarray(self.betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ValueError("betas must be a non-empty 1-D array")
+        if not np.all((betas > 0) & (betas <= 1)):
+            raise ValueError("betas must lie in (0, 1]")
+        timesteps = np.arange(len(betas)) if self.timesteps is None else np.asarray(self.timesteps)
+        if timesteps.shape != betas.shape:
+            raise ValueError("timesteps and betas must have the same length")
+        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "timesteps", timesteps.astype(np.int64))
+        for name, value in self._tables(betas).items():
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+        betas.setflags(write=False)
+        self.timesteps.setflags(write=False)
+
+    @staticmethod
+    def _tables(betas: np.ndarray) -> dict[str, np.ndarray]:
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)  # ᾱ_t = ∏_{s≤t} α_s (inclusive)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # ᾱ_{t−1}, with ᾱ_0 = 1
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # β̃_t
+        return {
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+            "posterior_variance": posterior_variance,
+            # β̃_1 = 0; like Improved DDPM, the log uses β̃_2 there so it stays finite.
+            "posterior_log_variance_clipped": np.log(np.append(posterior_variance[1:2], posterior_variance[1:]))
+            if len(betas) > 1
+            else np.log(betas),
+            # posterior mean μ̃(x_t, x_0) = coef1·x_0 + coef2·x_t  (Ho et al. eq. 7)
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        }
+
+    # Declared for type checkers; set in __post_init__.
+    alphas: np.ndarray = field(init=False, repr=False)
+    alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    alphas_cumprod_prev: np.ndarray = field(init=False, repr=False)
+    sqrt_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    sqrt_one_minus_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    sqrt_recip_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    sqrt_recipm1_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    posterior_variance: np.ndarray = field(init=False, repr=False)
+    posterior_log_variance_clipped: np.ndarray = field(init=False, repr=False)
+    posterior_mean_coef1: np.ndarray = field(init=False, repr=False)
+    posterior_mean_coef2: np.ndarray = field(init=False, repr=False)
+
+    @classmethod
+    def from_name(cls, name: str, timesteps: int = DEFAULT_TIMESTEPS, **params: float) -> NoiseSchedule:
+        return cls(make_betas(name, timesteps, **params))
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T of the schedule this one was derived from (the largest model timestep + 1)."""
+        return int(self.timesteps[-1]) + 1
+
+    def respace(self, steps: int | list[int] | np.ndarray) -> NoiseSchedule:
+        """A K-step subsequence with recomputed β (Improved DDPM §4): β'_i = 1 − ᾱ_{t_i}/ᾱ_{t_{i−1}}.
+
+        ``steps`` is a count K (evenly spaced, first and last step kept) or explicit step indices.
+        """
+        keep = spaced_indices(len(self), steps) if np.isscalar(steps) else np.asarray(steps, dtype=np.int64)
+        if keep.ndim != 1 or len(keep) == 0 or np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= len(self):
+            raise ValueError("respaced steps must be strictly increasing indices into the schedule")
+        abar = self.alphas_cumprod[keep]
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        return NoiseSchedule(betas, self.timesteps[keep])
+
+    def ddpm_coefficients(self, variance: Literal["beta", "beta_tilde"] = "beta") -> DDPMCoefficients:
+        """Per-step coefficients of Algorithm 2, x_{t−1} = x_coef·x_t − eps_coef·ε + sigma·z.
+
+        x_coef = 1/√α_t, eps_coef = (1−α_t)/(√(1−ᾱ_t)·√α_t), sigma² = β_t or β̃_t; sigma is 0 at the
+        last step (t = 1), where Algorithm 2 adds no noise.
+        """
+        if variance == "beta":
+            var = self.betas.copy()
+        elif variance == "beta_tilde":
+            var = self.posterior_variance.copy()
+        else:
+            raise ValueError(f"unknown variance {variance!r} (expected 'beta' or 'beta_tilde')")
+        sigma = np.sqrt(var)
+        sigma[0] = 0.0
+        return DDPMCoefficients(
+            timesteps=self.timesteps,
+            x_coef=1.0 / np.sqrt(self.alphas),
+            eps_coef=self.betas / (self.sqrt_one_minus_alphas_cumprod * np.sqrt(self.alphas)),
+            sigma=sigma,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class DDPMCoefficients:
+    """Algorithm 2's per-step coefficients, float64 (K,), index i = paper step t = i + 1."""
+
+    timesteps: np.ndarray
+    x_coef: np.ndarray
+    eps_coef: np.ndarray
+    sigma: np.ndarray
+
+
+def spaced_indices(num_steps: int, count: int) -> np.ndarray:
+    """``count`` evenly spaced indices in ``0 .. num_steps-1`` including both ends: (count,) int64."""
+    if int(count) != count or not 1 <= count <= num_steps:
+        raise ValueError(f"the number of sampling steps must be between 1 and {num_steps}, got {count!r}")
+    if count == 1:
+        return np.array([num_steps - 1], dtype=np.int64)
+    return np.round(np.linspace(0, num_steps - 1, int(count))).astype(np.int64)

@@ -1,0 +1,38 @@
+"""The runtime imports and samples with torch unavailable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    import numpy as np
+    import runtime, runtime.schedule, runtime.metadata, runtime.samplers
+    from runtime.metadata import SamplingContract
+    contract = SamplingContract(image_size=8, channels=1)
+    schedule = contract.schedule.build().respace(20)
+    rng = np.random.default_rng(0)
+    x = runtime.samplers.ddpm_sample(lambda x, t: 0.1 * x, rng.standard_normal((2, 1, 8, 8)).astype(np.float32),
+                                     schedule, lambda i: rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32
+    assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+    print("ok")
+    """
+)
+
+
+def test_runtime_works_without_torch():
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"

@@ -1,0 +1,90 @@
+"""ddpm-train: a short run and its resume end to end, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from training.cli import main
+
+TINY = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "8",
+        "--batch-size", "8", "--sample-steps", "4", "--timesteps", "100"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_resume(fashion_root: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    r = run_cli("--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--max-steps", "5",
+                "--conditional", "--out", str(out), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = out / "checkpoints" / "last.ckpt"
+    assert r.stdout.strip().splitlines()[-1] == str(last)
+    assert Image.open(out / "samples" / "last.png").size[0] > 32  # a grid, not one image
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 5
+    assert ckpt["hyper_parameters"]["num_classes"] == 10 and ckpt["hyper_parameters"]["dataset"] == "fashion-mnist"
+    assert ckpt["hyper_parameters"]["class_names"][7] == "Sneaker"
+
+    r = run_cli("--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--max-steps", "8",
+                "--out", str(out), "--resume", str(last), *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 8
+    assert int(resumed["state_dict"]["ema.n_averaged"]) == 8  # EMA state carried over, not restarted
+    assert resumed["hyper_parameters"]["num_classes"] == 10  # model flags come from the checkpoint
+
+
+def bad_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs" / "cats"
+    root.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "ok.png")
+    (root / "broken.png").write_text("not an image")
+    return tmp_path / "imgs"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--dataset", "mnist", "--data-root", "{tmp}/nowhere"], "not found"),
+        (["--dataset", "fashion-mnist", "--data-root", "{fashion}", "--image-size", "36", "--channel-mult", "1,2,2,2"],
+         "not divisible by 8"),
+        (["--dataset", "fashion-mnist", "--data-root", "{fashion}", "--channels", "2"], "1 or 3"),
+        (["--dataset", "fashion-mnist", "--data-root", "{fashion}", "--max-steps", "-5"], "-5"),
+        (["--dataset", "folder", "--data-root", "{folder}"], "broken.png"),
+        (["--dataset", "fashion-mnist", "--data-root", "{fashion}", "--channel-mult", "1,x"], "comma-separated"),
+        (["--dataset", "fashion-mnist", "--data-root", "{fashion}", "--precision", "16-mixed", "--accelerator", "cpu"],
+         "16-mixed"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(args, message, tmp_path, fashion_root):
+    if torch.cuda.is_available() and "16-mixed" in args:
+        pytest.skip("16-mixed is valid with a GPU")
+    subs = {"{tmp}": str(tmp_path), "{fashion}": str(fashion_root), "{folder}": str(bad_folder(tmp_path))}
+    args = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in args]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # handled, no traceback
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_help_explains_every_option():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--dataset", "--data-root", "--image-size", "--channels", "--batch-size", "--max-steps",
+                   "--max-epochs", "--lr", "--schedule", "--timesteps", "--base-channels", "--channel-mult",
+                   "--num-classes", "--conditional", "--precision", "--devices", "--strategy", "--num-nodes",
+                   "--seed", "--out", "--resume", "--sample-every"):
+        assert option in result.output

@@ -1,0 +1,126 @@
+"""DiffusionModel: Algorithm 1 training, checkpoints that rebuild themselves, EMA, Algorithm 2 sampling."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from training.dataset import Diffset
+from training.model import DiffusionModel
+
+TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
+
+
+def fit(model: DiffusionModel, loader: DataLoader, steps: int, tmp_path=None) -> pl.Trainer:
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    return trainer
+
+
+def random_loader(n: int, channels: int, size: int, num_classes: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, channels, size, size, generator=g) * 2 - 1
+    y = torch.randint(0, max(num_classes, 1), (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 32), (3, 32), (3, 64)])
+def test_trains_a_few_steps_on_cpu(channels, size):
+    torch.manual_seed(0)
+    model = DiffusionModel(size * size, 1000, channels, **TINY)
+    before = [p.detach().clone() for p in model.unet.parameters()]
+    trainer = fit(model, random_loader(8, channels, size), steps=3)
+    assert trainer.global_step == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.unet.parameters()))
+
+
+def test_seed_usage_with_diffset(fashion_root):
+    """The classic usage: Diffset + DiffusionModel(size*size, 1000, depth) + pl.Trainer().fit."""
+    train_dataset = Diffset(True, "FashionMNIST", root=fashion_root)
+    model = DiffusionModel(train_dataset.size * train_dataset.size, 1000, train_dataset.depth, **TINY)
+    loader = DataLoader(train_dataset, batch_size=16, shuffle=True)
+    fit(model, loader, steps=2)
+    out = model.sample(n_samples=4, steps=5)
+    assert out.shape == (4, 1, 32, 32)
+
+
+def test_overfits_a_fixed_batch():
+    """The loss on a fixed batch of 8 images falls by at least half within 200 steps on a tiny U-Net."""
+    torch.manual_seed(0)
+    x0 = torch.zeros(8, 1, 32, 32) - 1
+    for i in range(8):  # simple structured images: a bright bar at a per-image position
+        x0[i, :, 4 * i:4 * i + 4, :] = 1
+    model = DiffusionModel(32 * 32, 1000, 1, lr=1e-3, **TINY)
+    opt = model.configure_optimizers()
+    batch = (x0, torch.zeros(8, dtype=torch.long))
+
+    def fixed_loss() -> float:  # the same t and ε every time, so the numbers are comparable
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            with torch.no_grad():
+                return sum(model.diffusion_loss(batch).item() for _ in range(8)) / 8
+
+    start = fixed_loss()
+    for _ in range(200):
+        opt.zero_grad()
+        model.diffusion_loss(batch).backward()
+        opt.step()
+    end = fixed_loss()
+    assert end <= 0.5 * start, (start, end)
+
+
+def test_checkpoint_reloads_alone_with_ema(tmp_path):
+    torch.manual_seed(0)
+    model = DiffusionModel(32 * 32, 100, 1, num_classes=3, class_names=["a", "b", "c"], ema_decay=0.9, **TINY)
+    trainer = fit(model, random_loader(16, 1, 32, num_classes=3), steps=6, tmp_path=tmp_path)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+
+    loaded = DiffusionModel.load_from_checkpoint(path)
+    assert loaded.hparams.num_classes == 3 and loaded.hparams.class_names == ["a", "b", "c"]
+    assert loaded.hparams.t_range == 100 and len(loaded.schedule) == 100
+    for a, b in zip(loaded.unet.state_dict().values(), model.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(loaded.ema_unet.state_dict().values(), model.ema_unet.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(loaded.ema.n_averaged) == 6
+    differs = [not torch.equal(a, b) for a, b in zip(loaded.ema_unet.parameters(), loaded.unet.parameters())]
+    assert any(differs), "EMA weights should differ from the raw weights after training"
+
+
+def test_sample_shape_range_and_mode():
+    torch.manual_seed(0)
+    model = DiffusionModel(32 * 32, 1000, 3, num_classes=2, **TINY)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    x = model.sample(n_samples=3, steps=10, guidance=3.0, generator=g)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0
+    assert model.training and model.ema_unet.training  # sampling leaves the mode as it was
+    again = model.sample(n_samples=3, steps=10, guidance=3.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, again, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="class indices"):
+        model.sample(2, labels=[0, 5], steps=2)
+
+
+def test_full_algorithm_2_uses_every_timestep():
+    model = DiffusionModel(16 * 16, 50, 1, ema_decay=0.0, **TINY)
+    seen = []
+    model.unet.register_forward_hook(lambda m, args, out: seen.append(int(args[1][0])))
+    x = model.sample(n_samples=2)
+    assert x.shape == (2, 1, 16, 16) and seen == list(range(49, -1, -1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(in_size=1000), "square"), (dict(num_classes=2, class_names=["a"]), "class names"),
+     (dict(ema_decay=1.0), "ema_decay"), (dict(schedule="sigmoid"), "unknown schedule")],
+)
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionModel(**{**TINY, **kwargs})

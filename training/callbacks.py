@@ -1,0 +1,46 @@
+"""``SampleGrid``: a Lightning callback that writes a grid of samples every N steps and at the end of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torchvision.utils import save_image
+
+
+class SampleGrid(pl.Callback):
+    """Writes ``out_dir/step_XXXXXXX.png`` (and ``out_dir/last.png`` at the end) from ``model.sample``.
+
+    Conditional models get ``per_class`` images of each class, one column per class; unconditional models
+    ``n_samples`` images. ``every_n_steps`` = 0 writes only at the end. Only global rank 0 samples.
+    """
+
+    def __init__(self, out_dir: str | Path, every_n_steps: int = 0, n_samples: int = 16, per_class: int = 4,
+                 steps: int | None = None, guidance: float = 1.0, seed: int = 0) -> None:
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.n_samples, self.per_class = n_samples, per_class
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module, self.out_dir / f"step_{step:07d}.png")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self.write(trainer, pl_module, self.out_dir / "last.png")
+
+    def write(self, trainer: pl.Trainer, pl_module, path: Path) -> None:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        k = pl_module.num_classes
+        n, nrow = (k * self.per_class, k) if k > 0 else (self.n_samples, max(1, int(self.n_samples ** 0.5)))
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        images = pl_module.sample(n, steps=self.steps, guidance=self.guidance, generator=generator)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        save_image(images.float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+        tmp.replace(path)

@@ -1,0 +1,160 @@
+"""``train(options)``: one Lightning training run (new or resumed) from run settings; what ``ddpm-train`` calls.
+
+Model settings become the ``DiffusionModel``'s hyperparameters (and so live in every checkpoint); paths,
+devices, workers and logging are run settings only. Errors a user can fix raise ``TrainError`` (one line).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class TrainError(ValueError):
+    """A training request that cannot run; the message is one line."""
+
+
+@dataclass
+class TrainOptions:
+    """Run settings of ``ddpm-train`` (see its --help for each)."""
+
+    dataset: str
+    data_root: str = "data"
+    download: bool = False
+    image_size: int = 32
+    channels: int | None = None
+    batch_size: int = 128
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    lr: float = 2e-4
+    schedule: str = "linear"
+    timesteps: int = 1000
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    dropout: float = 0.1
+    num_classes: int | None = None
+    conditional: bool = False
+    p_uncond: float = 0.1
+    ema_decay: float = 0.999
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    num_workers: int = 0
+    threads: int | None = None
+    seed: int = 0
+    out_dir: str = "runs/ddpm"
+    resume: str | None = None
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    sample_steps: int | None = None
+    guidance: float = 1.0
+
+
+def _devices(value: str) -> str | int | list[int]:
+    value = str(value).strip()
+    if value == "auto":
+        return value
+    try:
+        ids = [int(v) for v in value.split(",") if v]
+    except ValueError:
+        raise TrainError(f"--devices must be 'auto', a count or a list of ids, got {value!r}") from None
+    return ids[0] if len(ids) == 1 and "," not in value else ids
+
+
+def _build_model(o: TrainOptions, data):
+    from training.model import DiffusionModel
+
+    if o.resume:
+        hp = _checkpoint_hparams(o.resume)
+        model = DiffusionModel(**hp)
+        if model.unet_config.image_size != data.size or model.unet_config.in_channels != data.depth:
+            raise TrainError(
+                f"{o.resume} is a {model.unet_config.in_channels}-channel {model.unet_config.image_size}px model "
+                f"but the data is {data.depth}-channel {data.size}px"
+            )
+        return model
+    if o.conditional and o.num_classes not in (None, data.num_classes):
+        raise TrainError(f"--conditional uses the dataset's {data.num_classes} classes; drop --num-classes {o.num_classes}")
+    num_classes = data.num_classes if o.conditional else (o.num_classes or 0)
+    if o.conditional and num_classes == 0:
+        raise TrainError(f"--conditional: the {data.name} dataset at {o.data_root} has no classes")
+    class_names = data.classes if num_classes and num_classes == data.num_classes else None
+    try:
+        return DiffusionModel(
+            data.size * data.size, o.timesteps, data.depth,
+            schedule=o.schedule, base_channels=o.base_channels, channel_mult=o.channel_mult,
+            num_res_blocks=o.num_res_blocks, attention_resolutions=o.attention_resolutions,
+            dropout=o.dropout, num_classes=num_classes, class_names=class_names, p_uncond=o.p_uncond,
+            lr=o.lr, ema_decay=o.ema_decay, dataset=data.name,
+        )
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def _checkpoint_hparams(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(ckpt["hyper_parameters"])
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
+        raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def train(o: TrainOptions) -> Path:
+    """Run (or resume) training; returns the path of the final ``last.ckpt``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from training.callbacks import SampleGrid
+    from training.dataset import DatasetError, Diffset
+
+    if o.channels not in (None, 1, 3):
+        raise TrainError(f"--channels must be 1 or 3, got {o.channels}")
+    if o.precision == "16-mixed" and not torch.cuda.is_available():
+        raise TrainError("--precision 16-mixed needs a CUDA GPU; use 32 or bf16-mixed on the CPU")
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    pl.seed_everything(o.seed, verbose=False)
+    try:
+        data = Diffset(True, o.dataset, root=o.data_root, image_size=o.image_size, download=o.download,
+                       channels=o.channels)
+    except DatasetError as e:
+        raise TrainError(str(e)) from None
+    model = _build_model(o, data)
+
+    out = Path(o.out_dir)
+    ckpt_dir = out / "checkpoints"
+    loader = DataLoader(data, batch_size=o.batch_size, shuffle=True, drop_last=len(data) >= o.batch_size,
+                        num_workers=o.num_workers, persistent_workers=o.num_workers > 0)
+    trainer = pl.Trainer(
+        max_steps=o.max_steps or -1,
+        max_epochs=o.max_epochs if o.max_epochs is not None else (None if o.max_steps else 1),
+        precision=o.precision, accelerator=o.accelerator, devices=_devices(o.devices),
+        strategy=o.strategy, num_nodes=o.num_nodes,
+        logger=CSVLogger(out, name="logs"),
+        callbacks=[
+            ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                            every_n_train_steps=o.checkpoint_every, save_top_k=-1, save_last=True),
+            SampleGrid(out / "samples", every_n_steps=o.sample_every, steps=o.sample_steps,
+                       guidance=o.guidance, seed=o.seed),
+        ],
+        log_every_n_steps=min(50, max(1, len(loader))),
+        enable_model_summary=False,
+    )
+    if o.resume:
+        print(f"resuming from {o.resume}", file=sys.stderr)
+    trainer.fit(model, loader, ckpt_path=o.resume)
+    last = ckpt_dir / "last.ckpt"
+    trainer.save_checkpoint(last)  # the newest state, also after an interrupt
+    if trainer.interrupted:
+        print(f"interrupted at step {trainer.global_step}", file=sys.stderr)
+    print(f"trained to step {trainer.global_step}; last checkpoint: {last}", file=sys.stderr)
+    return last
