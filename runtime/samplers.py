@@ -59,3 +59,33 @@ def ddpm_sample(
 def guided_eps(eps_cond: Array, eps_uncond: Array, guidance: float) -> Array:
     """Classifier-free guidance (Ho & Salimans 2022): ε = ε_uncond + w·(ε_cond − ε_uncond)."""
     return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def conditioned_predictor(
+    net: Callable[[Array, int, Array | None], Array],
+    y: Array | None,
+    *,
+    guidance: float = 1.0,
+    null_class: int | None = None,
+    concat: Callable[[list[Array]], Array],
+) -> PredictEps:
+    """``predict_eps(x, t)`` around ``net(x, t, y)`` for fixed labels ``y: (B,) int64`` (None: unconditional).
+
+    With ``guidance`` ≠ 1 the conditional and null-class predictions come from one batched call of 2B
+    images and are combined by ``guided_eps``. ``concat`` joins arrays on axis 0 (``np.concatenate`` or
+    ``torch.cat``), so one implementation serves every backend.
+    """
+    if y is None:
+        return lambda x, t: net(x, t, None)
+    if guidance == 1.0:
+        return lambda x, t: net(x, t, y)
+    if null_class is None:
+        raise ValueError("classifier-free guidance needs the null class label")
+    y2 = concat([y, y * 0 + null_class])
+
+    def predict(x: Array, t: int) -> Array:
+        b = x.shape[0]
+        eps = net(concat([x, x]), t, y2)
+        return guided_eps(eps[:b], eps[b:], guidance)
+
+    return predict

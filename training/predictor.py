@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.samplers import PredictEps, guided_eps
+from runtime.samplers import PredictEps, conditioned_predictor
 
 
 def eps_predictor(
@@ -16,20 +16,12 @@ def eps_predictor(
 ) -> PredictEps:
     """``predict_eps(x: (B,C,H,W) float32, t: int) -> ε (B,C,H,W)`` around ``net(x, t, y)``.
 
-    For a class-conditional net, ``y: (B,) int64`` are the labels; with ``guidance`` ≠ 1 the conditional
-    and null-class predictions come from one batched call and are combined by ``guided_eps``.
+    ``y: (B,) int64`` are the labels of a class-conditional net (None for an unconditional one); with
+    ``guidance`` ≠ 1 classifier-free guidance is applied (see ``runtime.samplers.conditioned_predictor``).
     """
-    if y is None:
-        return lambda x, t: net(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-    if guidance == 1.0:
-        return lambda x, t: net(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), y)
-    if null_class is None:
-        raise ValueError("classifier-free guidance needs the null class label")
-    y2 = torch.cat([y, torch.full_like(y, null_class)])
 
-    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-        b = x.shape[0]
-        eps = net(torch.cat([x, x]), torch.full((2 * b,), t, dtype=torch.long, device=x.device), y2)
-        return guided_eps(eps[:b], eps[b:], guidance)
+    def call(x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        return net(x, tt) if labels is None else net(x, tt, labels)
 
-    return predict
+    return conditioned_predictor(call, y, guidance=guidance, null_class=null_class, concat=torch.cat)

@@ -1,0 +1,94 @@
+"""An exported noise predictor in an onnxruntime session, with the sampling contract it carries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.metadata import CONTRACT_KEY, ContractError, SamplingContract
+from runtime.samplers import PredictEps, conditioned_predictor
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used (missing, not ONNX, no contract, provider failed); one line."""
+
+
+def read_contract(model_path: str | os.PathLike) -> SamplingContract:
+    """The contract stored in an ONNX file's ``metadata_props`` (reads only the metadata)."""
+    import onnxruntime as ort
+
+    session = _session(model_path, ["CPUExecutionProvider"], ort.SessionOptions())
+    return _contract_of(session, model_path)
+
+
+def _contract_of(session, path) -> SamplingContract:
+    meta = session.get_modelmeta().custom_metadata_map
+    if CONTRACT_KEY not in meta:
+        raise ModelError(f"{path} carries no sampling contract ('{CONTRACT_KEY}' metadata); export it with ddpm-export")
+    try:
+        return SamplingContract.from_json(meta[CONTRACT_KEY])
+    except ContractError as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
+def _session(path, providers: list, options):
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
+        raise ModelError(f"cannot load {path} with {providers[0]}: {str(e).splitlines()[0]}") from None
+
+
+class OnnxModel:
+    """``model(x, t, y=None) -> ε`` through onnxruntime; ``model.contract`` says how to sample from it.
+
+    ``provider`` is ``cpu``, ``cuda`` or ``tensorrt`` (or a full onnxruntime provider name). A provider that
+    onnxruntime lists but cannot start (it silently falls back to the CPU) raises ``ModelError``.
+    """
+
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", *, threads: int | None = None,
+                 session_options=None) -> None:
+        import onnxruntime as ort
+
+        name = PROVIDER_NAMES.get(provider, provider)
+        providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            if threads:
+                session_options.intra_op_num_threads = threads
+        self.path = Path(path)
+        self.session = _session(path, providers, session_options)
+        if self.session.get_providers()[0] != name:
+            raise ModelError(f"{name} did not start for {path} (onnxruntime fell back to {self.session.get_providers()[0]})")
+        self.provider = name
+        self.contract = _contract_of(self.session, path)
+        self._input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 for conditional models -> ε (B, C, H, W) float32."""
+        feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "t": np.ascontiguousarray(t, dtype=np.int64)}
+        if y is not None:
+            feed["y"] = np.ascontiguousarray(y, dtype=np.int64)
+        if set(feed) != set(self._input_names):
+            raise ValueError(f"{self.path} takes inputs {self._input_names}, got {sorted(feed)}")
+        return self.session.run(None, feed)[0]
+
+    def predictor(self, y: np.ndarray | None = None, guidance: float = 1.0) -> PredictEps:
+        """``predict_eps(x, t: int)`` for the samplers, with fixed labels and classifier-free guidance."""
+
+        def call(x: np.ndarray, t: int, labels: np.ndarray | None) -> np.ndarray:
+            return self(x, np.full((x.shape[0],), t, dtype=np.int64), labels)
+
+        return conditioned_predictor(call, y, guidance=guidance, null_class=self.contract.null_class,
+                                     concat=np.concatenate)
