@@ -16,7 +16,8 @@ from typing import Any, Literal
 from runtime.schedule import SCHEDULE_NAMES, NoiseSchedule, default_params
 
 SCHEMA_VERSION = 1
-CONTRACT_KEY = "ddpm_contract"
+CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
+CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
 PREDICTION_TYPES = ("epsilon",)
 VARIANCES = ("beta", "beta_tilde")
 DTYPES = ("float32", "float16", "int64")

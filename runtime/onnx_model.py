@@ -8,17 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime.metadata import CONTRACT_KEY, ContractError, SamplingContract
-from runtime.samplers import PredictEps, conditioned_predictor
+from runtime.errors import ModelError
+from runtime.samplers import PredictEps, array_predictor
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-class ModelError(ValueError):
-    """A model file that cannot be used (missing, not ONNX, no contract, provider failed); one line."""
 
 
 def read_contract(model_path: str | os.PathLike) -> SamplingContract:
@@ -86,9 +83,4 @@ class OnnxModel:
 
     def predictor(self, y: np.ndarray | None = None, guidance: float = 1.0) -> PredictEps:
         """``predict_eps(x, t: int)`` for the samplers, with fixed labels and classifier-free guidance."""
-
-        def call(x: np.ndarray, t: int, labels: np.ndarray | None) -> np.ndarray:
-            return self(x, np.full((x.shape[0],), t, dtype=np.int64), labels)
-
-        return conditioned_predictor(call, y, guidance=guidance, null_class=self.contract.null_class,
-                                     concat=np.concatenate)
+        return array_predictor(self, y, guidance=guidance, null_class=self.contract.null_class)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
+import numpy as np
+
 from runtime.schedule import NoiseSchedule
 
 Array = Any  # numpy.ndarray or torch.Tensor, (B, C, H, W) float32
@@ -89,3 +91,12 @@ def conditioned_predictor(
         return guided_eps(eps[:b], eps[b:], guidance)
 
     return predict
+
+
+def array_predictor(net, y: np.ndarray | None, *, guidance: float, null_class: int | None) -> PredictEps:
+    """``predict_eps(x, t: int)`` for a numpy net ``net(x, t: (B,) int64, y)``."""
+
+    def call(x: np.ndarray, t: int, labels: np.ndarray | None) -> np.ndarray:
+        return net(x, np.full((x.shape[0],), t, dtype=np.int64), labels)
+
+    return conditioned_predictor(call, y, guidance=guidance, null_class=null_class, concat=np.concatenate)

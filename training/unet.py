@@ -75,8 +75,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` calling the aten op directly.
+
+    ``F.group_norm`` first runs a Python-side batch-size check that converts a traced size to a bool, which
+    the TorchScript tracer reports as a TracerWarning (and export treats tracer warnings as errors).
+    The check is irrelevant here: every group holds at least one channel and H×W > 1.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(math.gcd(groups, channels), channels)
 
 
 class ResBlock(nn.Module):
@@ -115,7 +127,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three n c) h w -> three b n (h w) c", three=3, n=self.num_heads)
+        qkv = rearrange(self.qkv(self.norm(x)), "b (three n c) h w -> three b n (h w) c", three=3, n=self.num_heads)
+        q, k, v = qkv.unbind(0)
         scale = q.shape[-1] ** -0.5
         attn = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
         out = rearrange(attn @ v, "b n (h w) c -> b (n c) h w", h=h, w=w)

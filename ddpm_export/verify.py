@@ -1,0 +1,186 @@
+"""Proof that an exported model computes what the eager U-Net computes; checks fail, they never merely warn.
+
+Two checks, both over numpy nets ``net(x: (B,C,H,W) float32, t: (B,) int64, y: (B,) int64 | None) -> ε``:
+
+* ``check_eps`` — per call, at t ∈ {0, T/2, T−1} and random t, batch sizes 1 and 5 (labels including the
+  null label for conditional models): |ε_exported − ε_eager| ≤ atol + rtol·|ε_eager| everywhere;
+* ``check_trajectory`` — a short respaced Algorithm-2 run (4 images, 20 steps) through both with identical
+  injected noise; the final uint8 images may differ by at most ``max_levels``.
+
+Tolerances are named in ``TOLERANCES``; reports carry the largest difference and where it occurred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from runtime.images import to_uint8
+from runtime.metadata import SamplingContract
+from runtime.samplers import array_predictor, ddpm_sample
+
+NumpyNet = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per-call ε: |a − b| ≤ atol + rtol·|b| (b: eager); trajectory: max uint8 difference."""
+
+    atol: float
+    rtol: float
+    max_levels: int
+
+
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, max_levels=2),
+    # fp16 is judged on the whole trajectory against the fp32 eager model only.
+    "fp16": Tolerance(atol=float("nan"), rtol=float("nan"), max_levels=8),
+}
+
+
+@dataclass
+class EpsCheck:
+    passed: bool
+    calls: int
+    max_abs_diff: float
+    worst: dict  # where the largest excess over the tolerance occurred: case, t, label, index, values
+
+
+@dataclass
+class TrajectoryCheck:
+    passed: bool
+    images: int
+    steps: int
+    guidance: float
+    max_level_diff: int
+    pixels_differing: int
+    worst_index: list[int]
+
+
+@dataclass
+class BackendResult:
+    """The checks run against one backend (an artifact on one provider)."""
+
+    backend: str
+    passed: bool
+    eps: EpsCheck | None = None
+    trajectory: TrajectoryCheck | None = None
+
+    def summary(self) -> str:
+        parts = []
+        if self.eps is not None:
+            parts.append(f"max |Δε| {self.eps.max_abs_diff:.2e} over {self.eps.calls} calls")
+        if self.trajectory is not None:
+            parts.append(f"trajectory max Δ {self.trajectory.max_level_diff} uint8 levels")
+        return f"{self.backend}: {'ok' if self.passed else 'FAILED'} ({', '.join(parts)})"
+
+
+@dataclass
+class VerificationReport:
+    """Everything verified (or skipped, with the reason) for one artifact."""
+
+    tolerance: dict
+    results: list[BackendResult] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    # checks on a provider the artifact does not target (fp16 on the CPU): they can fail an export, never pass it
+    informational: list[BackendResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results + self.informational)
+
+    @property
+    def failed(self) -> bool:
+        return any(not r.passed for r in self.results + self.informational)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.results)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tolerance": self.tolerance, "results": [asdict(r) for r in self.results],
+                "skipped": self.skipped, "informational": [asdict(r) for r in self.informational]}
+
+
+def eps_cases(contract: SamplingContract, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(name, x, t, y) inputs: t ∈ {0, T/2, T−1, random} at batch 1, and one batch of 5 mixing them."""
+    rng = np.random.default_rng(seed)
+    T, c, s = contract.schedule.timesteps, contract.channels, contract.image_size
+    special = [0, T // 2, T - 1, int(rng.integers(1, T - 1))]
+    k = contract.num_classes
+    cases = []
+    for i, t in enumerate(special):
+        y = np.array([k if i % 2 else int(rng.integers(0, k))], np.int64) if k else None  # null label too
+        cases.append((f"batch1_t{t}", rng.standard_normal((1, c, s, s)).astype(np.float32), np.array([t], np.int64), y))
+    t5 = np.array([*special, int(rng.integers(0, T))], np.int64)
+    y5 = np.array([*rng.integers(0, k, 4), k], np.int64) if k else None
+    cases.append(("batch5_mixed_t", rng.standard_normal((5, c, s, s)).astype(np.float32), t5, y5))
+    return cases
+
+
+def check_eps(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract, tol: Tolerance,
+              seed: int = 0) -> EpsCheck:
+    """Per-call ε parity of ``candidate`` against ``reference`` (the eager U-Net)."""
+    worst, worst_excess, max_abs, calls = {}, -np.inf, 0.0, 0
+    for name, x, t, y in eps_cases(contract, seed):
+        a, b = candidate(x, t, y), reference(x, t, y)
+        calls += 1
+        if a.shape != b.shape or not np.all(np.isfinite(a)):
+            return EpsCheck(False, calls, float("inf"), {"case": name, "problem": f"shape {a.shape} or non-finite values"})
+        diff = np.abs(a.astype(np.float64) - b)
+        excess = diff - (tol.atol + tol.rtol * np.abs(b))
+        i = np.unravel_index(int(np.argmax(excess)), excess.shape)
+        max_abs = max(max_abs, float(diff.max()))
+        if excess[i] > worst_excess:
+            worst_excess = float(excess[i])
+            worst = {"case": name, "index": [int(v) for v in i], "t": int(t[i[0]]),
+                     "label": None if y is None else int(y[i[0]]),
+                     "exported": float(a[i]), "eager": float(b[i]), "abs_diff": float(diff[i])}
+    return EpsCheck(worst_excess <= 0, calls, max_abs, worst)
+
+
+def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract, tol: Tolerance, *,
+                     n: int = 4, steps: int = 20, guidance: float | None = None, seed: int = 0) -> TrajectoryCheck:
+    """Final uint8 images of a respaced Algorithm-2 run through both nets with identical injected noise."""
+    schedule = contract.schedule.build()
+    schedule = schedule.respace(min(steps, len(schedule)))
+    rng = np.random.default_rng(seed)
+    shape = (n, contract.channels, contract.image_size, contract.image_size)
+    x_T = rng.standard_normal(shape).astype(np.float32)
+    noise = rng.standard_normal((len(schedule), *shape)).astype(np.float32)
+    y = (np.arange(n) % contract.num_classes).astype(np.int64) if contract.conditional else None
+    w = guidance if guidance is not None else (2.0 if contract.conditional else 1.0)
+    images = [
+        to_uint8(ddpm_sample(array_predictor(net, y, guidance=w, null_class=contract.null_class), x_T, schedule,
+                             lambda i: noise[i], variance="beta_tilde"))
+        for net in (reference, candidate)
+    ]
+    diff = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    return TrajectoryCheck(bool(diff.max() <= tol.max_levels), n, len(schedule), w, int(diff.max()),
+                           int((diff > 0).sum()), [int(v) for v in worst])
+
+
+def verify_backend(name: str, reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract,
+                   precision: str = "fp32", *, per_call: bool = True) -> BackendResult:
+    """Run the checks for one backend; fp16 backends get the trajectory check only."""
+    tol = TOLERANCES[precision]
+    eps = check_eps(reference, candidate, contract, tol) if per_call and precision == "fp32" else None
+    traj = check_trajectory(reference, candidate, contract, tol)
+    return BackendResult(name, (eps is None or eps.passed) and traj.passed, eps, traj)
+
+
+def torch_net(module, device: str = "cpu") -> NumpyNet:
+    """A numpy ``net(x, t, y)`` around a torch module (eager or TorchScript), no grad, on ``device``."""
+    import torch
+
+    def net(x: np.ndarray, t: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        args = [torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(t))]
+        if y is not None:
+            args.append(torch.from_numpy(np.ascontiguousarray(y)))
+        with torch.inference_mode():
+            return module(*[a.to(device) for a in args]).float().cpu().numpy()
+
+    return net

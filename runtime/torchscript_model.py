@@ -1,0 +1,59 @@
+"""A ``ddpm-export`` TorchScript file as a numpy noise predictor; torch is imported only when one is loaded."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from runtime.metadata import CONTRACT_FILE, ContractError, SamplingContract
+from runtime.errors import ModelError
+from runtime.samplers import PredictEps, array_predictor
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ModelError("TorchScript models need torch: pip install 'ddpm-toolkit[train]' "
+                         "(or use the .onnx export, which needs only onnxruntime)") from None
+    return torch
+
+
+class TorchScriptModel:
+    """``model(x, t, y=None) -> ε`` (numpy in, numpy out) through ``torch.jit.load``; ``model.contract`` as for ONNX."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
+        torch = _torch()
+        self.path, self.device = Path(path), device
+        if not self.path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        extra = {CONTRACT_FILE: ""}
+        try:
+            with warnings.catch_warnings():  # the requested format; its deprecation notice is noise here
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
+                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load {path} as TorchScript: {str(e).splitlines()[0]}") from None
+        if not extra[CONTRACT_FILE]:
+            raise ModelError(f"{path} carries no sampling contract ({CONTRACT_FILE}); export it with ddpm-export")
+        try:
+            self.contract = SamplingContract.from_json(extra[CONTRACT_FILE])
+        except ContractError as e:
+            raise ModelError(f"{path}: {e}") from None
+        self.provider = f"torchscript:{device}"
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
+        torch = _torch()
+        args = [torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(t, np.int64))]
+        if y is not None:
+            args.append(torch.from_numpy(np.ascontiguousarray(y, np.int64)))
+        with torch.inference_mode():
+            return self.module(*[a.to(self.device) for a in args]).cpu().numpy()
+
+    def predictor(self, y: np.ndarray | None = None, guidance: float = 1.0) -> PredictEps:
+        return array_predictor(self, y, guidance=guidance, null_class=self.contract.null_class)
+
