@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,10 @@ def _session(path, providers: list, options):
     if not Path(path).is_file():
         raise ModelError(f"model file {path} does not exist")
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        # onnxruntime print()s an "EP Error" banner to stdout when a provider fails and it falls back;
+        # stdout is for results, so the banner goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
         raise ModelError(f"cannot load {path} with {providers[0]}: {str(e).splitlines()[0]}") from None
 
