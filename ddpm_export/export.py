@@ -160,6 +160,9 @@ def _onnx_backends(tmp: Path, providers: list[str], report: VerificationReport) 
     import onnxruntime as ort
 
     for provider in providers:
+        if provider == "tensorrt" and any(s["backend"].endswith("CUDAExecutionProvider") for s in report.skipped):
+            report.skipped.append({"backend": "onnx:TensorrtExecutionProvider", "reason": "needs CUDA, which did not start"})
+            continue
         try:
             if provider != "cpu":  # a provider that cannot start logs a multi-line error; the reason goes in the report
                 ort.set_default_logger_severity(4)
