@@ -157,21 +157,15 @@ def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, repo
 
 def _onnx_backends(tmp: Path, providers: list[str], report: VerificationReport) -> Iterator[OnnxModel]:
     """An ``OnnxModel`` per provider that starts; the others are recorded as skipped with the reason."""
-    import onnxruntime as ort
-
     for provider in providers:
         if provider == "tensorrt" and any(s["backend"].endswith("CUDAExecutionProvider") for s in report.skipped):
             report.skipped.append({"backend": "onnx:TensorrtExecutionProvider", "reason": "needs CUDA, which did not start"})
             continue
         try:
-            if provider != "cpu":  # a provider that cannot start logs a multi-line error; the reason goes in the report
-                ort.set_default_logger_severity(4)
-            model = OnnxModel(tmp, provider)
+            model = OnnxModel(tmp, provider, quiet=True)
         except ModelError as e:
             report.skipped.append({"backend": f"onnx:{PROVIDER_NAMES[provider]}", "reason": str(e)})
             continue
-        finally:
-            ort.set_default_logger_severity(2)
         yield model
 
 

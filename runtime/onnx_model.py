@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def _contract_of(session, path) -> SamplingContract:
         raise ModelError(f"{path}: {e}") from None
 
 
-def _session(path, providers: list, options):
+def _session(path, providers: list, options, quiet: bool = False):
     import onnxruntime as ort
 
     if not Path(path).is_file():
@@ -46,7 +47,7 @@ def _session(path, providers: list, options):
     try:
         # onnxruntime print()s an "EP Error" banner to stdout when a provider fails and it falls back;
         # stdout is for results, so the banner goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(io.StringIO() if quiet else sys.stderr):
             return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
         raise ModelError(f"cannot load {path} with {providers[0]}: {str(e).splitlines()[0]}") from None
@@ -56,11 +57,12 @@ class OnnxModel:
     """``model(x, t, y=None) -> ε`` through onnxruntime; ``model.contract`` says how to sample from it.
 
     ``provider`` is ``cpu``, ``cuda`` or ``tensorrt`` (or a full onnxruntime provider name). A provider that
-    onnxruntime lists but cannot start (it silently falls back to the CPU) raises ``ModelError``.
+    onnxruntime lists but cannot start (it silently falls back to the CPU) raises ``ModelError``; ``quiet``
+    keeps onnxruntime's own multi-line log of that failure off stderr (for probing).
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", *, threads: int | None = None,
-                 session_options=None) -> None:
+                 session_options=None, quiet: bool = False) -> None:
         import onnxruntime as ort
 
         name = PROVIDER_NAMES.get(provider, provider)
@@ -70,7 +72,12 @@ class OnnxModel:
             if threads:
                 session_options.intra_op_num_threads = threads
         self.path = Path(path)
-        self.session = _session(path, providers, session_options)
+        if quiet and name != "CPUExecutionProvider":  # a provider that cannot start logs a multi-line error
+            ort.set_default_logger_severity(4)
+        try:
+            self.session = _session(path, providers, session_options, quiet)
+        finally:
+            ort.set_default_logger_severity(2)
         if self.session.get_providers()[0] != name:
             raise ModelError(f"{name} did not start for {path} (onnxruntime fell back to {self.session.get_providers()[0]})")
         self.provider = name

@@ -11,51 +11,53 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from runtime.schedule import NoiseSchedule
+from runtime.schedule import NoiseSchedule, StepCoefficients
 
 Array = Any  # numpy.ndarray or torch.Tensor, (B, C, H, W) float32
 PredictEps = Callable[[Array, int], Array]  # (x_t, model timestep) -> ε, same shape as x_t
 NoiseFn = Callable[[int], Array]  # step index i -> z ~ N(0, I) shaped like x
 
 
-def ddpm_sample(
+def sample(
     predict_eps: PredictEps,
     x_T: Array,
-    schedule: NoiseSchedule,
+    coefs: StepCoefficients,
     noise: NoiseFn,
     *,
-    variance: Literal["beta", "beta_tilde"] = "beta",
-    clip_denoised: bool = False,
-    progress: Callable[[int], None] | None = None,
+    on_step: Callable[[int, Array], None] | None = None,
 ) -> Array:
-    """Algorithm 2 (Ho et al. 2020) from ``x_T`` down to x_0.
+    """The one sampling loop: for i = K−1 … 0, ε = predict_eps(x, timesteps[i]) and
+    x ← A_i·x + B_i·ε + D_i·clip(P_i·x + Q_i·ε) + C_i·z_i (see ``StepCoefficients``).
 
-    For i = K−1 … 0 (paper t = i+1 … 1): z = noise(i) if i > 0 else 0 and
-    x_{t−1} = (x_t − (1−α_t)/√(1−ᾱ_t)·ε) / √α_t + σ_t z.
-    With ``clip_denoised`` the mean is the posterior mean μ̃(x_t, x̂_0) with x̂_0 clipped to [−1, 1],
-    as in the paper's released code. ``progress(i)`` is called after each step.
+    ``noise(i)`` is called exactly for the steps with C_i ≠ 0, in loop order. ``on_step(i, x)`` sees each new x
+    (for progress and finiteness checks).
     """
-    c = schedule.ddpm_coefficients(variance)
-    t_model = c.timesteps.tolist()
-    x_coef, eps_coef, sigma = c.x_coef.tolist(), c.eps_coef.tolist(), c.sigma.tolist()
-    if clip_denoised:
-        r0 = schedule.sqrt_recip_alphas_cumprod.tolist()
-        r1 = schedule.sqrt_recipm1_alphas_cumprod.tolist()
-        m0 = schedule.posterior_mean_coef1.tolist()
-        m1 = schedule.posterior_mean_coef2.tolist()
+    t_model = coefs.timesteps.tolist()
+    A, B, C, D, P, Q = (getattr(coefs, k).tolist() for k in "ABCDPQ")
     x = x_T
     for i in reversed(range(len(t_model))):
         eps = predict_eps(x, t_model[i])
-        if clip_denoised:
-            x0 = (r0[i] * x - r1[i] * eps).clip(-1.0, 1.0)
-            x = m0[i] * x0 + m1[i] * x
-        else:
-            x = x_coef[i] * x - eps_coef[i] * eps
-        if i > 0:
-            x = x + sigma[i] * noise(i)
-        if progress is not None:
-            progress(i)
+        x_next = A[i] * x + B[i] * eps
+        if coefs.clip:
+            x_next = x_next + D[i] * (P[i] * x + Q[i] * eps).clip(-1.0, 1.0)
+        if C[i] != 0.0:
+            x_next = x_next + C[i] * noise(i)
+        x = x_next
+        if on_step is not None:
+            on_step(i, x)
     return x
+
+
+def ddpm_sample(predict_eps: PredictEps, x_T: Array, schedule: NoiseSchedule, noise: NoiseFn, *,
+                variance: Literal["beta", "beta_tilde"] = "beta", clip_denoised: bool = False, **kw) -> Array:
+    """Algorithm 2 (Ho et al. 2020) from ``x_T`` to x_0 on ``schedule`` (see ``ddpm_step_coefficients``)."""
+    return sample(predict_eps, x_T, schedule.ddpm_step_coefficients(variance, clip_denoised), noise, **kw)
+
+
+def ddim_sample(predict_eps: PredictEps, x_T: Array, schedule: NoiseSchedule, noise: NoiseFn, *,
+                eta: float = 0.0, clip_denoised: bool = False, **kw) -> Array:
+    """DDIM (Song et al. 2021) from ``x_T`` to x_0 on ``schedule``'s steps (respace it for K < T steps)."""
+    return sample(predict_eps, x_T, schedule.ddim_step_coefficients(eta, clip_denoised), noise, **kw)
 
 
 def guided_eps(eps_cond: Array, eps_uncond: Array, guidance: float) -> Array:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.samplers import ddpm_sample, guided_eps
+from runtime.samplers import ddim_sample, ddpm_sample, guided_eps
 from runtime.schedule import NoiseSchedule
 
 
@@ -47,6 +47,42 @@ def test_ddpm_matches_the_paper_in_float64(clip):
     ref = reference_algorithm_2(x_T, betas, noises, clip=clip)
     out = ddpm_sample(fake_eps, x_T, NoiseSchedule(betas), lambda i: noises[i], clip_denoised=clip)
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def reference_ddim(x_T, abar, timesteps, noises, eta, clip=False):
+    """Song et al. 2021 eq. 12 over the given ᾱ sequence (ᾱ_prev = 1 at the end), float64, plain loops."""
+    x = x_T.astype(np.float64)
+    for i in range(len(abar) - 1, -1, -1):
+        a, a_prev = abar[i], (abar[i - 1] if i > 0 else 1.0)
+        eps = fake_eps(x, int(timesteps[i]))
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps
+        if sigma > 0:
+            x = x + sigma * noises[i]
+    return x
+
+
+@pytest.mark.parametrize("eta, clip", [(0.0, False), (1.0, False), (0.5, True)])
+def test_ddim_matches_the_paper_in_float64(eta, clip):
+    full = NoiseSchedule.from_name("linear", 1000)
+    s = full.respace(25)
+    rng = np.random.default_rng(2)
+    x_T = rng.standard_normal((2, 1, 4, 4))
+    noises = rng.standard_normal((25, 2, 1, 4, 4))
+    abar = full.alphas_cumprod[s.timesteps]  # ᾱ of the original schedule at the kept steps
+    ref = reference_ddim(x_T, abar, s.timesteps, noises, eta, clip)
+    out = ddim_sample(fake_eps, x_T, s, lambda i: noises[i], eta=eta, clip_denoised=clip)
+    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_ddim_with_eta_0_draws_no_noise():
+    s = NoiseSchedule.from_name("linear", 100).respace(10)
+    calls = []
+    ddim_sample(fake_eps, np.zeros((1, 1, 2, 2)), s, lambda i: calls.append(i) or np.zeros((1, 1, 2, 2)))
+    assert calls == []
 
 
 def test_float32_stays_float32_and_torch_agrees_with_numpy():

@@ -1,0 +1,88 @@
+"""``generate_to_dir``: make a run's (or one shard's) missing images in an output folder; what ``ddpm-generate`` calls."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.generator import Generator
+from runtime.output import OutputDir, shard_indices
+
+
+@dataclass
+class BatchOptions:
+    n: int
+    out: str | Path
+    batch_size: int = 64
+    seed: int = 0
+    sampler: str = "ddpm"
+    steps: int | None = None
+    eta: float = 0.0
+    classes: str | None = None
+    guidance: float = 1.0
+    clip_denoised: bool = False
+    variance: str | None = None
+    shard: tuple[int, int] = (0, 1)
+    formats: tuple[str, ...] = ("png",)
+    grid: bool = False
+    overwrite: bool = False
+    fused: bool | None = None
+
+
+@dataclass
+class BatchResult:
+    made: int
+    already: int
+    steps: int
+    seconds: float
+    finalized: list[Path]
+
+    def summary(self, g: Generator, o: BatchOptions) -> str:
+        rate = self.made / self.seconds if self.seconds > 0 else 0.0
+        shard = f" (shard {o.shard[0]}/{o.shard[1]})" if o.shard[1] > 1 else ""
+        kept = f", {self.already} already there" if self.already else ""
+        return (f"{self.made} images in {self.seconds:.1f} s ({rate:.2f} images/s){kept}{shard}; "
+                f"provider {g.provider}; sampler {o.sampler} {self.steps} steps; {o.out}")
+
+
+def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
+    """Generate the images of shard ``o.shard`` that ``o.out`` does not hold yet, then finalize if complete."""
+    from tqdm import tqdm
+
+    plan = g.plan(o.sampler, o.steps, o.eta, o.guidance, o.clip_denoised, o.variance)
+    mine = shard_indices(o.n, *o.shard)
+    all_labels = g.labels(range(o.n), o.classes)  # validates --class before anything is written
+    settings = {
+        "model_sha256": g.sha256, "n": o.n, "seed": o.seed, "sampler": plan.sampler, "steps": plan.steps,
+        "eta": plan.eta if plan.sampler == "ddim" else None, "guidance": plan.guidance, "classes": o.classes,
+        "clip_denoised": plan.clip_denoised, "variance": plan.variance,
+        "image_shape": [g.contract.image_size, g.contract.image_size, g.contract.channels],
+    }
+    out = OutputDir(o.out, settings, formats=o.formats, overwrite=o.overwrite)
+    done = out.manifest_records()
+    todo = [i for i in mine if i not in done]
+    manifest = out.root / f"manifest-{o.shard[0]}-of-{o.shard[1]}.jsonl"
+    start = time.perf_counter()
+    if todo:
+        names = g.contract.class_names
+        bar = tqdm(total=len(todo), unit="img", desc="generating", file=sys.stderr, dynamic_ncols=True,
+                   smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
+        steps = len(plan.coefs.timesteps)
+        labels = None if all_labels is None else all_labels[todo]
+        with bar:
+            for idx, y, images in g.generate_batches(todo, plan, seed=o.seed, batch_size=o.batch_size, labels=labels,
+                                                     progress=lambda b: bar.update(b / steps), fused=o.fused):
+                records = [{
+                    "index": i, "seed": o.seed, "class": None if y is None else int(y[k]),
+                    "class_name": None if y is None or not names else names[int(y[k])],
+                    "sampler": plan.sampler, "steps": plan.steps, "eta": settings["eta"], "guidance": plan.guidance,
+                    "provider": g.provider, "model_sha256": g.sha256,
+                } for k, i in enumerate(idx)]
+                out.write_images(idx, images, records, manifest)
+    seconds = time.perf_counter() - start
+    columns = g.contract.num_classes if g.contract.conditional and o.classes is None else math.ceil(math.sqrt(min(o.n, 100)))
+    finalized = out.finalize(g.contract.channels, o.grid, columns)
+    return BatchResult(len(todo), len(mine) - len(todo), plan.steps, seconds, finalized)

@@ -1,0 +1,81 @@
+"""``ddpm-generate``: a thin click command over ``runtime.load`` and ``runtime.batch.generate_to_dir``."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from runtime.batch import BatchOptions, generate_to_dir
+from runtime.errors import ModelError
+from runtime.generator import GenerationError, load
+from runtime.output import OutputError
+
+FORMATS = {"png": ("png",), "npz": ("npz",), "both": ("png", "npz")}
+
+
+def _shard(ctx, param, value: str | None) -> tuple[int, int]:
+    if value is None:
+        return (0, 1)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise click.BadParameter(f"expected I/N with 0 <= I < N (e.g. 0/4), got {value!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-n", "n", type=int, required=True, help="Number of images in the whole run (all shards together).")
+@click.option("--out", type=click.Path(), required=True, help="Output folder: DIR/000000.png ..., manifest, run.json.")
+@click.option("--batch-size", type=int, default=64, help="Images per predictor call (does not change the images).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Image k depends only on (seed, k) and the settings.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
+              help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: Song et al., --eta 0 is deterministic.")
+@click.option("--steps", type=int, default=None, help="Sampling steps. Default: T for ddpm, 50 for ddim.")
+@click.option("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic, 1: DDPM-like).")
+@click.option("--class", "cls", default=None,
+              help="Class index or name (case-insensitive) from the model's contract. Default: classes cycle over the images.")
+@click.option("--guidance", type=float, default=1.0,
+              help="Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional only.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+              help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
+@click.option("--shard", callback=_shard, default=None,
+              help="I/N: make only shard I of N (contiguous index blocks). Shards may share one --out at the same time.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="png",
+              help="png: one file per image; npz: DIR/samples.npz (uint8 NxHxWxC, arr_0); both.")
+@click.option("--grid", is_flag=True, help="Also write DIR/grid.png (the first 100 images) when the run is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run with other settings in --out.")
+@click.option("--clip-denoised", is_flag=True, help="Clip the predicted x0 to [-1, 1] in each step (posterior-mean form).")
+@click.option("--variance", type=click.Choice(["beta", "beta_tilde"]), default=None,
+              help="DDPM sigma^2. Default: the model's contract (beta) for full T, beta_tilde when respaced.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--fused/--no-fused", default=None,
+              help="Run each step as one fused ONNX graph (sampler update inside onnxruntime). Default: on GPU providers.")
+def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, provider, shard, fmt, grid, overwrite,
+         clip_denoised, variance, threads, fused) -> None:
+    """Generate N images from an exported MODEL (.onnx, or TorchScript .pt which needs torch) into --out.
+
+    Rerunning the same command after an interruption makes only the missing images; the result equals an
+    uninterrupted run. Progress goes to stderr; a one-line summary to stdout at the end.
+    """
+    if n < 1:
+        raise click.BadParameter(f"must be positive, got {n}", param_hint="-n")
+    if batch_size < 1:
+        raise click.BadParameter(f"must be positive, got {batch_size}", param_hint="--batch-size")
+    try:
+        g = load(model, provider, threads=threads)
+        options = BatchOptions(n=n, out=out, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                               classes=cls, guidance=guidance, clip_denoised=clip_denoised, variance=variance,
+                               shard=shard, formats=FORMATS[fmt], grid=grid, overwrite=overwrite, fused=fused)
+        result = generate_to_dir(g, options)
+    except (ModelError, GenerationError, OutputError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; rerun the same command to make the remaining images") from None
+    click.echo(result.summary(g, options))
+    for path in result.finalized:
+        click.echo(f"wrote {path}", err=True)
+
+
+if __name__ == "__main__":
+    main()

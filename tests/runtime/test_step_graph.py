@@ -1,0 +1,208 @@
+"""The one-step ONNX graph equals the predictor plus the step formula computed in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.metadata import CONTRACT_KEY, SamplingContract
+from runtime.step_graph import StepSession, build_step_graph
+
+CPU = ["CPUExecutionProvider"]
+NUM_CLASSES = 3
+SHAPE = (1, 8, 8)  # C, H, W
+COEFS = [  # [A, B, C, D, P, Q]
+    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    [0.9, -0.3, 0.2, 0.0, 1.5, -2.0],  # D = 0: the clip term is unused
+    [0.1, 0.4, 0.5, 0.7, 3.0, -2.5],  # large P, Q: x̂₀ is clipped in many pixels
+    [0.0, 0.0, 1.0, 1.0, -4.0, 4.0],
+]
+
+
+def tiny_predictor(num_classes: int = 0) -> onnx.ModelProto:
+    """eps = tanh(a·x + b) + 0.001·t [+ 0.1·table[y]], dynamic batch "batch", opset 18, with a contract.
+
+    Its internal values are named "coef", "z" and "w" on purpose: the step graph must rename them.
+    """
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(SHAPE).astype(np.float32), "coef"),  # a
+        numpy_helper.from_array(rng.standard_normal(SHAPE).astype(np.float32), "b"),
+        numpy_helper.from_array(np.float32(0.001), "t_scale"),
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "coef"], ["ax"]),
+        helper.make_node("Add", ["ax", "b"], ["z"]),
+        helper.make_node("Tanh", ["z"], ["w"]),
+        helper.make_node("Cast", ["t"], ["t_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["t_f", "t_scale"], ["t_s"]),
+        helper.make_node("Unsqueeze", ["t_s", "axes"], ["t_4d"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *SHAPE]),
+              helper.make_tensor_value_info("t", TensorProto.INT64, ["batch"])]
+    if num_classes:
+        inputs.append(helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"]))
+        table = np.linspace(-1, 2, num_classes + 1).astype(np.float32)
+        inits += [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.float32(0.1), "y_scale")]
+        nodes += [
+            helper.make_node("Gather", ["table", "y"], ["emb"]),
+            helper.make_node("Mul", ["emb", "y_scale"], ["emb_s"]),
+            helper.make_node("Unsqueeze", ["emb_s", "axes"], ["emb_4d"]),
+            helper.make_node("Add", ["t_4d", "emb_4d"], ["cond"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["t_4d"], ["cond"]))
+    nodes.append(helper.make_node("Add", ["w", "cond"], ["eps"]))
+    graph = helper.make_graph(nodes, "tiny", inputs,
+                              [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["batch", *SHAPE])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    contract = SamplingContract(image_size=SHAPE[1], channels=SHAPE[0], num_classes=num_classes)
+    helper.set_model_props(model, {CONTRACT_KEY: contract.to_json()})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def uncond() -> onnx.ModelProto:
+    return tiny_predictor()
+
+
+@pytest.fixture(scope="module")
+def cond() -> onnx.ModelProto:
+    return tiny_predictor(NUM_CLASSES)
+
+
+def inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x_t": (2 * rng.standard_normal((batch, *SHAPE))).astype(np.float32),
+        "t": rng.integers(0, 1000, batch).astype(np.int64),
+        "z": rng.standard_normal((batch, *SHAPE)).astype(np.float32),
+        "y": rng.integers(0, NUM_CLASSES, batch).astype(np.int64),
+    }
+
+
+def reference(model: onnx.ModelProto, x_t, t, z, coef, y=None, w=None, clip: bool = True) -> np.ndarray:
+    """The predictor in its own session, then the step formula in float32 numpy."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=CPU)
+    if w is None:
+        feed = {"x": x_t, "t": t} | ({"y": y} if y is not None else {})
+        eps = sess.run(None, feed)[0]
+    else:
+        null = np.full_like(y, NUM_CLASSES)
+        eps2 = sess.run(None, {"x": np.concatenate([x_t, x_t]), "t": np.concatenate([t, t]),
+                               "y": np.concatenate([y, null])})[0]
+        eps_c, eps_u = eps2[: len(x_t)], eps2[len(x_t):]
+        eps = eps_u + np.float32(w) * (eps_c - eps_u)
+    a, b, c, d, p, q = np.asarray(coef, np.float32)
+    x0 = p * x_t + q * eps
+    x0 = np.clip(x0, -1, 1) if clip else x0
+    return a * x_t + b * eps + d * x0 + c * z
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_step_matches_reference(uncond, cond, batch, conditional):
+    model = cond if conditional else uncond
+    before = model.SerializeToString()
+    session = StepSession(build_step_graph(model), CPU)
+    assert model.SerializeToString() == before  # the input model is not mutated
+    inp = inputs(batch)
+    y = inp["y"] if conditional else None
+    for coef in COEFS:
+        coef = np.asarray(coef, np.float32)
+        got = session.run(inp["x_t"], inp["t"], inp["z"], coef, y=y)
+        want = reference(model, inp["x_t"], inp["t"], inp["z"], coef, y=y)
+        assert got.shape == (batch, *SHAPE) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        if coef[3] != 0:  # clipping matters for these coefficients
+            unclipped = reference(model, inp["x_t"], inp["t"], inp["z"], coef, y=y, clip=False)
+            assert np.abs(got - unclipped).max() > 0.1
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_guided_step_matches_reference(cond, batch):
+    session = StepSession(build_step_graph(cond, guided=True, null_class=NUM_CLASSES), CPU)
+    assert session.guided and session.conditional
+    inp = inputs(batch, seed=2)
+    for coef in COEFS:
+        got = session.run(inp["x_t"], inp["t"], inp["z"], coef, y=inp["y"], w=3.0)
+        want = reference(cond, inp["x_t"], inp["t"], inp["z"], coef, y=inp["y"], w=3.0)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # w = 1 is the plain conditional prediction
+    plain = StepSession(build_step_graph(cond), CPU)
+    np.testing.assert_allclose(session.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"], w=1.0),
+                               plain.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"]), atol=1e-5)
+
+
+def test_guided_needs_labels_and_null_class(uncond, cond):
+    with pytest.raises(ValueError, match="class-conditional"):
+        build_step_graph(uncond, guided=True, null_class=0)
+    with pytest.raises(ValueError, match="null class"):
+        build_step_graph(cond, guided=True)
+
+
+def test_run_checks_inputs(cond):
+    session = StepSession(build_step_graph(cond), CPU)
+    inp = inputs(2)
+    with pytest.raises(TypeError, match="x_t"):
+        session.run(inp["x_t"].astype(np.float64), inp["t"], inp["z"], COEFS[1], y=inp["y"])
+    with pytest.raises(TypeError, match="'t'"):
+        session.run(inp["x_t"], inp["t"].astype(np.int32), inp["z"], COEFS[1], y=inp["y"])
+    with pytest.raises(ValueError, match="labels"):
+        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1])
+    with pytest.raises(ValueError, match="not guided"):
+        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1], y=inp["y"], w=2.0)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_iobinding_matches_run_and_chains(cond, guided):
+    step = build_step_graph(cond, guided=guided, null_class=NUM_CLASSES)
+    session = StepSession(step.SerializeToString(), CPU)
+    inp = inputs(5, seed=3)
+    w = 2.5 if guided else None
+    coefs = [np.asarray(c, np.float32) for c in COEFS[1:]]
+    zs = [np.random.default_rng(10 + i).standard_normal(inp["x_t"].shape).astype(np.float32) for i in range(3)]
+
+    x_host, x_dev = inp["x_t"], ort.OrtValue.ortvalue_from_numpy(inp["x_t"])
+    for i, (coef, z) in enumerate(zip(coefs, zs)):
+        x_host = session.run(x_host, inp["t"] - i, z, coef, y=inp["y"], w=w)
+        z_arg = ort.OrtValue.ortvalue_from_numpy(z) if i % 2 else z  # z as numpy or OrtValue
+        x_dev = session.run_iobinding(x_dev, inp["t"] - i, z_arg, coef, y=inp["y"], w=w)
+        assert isinstance(x_dev, ort.OrtValue) and x_dev.device_name().lower() == "cpu"
+        np.testing.assert_allclose(x_dev.numpy(), x_host, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="x_t"):
+        session.run_iobinding(ort.OrtValue.ortvalue_from_numpy(inp["x_t"].astype(np.float64)), inp["t"], zs[0],
+                              coefs[0], y=inp["y"], w=w)
+
+
+@pytest.mark.parametrize("kind", ["uncond", "cond", "guided"])
+def test_step_model_structure(uncond, cond, kind):
+    model = uncond if kind == "uncond" else cond
+    step = build_step_graph(model, guided=kind == "guided", null_class=NUM_CLASSES)
+    onnx.checker.check_model(step, full_check=True)
+    props = {p.key: p.value for p in step.metadata_props}
+    assert props[CONTRACT_KEY] == SamplingContract.from_json(props[CONTRACT_KEY]).to_json()
+    assert props[CONTRACT_KEY] == {p.key: p.value for p in model.metadata_props}[CONTRACT_KEY]
+    assert props["ddpm_step_graph"] == "1"
+    want = {"uncond": ["x_t", "t", "z", "coef"], "cond": ["x_t", "t", "y", "z", "coef"],
+            "guided": ["x_t", "t", "y", "z", "coef", "w"]}[kind]
+    assert [i.name for i in step.graph.input] == want
+    assert [o.name for o in step.graph.output] == ["x_next"]
+    dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in [*step.graph.input, *step.graph.output]}
+    assert dims["x_t"] == dims["z"] == dims["x_next"] == ["batch", *SHAPE]
+    assert dims["t"] == ["batch"] and dims["coef"] == [6]
+    if kind == "guided":  # internal values have batch 2B: they must not claim the input's "batch" size
+        assert {vi.name for vi in step.graph.value_info} >= {"step_model_x", "step_model_eps"}
+        assert all(d.dim_param != "batch" for vi in step.graph.value_info for d in vi.type.tensor_type.shape.dim)
+    new = [n for n in step.graph.node if n.name not in {m.name for m in model.graph.node}]
+    assert new and all(n.name.startswith("step_") for n in new)
+    session = StepSession(step, CPU)
+    assert [i.name for i in session.session.get_inputs()] == want
+    assert [o.name for o in session.session.get_outputs()] == ["x_next"]
