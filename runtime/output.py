@@ -36,10 +36,11 @@ def shard_indices(n: int, shard: int, num_shards: int) -> range:
     return range(shard * n // num_shards, (shard + 1) * n // num_shards)
 
 
-def _io_error(action: str, path: Path, e: OSError) -> OutputError:
+def _io_error(verb: str, path: Path, e: OSError) -> OutputError:
+    """``verb`` is "write" or "create"."""
     if e.errno == errno.ENOSPC:
-        return OutputError(f"disk full while {action} {path}; free space and rerun the same command to resume")
-    return OutputError(f"cannot {action.replace('writing', 'write')} {path}: {e.strerror or e}")
+        return OutputError(f"disk full while writing {path}; free space and rerun the same command to resume")
+    return OutputError(f"cannot {verb} {path}: {e.strerror or e}")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -51,7 +52,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _io_error("writing", path, e) from None
+        raise _io_error("write", path, e) from None
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -86,7 +87,7 @@ class OutputDir:
         try:
             self.image_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _io_error("creating", self.root, e) from None
+            raise _io_error("create", self.root, e) from None
         if not os.access(self.root, os.W_OK):
             raise OutputError(f"cannot write to {self.root}: permission denied")
         run_file = self.root / RUN_FILE
@@ -101,7 +102,7 @@ class OutputDir:
             except FileExistsError:
                 pass
         except OSError as e:
-            raise _io_error("writing", run_file, e) from None
+            raise _io_error("write", run_file, e) from None
         finally:
             tmp.unlink(missing_ok=True)
         theirs = json.loads(run_file.read_text())
@@ -149,7 +150,7 @@ class OutputDir:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise _io_error("writing", manifest, e) from None
+            raise _io_error("write", manifest, e) from None
 
     def finalize(self, channels: int, grid: bool, grid_columns: int) -> list[Path]:
         """When all ``n`` images exist, write manifest.jsonl, samples.npz and grid.png as asked; returns them."""

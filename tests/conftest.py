@@ -89,3 +89,25 @@ def fresh_copy(tmp_path):
         return dst
 
     return copy
+
+
+def _export(ckpt: Path, fmt: str) -> Path:
+    from ddpm_export.export import ExportOptions, export_checkpoint
+
+    (artifact,) = export_checkpoint(ExportOptions(ckpt, (fmt,), verify=False, log=lambda m: None))
+    return artifact.path
+
+
+@pytest.fixture(scope="session")
+def uncond_onnx(uncond_ckpt) -> Path:
+    return _export(uncond_ckpt, "onnx")
+
+
+@pytest.fixture(scope="session")
+def cond_onnx(cond_rgb_ckpt) -> Path:
+    return _export(cond_rgb_ckpt, "onnx")
+
+
+@pytest.fixture(scope="session")
+def cond_torchscript(cond_rgb_ckpt) -> Path:
+    return _export(cond_rgb_ckpt, "torchscript")
