@@ -72,6 +72,7 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
                    smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
         steps = len(plan.coefs.timesteps)
         labels = None if all_labels is None else all_labels[todo]
+        finished = 0
         with bar:
             for idx, y, images in g.generate_batches(todo, plan, seed=o.seed, batch_size=o.batch_size, labels=labels,
                                                      progress=lambda b: bar.update(b / steps), fused=o.fused):
@@ -82,6 +83,9 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
                     "provider": g.provider, "model_sha256": g.sha256,
                 } for k, i in enumerate(idx)]
                 out.write_images(idx, images, records, manifest)
+                finished += len(idx)
+                bar.n = finished  # exact count once a batch is on disk (per-step updates are fractional)
+                bar.refresh()
     seconds = time.perf_counter() - start
     columns = g.contract.num_classes if g.contract.conditional and o.classes is None else math.ceil(math.sqrt(min(o.n, 100)))
     finalized = out.finalize(g.contract.channels, o.grid, columns)
