@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent(
+BLOCK_TORCH = textwrap.dedent(
     """
     import sys
 
@@ -17,6 +17,11 @@ SCRIPT = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, BlockTorch())
+    """
+)
+
+SCRIPT = BLOCK_TORCH + textwrap.dedent(
+    """
     import numpy as np
     import runtime, runtime.schedule, runtime.metadata, runtime.samplers
     from runtime.metadata import SamplingContract
@@ -38,17 +43,8 @@ def test_runtime_works_without_torch():
     assert r.stdout.strip() == "ok"
 
 
-GENERATE = textwrap.dedent(
+GENERATE = BLOCK_TORCH + textwrap.dedent(
     """
-    import sys
-
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, BlockTorch())
     import runtime
     g = runtime.load(sys.argv[1], "cpu")
     images = g.generate(3, sampler="ddim", steps=4)
