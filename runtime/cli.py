@@ -49,10 +49,13 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
 @click.option("--variance", type=click.Choice(["beta", "beta_tilde"]), default=None,
               help="DDPM sigma^2. Default: the model's contract (beta) for full T, beta_tilde when respaced.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--cpu-arena/--no-cpu-arena", default=True, help="onnxruntime's CPU memory arena (faster; holds memory).")
+@click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]), default=None,
+              help="CUDA provider: how cuDNN picks convolution algorithms (default: onnxruntime's, EXHAUSTIVE).")
 @click.option("--fused/--no-fused", default=None,
               help="Run each step as one fused ONNX graph (sampler update inside onnxruntime). Default: on GPU providers.")
 def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, provider, shard, fmt, grid, overwrite,
-         clip_denoised, variance, threads, fused) -> None:
+         clip_denoised, variance, threads, cpu_arena, cudnn_algo_search, fused) -> None:
     """Generate N images from an exported MODEL (.onnx, or TorchScript .pt which needs torch) into --out.
 
     Rerunning the same command after an interruption makes only the missing images; the result equals an
@@ -63,7 +66,10 @@ def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, pr
     if batch_size < 1:
         raise click.BadParameter(f"must be positive, got {batch_size}", param_hint="--batch-size")
     try:
-        g = load(model, provider, threads=threads)
+        gpu_options = {"cudnn_conv_algo_search": cudnn_algo_search} if cudnn_algo_search else None
+        if gpu_options and provider in ("cpu", "tensorrt"):
+            raise click.UsageError("--cudnn-algo-search applies to the CUDA provider (--provider cuda or auto)")
+        g = load(model, provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
         options = BatchOptions(n=n, out=out, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
                                classes=cls, guidance=guidance, clip_denoised=clip_denoised, variance=variance,
                                shard=shard, formats=FORMATS[fmt], grid=grid, overwrite=overwrite, fused=fused)

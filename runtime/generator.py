@@ -221,17 +221,19 @@ class Generator:
         if key not in self._step_session:
             model = onnx.load(str(self.path))
             step = build_step_graph(model, guided=guided, null_class=self.contract.null_class)
-            self._step_session[key] = StepSession(step, self.backend.session.get_providers())
+            self._step_session[key] = StepSession(step, self.backend.providers, self.backend.session_options)
         return self._step_session[key]
 
 
-def load(path: str | os.PathLike, provider: str = "auto", *, threads: int | None = None,
-         session_options=None, log: Callable[[str], None] | None = None) -> Generator:
+def load(path: str | os.PathLike, provider: str = "auto", *, threads: int | None = None, cpu_arena: bool = True,
+         provider_options: dict | None = None, session_options=None,
+         log: Callable[[str], None] | None = None) -> Generator:
     """Load an exported model (``.onnx``, or TorchScript ``.pt`` which needs torch) for generation.
 
     ``provider``: auto (the best that actually starts: tensorrt, cuda, then cpu), cpu, cuda or tensorrt.
-    ``threads`` sets onnxruntime's intra-op threads; ``session_options`` (an ``onnxruntime.SessionOptions``)
-    overrides all session settings.
+    ``threads`` (onnxruntime intra-op threads) and ``cpu_arena`` (its CPU memory arena) set up the session;
+    ``provider_options`` go to the chosen GPU provider (e.g. ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``);
+    ``session_options`` (an ``onnxruntime.SessionOptions``) replaces all session settings.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path = Path(path)
@@ -255,7 +257,9 @@ def load(path: str | os.PathLike, provider: str = "auto", *, threads: int | None
     failures = []
     for name in order:
         try:
-            model = OnnxModel(path, name, threads=threads, session_options=session_options, quiet=provider == "auto")
+            options = provider_options if name == provider or (provider == "auto" and name == "cuda") else None
+            model = OnnxModel(path, name, threads=threads, cpu_arena=cpu_arena, provider_options=options,
+                              session_options=session_options, quiet=provider == "auto")
         except ModelError:
             if name == "cpu" or provider != "auto":
                 raise

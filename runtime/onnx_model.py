@@ -56,21 +56,28 @@ def _session(path, providers: list, options, quiet: bool = False):
 class OnnxModel:
     """``model(x, t, y=None) -> ε`` through onnxruntime; ``model.contract`` says how to sample from it.
 
-    ``provider`` is ``cpu``, ``cuda`` or ``tensorrt`` (or a full onnxruntime provider name). A provider that
+    ``provider`` is ``cpu``, ``cuda`` or ``tensorrt`` (or a full onnxruntime provider name), with
+    ``provider_options`` passed to it (e.g. ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}`` for CUDA); ``threads``
+    and ``cpu_arena`` set the session, or ``session_options`` replaces all session settings. A provider that
     onnxruntime lists but cannot start (it silently falls back to the CPU) raises ``ModelError``; ``quiet``
     keeps onnxruntime's own multi-line log of that failure off stderr (for probing).
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "cpu", *, threads: int | None = None,
-                 session_options=None, quiet: bool = False) -> None:
+                 cpu_arena: bool = True, provider_options: dict | None = None, session_options=None,
+                 quiet: bool = False) -> None:
         import onnxruntime as ort
 
         name = PROVIDER_NAMES.get(provider, provider)
-        providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+        first = (name, dict(provider_options)) if provider_options else name
+        self.providers = [first] if name == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
         if session_options is None:
             session_options = ort.SessionOptions()
             if threads:
                 session_options.intra_op_num_threads = threads
+            session_options.enable_cpu_mem_arena = cpu_arena
+        self.session_options = session_options
+        providers = self.providers
         self.path = Path(path)
         if quiet and name != "CPUExecutionProvider":  # a provider that cannot start logs a multi-line error
             ort.set_default_logger_severity(4)
