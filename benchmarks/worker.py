@@ -1,0 +1,188 @@
+"""One backend's measurements, run in a process of its own: ``python -m benchmarks.worker --backend ... ``.
+
+Per batch size: the noise predictor alone (image-steps/s), and the runtime's sampling loop around it for a fixed
+number of steps (image-steps/s, and the share of each step spent outside the predictor). Warm-up excluded;
+median, min and max of the repeats. Prints one JSON list of records on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+GPU_BACKENDS = ("eager-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt")
+
+
+class Timed:
+    """Wraps a predictor ``net(x, t, y)`` and adds up the seconds spent inside it."""
+
+    def __init__(self, net, sync=None) -> None:
+        self.net, self.sync, self.seconds = net, sync, 0.0
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        out = self.net(*args)
+        if self.sync is not None:
+            self.sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def __getattr__(self, name):  # contract, provider, session, ... of the wrapped OnnxModel
+        return getattr(self.net, name)
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def torch_backend(name: str, model_dir: Path, threads: int):
+    import torch
+
+    from ddpm_export.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    device = "cuda" if name == "eager-cuda" else "cpu"
+    if name == "torchscript":
+        from runtime.torchscript_model import TorchScriptModel
+
+        net = TorchScriptModel(model_dir / "model.pt").module
+    else:
+        net, _ = load_checkpoint(model_dir / "model.ckpt").build_unet()
+        net = net.to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+
+    def call(x, t, y=None):
+        with torch.inference_mode():
+            return net(x, t) if y is None else net(x, t, y)
+
+    def native(a: np.ndarray):
+        return torch.from_numpy(a).to(device)
+
+    return call, native, sync
+
+
+def onnx_backend(name: str, model_dir: Path, threads: int):
+    from runtime.onnx_model import OnnxModel
+
+    provider = {"onnx-cpu": "cpu", "onnx-cuda": "cuda", "onnx-cuda-fused": "cuda", "onnx-tensorrt": "tensorrt"}[name]
+    return OnnxModel(model_dir / "model.onnx", provider, threads=threads)
+
+
+def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, repeats: int, loop_steps: int,
+            e2e_n: int) -> list[dict]:
+    import runtime
+    from runtime.noise import NoiseStreams
+    from runtime.samplers import array_predictor, sample
+
+    contract_model = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
+    c = contract_model.contract
+    plan = contract_model.plan("ddpm", loop_steps)
+    is_onnx = name.startswith("onnx")
+    if is_onnx:
+        model = onnx_backend(name, model_dir, threads)
+        call, native, sync = model, (lambda a: a), None
+    else:
+        call, native, sync = torch_backend(name, model_dir, threads)
+    records = []
+    for b in batch_sizes:
+        rng = np.random.default_rng(0)
+        x = native(rng.standard_normal((b, c.channels, c.image_size, c.image_size)).astype(np.float32))
+        t = native(rng.integers(0, c.schedule.timesteps, b).astype(np.int64))
+        y = native((np.arange(b) % c.num_classes).astype(np.int64)) if c.conditional else None
+        args = (x, t) if y is None else (x, t, y)
+        # the predictor alone
+        for _ in range(2):
+            call(*args)
+        if sync:
+            sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call(*args)
+            if sync:
+                sync()
+            times.append(time.perf_counter() - start)
+        pred = stats([b / s for s in times])
+        # the runtime's sampling loop around it, loop_steps steps
+        indices = list(range(b))
+        labels = None if not c.conditional else (np.arange(b) % c.num_classes).astype(np.int64)
+        loop_rates, shares = [], []
+        for rep in range(repeats + 1):
+            timed = Timed(call, sync)
+            if name == "onnx-cuda-fused":
+                g = runtime.load(model_dir / "model.onnx", "cuda", threads=threads)
+                start = time.perf_counter()
+                for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=True):
+                    pass
+            elif is_onnx:
+                g = runtime.Generator(timed, model_dir / "model.onnx", log=lambda m: None)
+                start = time.perf_counter()
+                for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=False):
+                    pass
+            else:
+                from training.predictor import eps_predictor
+
+                streams = NoiseStreams(rep, indices, (c.channels, c.image_size, c.image_size))
+                start = time.perf_counter()
+                yy = None if labels is None else native(labels)
+                predict = eps_predictor(lambda *a: timed(*a), yy, null_class=c.null_class)
+                x0 = sample(predict, native(streams.next()), plan.coefs, lambda i: native(streams.next()))
+                _ = x0.cpu().numpy() if hasattr(x0, "cpu") else x0
+            elapsed = time.perf_counter() - start
+            if rep == 0:
+                continue  # warm-up
+            loop_rates.append(b * loop_steps / elapsed)
+            if name != "onnx-cuda-fused":
+                shares.append(1.0 - timed.seconds / elapsed)
+        records.append({
+            "backend": name, "batch_size": b, "threads": threads,
+            "img_steps_per_s": pred["median"], "predictor": pred,
+            "loop": stats(loop_rates), "loop_steps": loop_steps,
+            "sampler_share": stats(shares) if shares else None,
+        })
+        print(f"  {name} batch {b}: predictor {pred['median']:.1f} img-steps/s, loop {statistics.median(loop_rates):.1f}",
+              file=sys.stderr)
+    if name == "onnx-cpu" and e2e_n:
+        records.append(end_to_end(model_dir, threads, e2e_n, loop_steps))
+    return records
+
+
+def end_to_end(model_dir: Path, threads: int, n: int, steps: int) -> dict:
+    """A ddpm-generate-equivalent run (PNG files, manifest) of n images, DDIM ``steps`` steps, batch n."""
+    import tempfile
+
+    import runtime
+    from runtime.batch import BatchOptions, generate_to_dir
+
+    g = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        generate_to_dir(g, BatchOptions(n=n, out=tmp, batch_size=n, sampler="ddim", steps=steps))
+        seconds = time.perf_counter() - start
+    return {"backend": "onnx-cpu", "end_to_end": True, "n": n, "batch_size": n, "sampler": "ddim", "steps": steps,
+            "seconds": seconds, "images_per_s": n / seconds, "threads": threads}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", required=True)
+    p.add_argument("--model-dir", required=True, type=Path)
+    p.add_argument("--batch-sizes", required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--loop-steps", type=int, default=10)
+    p.add_argument("--e2e-n", type=int, default=0, help="images (one batch) of the end-to-end run; 0: none")
+    a = p.parse_args()
+    records = measure(a.backend, a.model_dir, [int(b) for b in a.batch_sizes.split(",")], a.threads, a.repeats,
+                      a.loop_steps, a.e2e_n)
+    json.dump(records, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
