@@ -18,13 +18,15 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']} ({m['cores']} cores), {m.get('gpu') or 'no GPU'}; threads: {results['threads']}; "
         f"{results['versions_line']}.",
         f"Model: {results['flops_per_image_step'] / 1e9:.3f} GFLOP per image-step (torch.utils.flop_counter). "
-        f"Ceiling: fp32 matmul {ceiling['gflops_median']:.1f} GFLOP/s (torch.mm {ceiling['n']}², median of "
-        f"{ceiling.get('repeats', 7)}; max {ceiling['gflops_max']:.1f}) = "
-        f"{results['ceiling_img_steps_per_s']:.1f} image-steps/s.",
+        f"Ceiling: fp32 matmul {ceiling['gflops_median']:.1f} GFLOP/s ({ceiling['library']}, {ceiling['n']}², median of "
+        f"{ceiling['repeats']}, max {ceiling['gflops_max']:.1f}; "
+        + ", ".join(f"{k} {v['median']:.1f}" for k, v in ceiling["all"].items())
+        + f") = {results['ceiling_img_steps_per_s']:.1f} image-steps/s. The ceiling is measured again right before "
+        "each CPU row (this VM's speed drifts by ~10 % over minutes); \"of ceiling\" uses that row's measurement.",
         "",
-        "| backend | batch | predictor img-steps/s, median (min–max) | GFLOP/s | of ceiling | sampling loop img-steps/s | "
-        "outside predictor | DDPM-1000 img/s | DDIM-50 img/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | batch | predictor img-steps/s, median (min–max) | GFLOP/s | ceiling GFLOP/s | of ceiling | "
+        "sampling loop img-steps/s | outside predictor | DDPM-1000 img/s | DDIM-50 img/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["records"]:
         if r.get("end_to_end"):
@@ -33,7 +35,7 @@ def markdown(results: dict) -> str:
         loop = r["loop"]["median"]
         lines.append(
             f"| {r['backend']} | {r['batch_size']} | {_row_rates(r)} | {r['gflops_per_s']:.1f} | "
-            f"{100 * r['efficiency']:.0f} % | {loop:.1f} | "
+            f"{r['gflops_per_s'] / r['efficiency']:.0f} | {100 * r['efficiency']:.0f} % | {loop:.1f} | "
             f"{share} | {loop / 1000:.3f} | {loop / 50:.2f} |"
         )
     for r in results["records"]:

@@ -158,7 +158,7 @@ def main(checkpoint, backends, batch_sizes, threads, repeats, loop_steps, quick,
             continue
         r["gflops_per_s"] = r["img_steps_per_s"] * flops / 1e9
         on_gpu = gpu_info is not None and r["backend"] in GPU_BACKENDS
-        ceil = gpu_info["fp32_gemm_gflops"] if on_gpu else ceiling["gflops_median"]
+        ceil = gpu_info["fp32_gemm_gflops"] if on_gpu else (r.get("cpu_ceiling_gflops") or ceiling["gflops_median"])
         r["efficiency"] = r["gflops_per_s"] / ceil
     import onnxruntime
 
@@ -169,7 +169,7 @@ def main(checkpoint, backends, batch_sizes, threads, repeats, loop_steps, quick,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(), "gpu": gpu_info},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__, "numpy": __import__("numpy").__version__},
-        "threads": threads, "flops_per_image_step": flops, "ceiling": {**ceiling, "repeats": 7},
+        "threads": threads, "flops_per_image_step": flops, "ceiling": ceiling,
         "ceiling_img_steps_per_s": ceiling_rate, "records": records, "skipped": skipped,
         "settings": {"batch_sizes": sizes, "repeats": repeats, "loop_steps": loop_steps, "quick": quick},
     }

@@ -89,8 +89,12 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
         call, native, sync = model, (lambda a: a), None
     else:
         call, native, sync = torch_backend(name, model_dir, threads)
+    from benchmarks.ceiling import cpu_matmul_gflops
+
     records = []
     for b in batch_sizes:
+        # This VM's speed drifts by ~10 % over minutes: the ceiling is measured right before each row.
+        ceiling = cpu_matmul_gflops(threads, repeats=5) if name in ("eager", "torchscript", "onnx-cpu") else None
         rng = np.random.default_rng(0)
         x = native(rng.standard_normal((b, c.channels, c.image_size, c.image_size)).astype(np.float32))
         t = native(rng.integers(0, c.schedule.timesteps, b).astype(np.int64))
@@ -145,6 +149,8 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
             "img_steps_per_s": pred["median"], "predictor": pred,
             "loop": stats(loop_rates), "loop_steps": loop_steps,
             "sampler_share": stats(shares) if shares else None,
+            "cpu_ceiling_gflops": None if ceiling is None else ceiling["gflops_median"],
+            "cpu_ceiling_library": None if ceiling is None else ceiling["library"],
         })
         print(f"  {name} batch {b}: predictor {pred['median']:.1f} img-steps/s, loop {statistics.median(loop_rates):.1f}",
               file=sys.stderr)

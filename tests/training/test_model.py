@@ -124,3 +124,15 @@ def test_full_algorithm_2_uses_every_timestep():
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DiffusionModel(**{**TINY, **kwargs})
+
+
+def test_ema_decay_ramps_up():
+    from training.model import ema_with_warmup
+
+    update = ema_with_warmup(0.999)
+    avg, cur = [torch.zeros(2)], [torch.ones(2)]
+    update(avg, cur, torch.tensor(1))  # d = min(0.999, 2/11)
+    torch.testing.assert_close(avg[0], torch.full((2,), 9 / 11))
+    avg = [torch.zeros(2)]
+    update(avg, cur, torch.tensor(100_000))  # the ramp has passed: d = 0.999
+    torch.testing.assert_close(avg[0], torch.full((2,), 0.001))
