@@ -12,10 +12,8 @@ unless ``download=True``.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from runtime.idx import FASHION_MNIST_CLASSES, IdxError, find_split, read_split
 
 __all__ = ["Diffset", "DatasetError"]
 
@@ -38,15 +38,13 @@ _ALIASES = {
 _IDX_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _IDX_CLASSES = {
     "mnist": [str(i) for i in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion-mnist": FASHION_MNIST_CLASSES,
 }
 _IDX_HINT = {
     "mnist": "",
     "fashion-mnist": "install Debian's dataset-fashion-mnist "
                      "(files in /usr/share/datasets/fashion-mnist), ",
 }
-_IMAGE_MAGIC, _LABEL_MAGIC = 0x00000803, 0x00000801
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 _CELEBA_FILE = re.compile(r"^\d{6}\.(jpg|png)$", re.IGNORECASE)
 
@@ -146,68 +144,26 @@ class Diffset(Dataset[tuple[torch.Tensor, int]]):
 
 # --- MNIST / Fashion-MNIST (IDX files) -------------------------------------------------
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Read a (possibly gzipped) IDX file of unsigned bytes into a ``uint8`` array."""
-    try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DatasetError(f"cannot read IDX file {path}: {e}") from None
-    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
-    if found != magic:
-        raise DatasetError(f"bad magic number in IDX file {path}: expected {magic:#010x}, "
-                           f"got {'none (file too short)' if found is None else f'{found:#010x}'}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetError(f"truncated header in IDX file {path}")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if len(data) - header != int(np.prod(dims)):
-        raise DatasetError(f"IDX file {path} has {len(data) - header} data bytes, "
-                           f"expected {int(np.prod(dims))} for dims {dims}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def _idx_file(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _load_idx(name: str, root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
     """Find and read the image/label IDX pair: ``uint8 [N, 28, 28]`` and ``uint8 [N]``."""
     tv_name, prefix = _IDX_NAMES[name], "train" if train else "t10k"
     places = [root, root / tv_name / "raw"]
-
-    def find() -> tuple[Path, Path] | None:
-        for folder in places:
-            images = _idx_file(folder, f"{prefix}-images-idx3-ubyte")
-            labels = _idx_file(folder, f"{prefix}-labels-idx1-ubyte")
-            if images and labels:
-                return images, labels
-        return None
-
-    found = find()
+    found = find_split(places, train)
     if found is None and download:
         import torchvision.datasets as tvd
 
         getattr(tvd, tv_name)(str(root), train=train, download=True)
-        found = find()
+        found = find_split(places, train)
     if found is None:
         split = "train" if train else "test"
         raise DatasetError(
             f"{tv_name} {split} data not found (looked in {places[0]} and {places[1]}); "
             f"put {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz] in one "
             f"of them, {_IDX_HINT[name]}or pass download=True (ddpm-train --download) on a networked machine")
-    images = _read_idx(found[0], _IMAGE_MAGIC)
-    labels = _read_idx(found[1], _LABEL_MAGIC)
-    if len(images) != len(labels):
-        raise DatasetError(f"{found[0]} holds {len(images)} images but {found[1]} "
-                           f"holds {len(labels)} labels")
-    if len(labels) and labels.max() >= len(_IDX_CLASSES[name]):
-        raise DatasetError(f"{found[1]} holds label {labels.max()}, expected 0..{len(_IDX_CLASSES[name]) - 1}")
-    return images, labels
+    try:
+        return read_split(*found, num_classes=len(_IDX_CLASSES[name]))
+    except IdxError as e:
+        raise DatasetError(str(e)) from None
 
 
 # --- image files (CelebA, folder) ------------------------------------------------------
