@@ -1,0 +1,35 @@
+"""``ddpm-eval``: a thin click command over ``runtime.evaluate.evaluate``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from runtime.evaluate import REFERENCES, EvalError, evaluate, table
+from runtime.idx import IdxError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("folder", type=click.Path())
+@click.option("--reference", type=click.Choice(REFERENCES), default="fashion-mnist",
+              help="The real data set the images are compared with (its test set).")
+@click.option("--data-root", type=click.Path(file_okay=False), default="/usr/share/datasets/fashion-mnist",
+              help="Where the reference IDX files are (Debian's dataset-fashion-mnist puts them here).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+@click.option("--seed", type=int, default=0, help="Seed of the real-image and noise reference samples.")
+def main(folder: str, reference: str, data_root: str, as_json: bool, seed: int) -> None:
+    """Score a ddpm-generate FOLDER: FCD and KID on the classifier's features, predicted-class histogram and
+    (for conditional runs) how often the classifier agrees with the requested class — beside the floor (real
+    train vs real test) and the ceiling (Gaussian noise) at the same sample count."""
+    from pathlib import Path
+
+    try:
+        result = evaluate(Path(folder), Path(data_root), seed=seed)
+    except (EvalError, IdxError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2) if as_json else table(result))
+
+
+if __name__ == "__main__":
+    main()

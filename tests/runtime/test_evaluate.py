@@ -1,0 +1,126 @@
+"""ddpm-eval: the distances against closed forms, and separating real images from noise (torch-free code)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from runtime.eval_cli import main
+from runtime.evaluate import FeatureExtractor, classifier_path, frechet_distance, kernel_inception_distance
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 8))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.arange(8) * 0.5
+    assert frechet_distance(a, a + shift) == pytest.approx(float((shift**2).sum()), rel=1e-6)  # same covariance
+    # N(0, I) vs N(0, 4I) in 8-d: tr(I) + tr(4I) − 2 tr(2I) = 8
+    b = rng.standard_normal((4000, 8)) * 2
+    assert frechet_distance(a, b) == pytest.approx(8.0, rel=0.05)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((600, 16)), rng.standard_normal((600, 16))
+    assert abs(kernel_inception_distance(a, b, subsets=20, subset_size=300)) < 0.01
+    assert kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=300) > 0.1
+
+
+def test_shipped_classifier_is_the_one_trained_here():
+    meta = ort.InferenceSession(str(classifier_path())).get_modelmeta().custom_metadata_map
+    assert float(meta["test_accuracy"]) >= 0.90  # measured on the FashionMNIST test set when it was trained
+    logits, feats = FeatureExtractor()(np.zeros((3, 32, 32, 1), np.uint8))
+    assert logits.shape == (3, 10) and feats.shape == (3, 128)
+
+
+def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes())
+
+
+def garment_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blurry bright blobs of class-dependent shape on black: far closer to each other than to noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i, y in enumerate(labels):
+        h, w = 8 + 2 * (y % 5), 6 + 2 * (y // 5) * 4
+        r, c = 14 - h // 2 + rng.integers(-2, 3), 14 - w // 2 + rng.integers(-2, 3)
+        images[i, r:r + h, c:c + w] = rng.integers(150, 255)
+    return images, labels
+
+
+@pytest.fixture
+def reference_root(tmp_path) -> Path:
+    root = tmp_path / "ref"
+    root.mkdir()
+    for prefix, seed in (("train", 0), ("t10k", 1)):
+        images, labels = garment_like(300, seed)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", 0x803, images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 0x801, labels)
+    return root
+
+
+def write_folder(folder: Path, images: np.ndarray, classes: list[int] | None = None) -> Path:
+    folder.mkdir()
+    lines = []
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:06d}.png")
+        lines.append(json.dumps({"index": i, "file": f"{i:06d}.png", "class": None if classes is None else classes[i]}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_separates_real_images_from_noise(reference_root, tmp_path):
+    real, _ = garment_like(100, 7)
+    real = np.pad(real, ((0, 0), (2, 2), (2, 2)))
+    noise = np.random.default_rng(3).integers(0, 256, (100, 32, 32), dtype=np.uint8)
+    results = {}
+    for name, images in (("real", real), ("noise", noise)):
+        folder = write_folder(tmp_path / name, images)
+        r = CliRunner().invoke(main, [str(folder), "--data-root", str(reference_root), "--json"])
+        assert r.exit_code == 0, r.output
+        results[name] = json.loads(r.output)["rows"]
+    real_row, floor, ceiling = results["real"]
+    assert floor["name"].startswith("floor") and ceiling["name"].startswith("ceiling") and real_row["n"] == 100
+    assert real_row["fcd"] < 0.5 * results["noise"][0]["fcd"]
+    assert floor["fcd"] < ceiling["fcd"] and floor["kid"] < ceiling["kid"]
+    assert sum(real_row["class_histogram"]) == 100
+
+
+def test_conditional_accuracy_reads_the_manifest(reference_root, tmp_path):
+    images, _ = garment_like(40, 9)
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    predicted = FeatureExtractor()(images[..., None])[0].argmax(1).tolist()
+    agree = write_folder(tmp_path / "agree", images, predicted)
+    disagree = write_folder(tmp_path / "disagree", images, [(p + 1) % 10 for p in predicted])
+    accs = []
+    for folder in (agree, disagree):
+        r = CliRunner().invoke(main, [str(folder), "--data-root", str(reference_root), "--json"])
+        assert r.exit_code == 0, r.output
+        accs.append(json.loads(r.output)["rows"][0]["conditional_accuracy"])
+    assert accs == [1.0, 0.0]
+    table = CliRunner().invoke(main, [str(agree), "--data-root", str(reference_root)]).output
+    assert "100.0 %" in table and "floor: real train vs test" in table and "ceiling: Gaussian noise" in table
+
+
+@pytest.mark.parametrize("case, message", [("missing", "is not a folder"), ("empty", "holds no generated images"),
+                                           ("no-data", "FashionMNIST test data not found")])
+def test_bad_input(case, message, tmp_path, reference_root):
+    folder, root = tmp_path / "gen", reference_root
+    if case != "missing":
+        folder.mkdir()
+    if case == "no-data":
+        write_folder(tmp_path / "g2", np.zeros((12, 32, 32), np.uint8))
+        folder, root = tmp_path / "g2", tmp_path / "nowhere"
+    r = CliRunner().invoke(main, [str(folder), "--data-root", str(root)])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
