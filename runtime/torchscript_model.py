@@ -47,13 +47,17 @@ class TorchScriptModel:
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
-        torch = _torch()
-        args = [torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(t, np.int64))]
-        if y is not None:
-            args.append(torch.from_numpy(np.ascontiguousarray(y, np.int64)))
-        with torch.inference_mode():
-            return self.module(*[a.to(self.device) for a in args]).cpu().numpy()
+        return call_torch(self.module, self.device, x, t, y)
 
     def predictor(self, y: np.ndarray | None = None, guidance: float = 1.0) -> PredictEps:
         return array_predictor(self, y, guidance=guidance, null_class=self.contract.null_class)
 
+
+def call_torch(module, device: str, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    """``module(x, t[, y])`` for a torch module (eager or TorchScript) with numpy in and out, no grad."""
+    torch = _torch()
+    args = [torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(t, np.int64))]
+    if y is not None:
+        args.append(torch.from_numpy(np.ascontiguousarray(y, np.int64)))
+    with torch.inference_mode():
+        return module(*[a.to(device) for a in args]).float().cpu().numpy()
