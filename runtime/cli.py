@@ -9,6 +9,7 @@ import click
 from runtime.batch import BatchOptions, generate_to_dir
 from runtime.errors import ModelError
 from runtime.generator import GenerationError, load
+from runtime.models import resolve
 from runtime.output import OutputError
 
 FORMATS = {"png": ("png",), "npz": ("npz",), "both": ("png", "npz")}
@@ -24,7 +25,7 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", required=False, default=None)
 @click.option("-n", "n", type=int, required=True, help="Number of images in the whole run (all shards together).")
 @click.option("--out", type=click.Path(), required=True, help="Output folder: DIR/000000.png ..., manifest, run.json.")
 @click.option("--batch-size", type=int, default=64, help="Images per predictor call (does not change the images).")
@@ -58,6 +59,9 @@ def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, pr
          clip_denoised, variance, threads, cpu_arena, cudnn_algo_search, fused) -> None:
     """Generate N images from an exported MODEL (.onnx, or TorchScript .pt which needs torch) into --out.
 
+    MODEL may also name a model bundled with the package (fashion-mnist); without MODEL the default bundled
+    model is used.
+
     Rerunning the same command after an interruption makes only the missing images; the result equals an
     uninterrupted run. Progress goes to stderr; a one-line summary to stdout at the end.
     """
@@ -69,7 +73,10 @@ def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, pr
         gpu_options = {"cudnn_conv_algo_search": cudnn_algo_search} if cudnn_algo_search else None
         if gpu_options and provider in ("cpu", "tensorrt"):
             raise click.UsageError("--cudnn-algo-search applies to the CUDA provider (--provider cuda or auto)")
-        g = load(model, provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
+        path, bundled = resolve(model)
+        if bundled:
+            click.echo(f"using the bundled model {bundled} ({path})", err=True)
+        g = load(path, provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
         options = BatchOptions(n=n, out=out, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
                                classes=cls, guidance=guidance, clip_denoised=clip_denoised, variance=variance,
                                shard=shard, formats=FORMATS[fmt], grid=grid, overwrite=overwrite, fused=fused)

@@ -231,3 +231,20 @@ def test_help_explains_every_option():
     for option in ("-n", "--out", "--batch-size", "--seed", "--sampler", "--steps", "--eta", "--class", "--guidance",
                    "--provider", "--shard", "--format", "--grid", "--overwrite"):
         assert option in r.output
+
+
+def test_bundled_model_by_name_and_by_default(uncond_onnx, tmp_path, monkeypatch):
+    import runtime.models
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    monkeypatch.setattr(runtime.models, "assets_dir", lambda: assets)
+    r = cli("-n", 2, "--steps", 2, "--out", tmp_path / "a")
+    assert r.exit_code != 0 and "bundled model 'fashion-mnist' is not part of this installation" in r.output
+    (assets / "fashion-mnist.onnx").write_bytes(uncond_onnx.read_bytes())
+    r = cli("-n", 2, "--steps", 2, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    assert "using the bundled model fashion-mnist" in r.output
+    r = cli("Fashion-MNIST", "-n", 2, "--steps", 2, "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(images_in(tmp_path / "b", 2), images_in(tmp_path / "c", 2))
