@@ -57,7 +57,8 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
     all_labels = g.labels(range(o.n), o.classes)  # validates --class before anything is written
     settings = {
         "model_sha256": g.sha256, "n": o.n, "seed": o.seed, "sampler": plan.sampler, "steps": plan.steps,
-        "eta": plan.eta if plan.sampler == "ddim" else None, "guidance": plan.guidance, "classes": o.classes,
+        "eta": plan.eta if plan.sampler == "ddim" else None, "guidance": plan.guidance,
+        "classes": None if o.classes is None else g.class_index(o.classes),  # "7", "Sneaker", "sneaker": one setting
         "clip_denoised": plan.clip_denoised, "variance": plan.variance,
         "image_shape": [g.contract.image_size, g.contract.image_size, g.contract.channels],
     }

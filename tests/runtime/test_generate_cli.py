@@ -248,3 +248,10 @@ def test_bundled_model_by_name_and_by_default(uncond_onnx, tmp_path, monkeypatch
     r = cli("Fashion-MNIST", "-n", 2, "--steps", 2, "--out", tmp_path / "c")
     assert r.exit_code == 0, r.output
     assert np.array_equal(images_in(tmp_path / "b", 2), images_in(tmp_path / "c", 2))
+
+
+def test_the_same_class_spelled_differently_is_the_same_run(cond_onnx, tmp_path):
+    out = tmp_path / "o"
+    assert cli(cond_onnx, "-n", 2, "--steps", 2, "--class", "1", "--out", out).exit_code == 0
+    r = cli(cond_onnx, "-n", 2, "--steps", 2, "--class", "01", "--out", out)
+    assert r.exit_code == 0 and "2 already there" in r.output, r.output
