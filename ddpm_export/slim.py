@@ -1,0 +1,48 @@
+"""``python -m ddpm_export.slim CKPT OUT``: a weights-only copy of a checkpoint (EMA weights, hyperparameters, step).
+
+No optimizer state, no raw weights, no Lightning loop state: small enough to ship, and still a checkpoint that
+``ddpm-export`` reads (it takes the EMA weights, which is its default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import torch
+
+from ddpm_export.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint
+
+
+def slim_checkpoint(src: str | Path, dst: str | Path) -> int:
+    """Write the slim copy of ``src`` to ``dst`` (atomically); returns its size in bytes."""
+    ckpt = load_checkpoint(src)
+    if not ckpt.has_ema:
+        raise CheckpointError(f"{src} has no EMA weights to keep")
+    data = {
+        "state_dict": {k: v.clone() for k, v in ckpt.state_dict.items() if k.startswith(EMA_PREFIX)},
+        "hyper_parameters": ckpt.hparams,
+        "global_step": ckpt.global_step,
+    }
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    torch.save(data, tmp)
+    os.replace(tmp, dst)
+    return dst.stat().st_size
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+def main(checkpoint: str, out: str) -> None:
+    """Write a weights-only (EMA) copy of CHECKPOINT to OUT."""
+    try:
+        size = slim_checkpoint(checkpoint, out)
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out} ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
