@@ -16,9 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-GPU_BACKENDS = ("eager-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt")
-
-
 class Timed:
     """Wraps a predictor ``net(x, t, y)`` and adds up the seconds spent inside it."""
 

@@ -11,7 +11,6 @@ import dataclasses
 import io
 import sys
 import warnings
-from pathlib import Path
 
 import onnx
 import torch
@@ -113,7 +112,3 @@ def input_output_summary(model: onnx.ModelProto) -> dict[str, list]:
         return out
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(model, str(path))

@@ -21,14 +21,6 @@ PROVIDER_NAMES = {
 }
 
 
-def read_contract(model_path: str | os.PathLike) -> SamplingContract:
-    """The contract stored in an ONNX file's ``metadata_props`` (reads only the metadata)."""
-    import onnxruntime as ort
-
-    session = _session(model_path, ["CPUExecutionProvider"], ort.SessionOptions())
-    return _contract_of(session, model_path)
-
-
 def _contract_of(session, path) -> SamplingContract:
     meta = session.get_modelmeta().custom_metadata_map
     if CONTRACT_KEY not in meta:
