@@ -44,3 +44,13 @@ def test_shipped_slim_checkpoint_is_the_bundled_model():
     with torch.no_grad():
         ref = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
     np.testing.assert_allclose(model(x, t, y), ref, atol=1e-4, rtol=1e-3)
+
+
+def test_bundled_model_draws_the_requested_classes():
+    """Two images per class at DDIM-10, guidance 2: the shipped classifier must recognise the requested class."""
+    from runtime.evaluate import FeatureExtractor
+
+    images = runtime.load(resolve(None)[0], "cpu").generate(20, sampler="ddim", steps=10, guidance=2.0, batch_size=20)
+    requested = np.arange(20) % 10  # classes cycle over the images by default
+    predicted = FeatureExtractor()(images)[0].argmax(1)
+    assert (predicted == requested).mean() >= 0.8, list(zip(requested, predicted))
