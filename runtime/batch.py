@@ -73,10 +73,16 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
                    smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
         steps = len(plan.coefs.timesteps)
         labels = None if all_labels is None else all_labels[todo]
-        finished = 0
+        finished, steps_done = 0, 0
+
+        def step_done(batch: int) -> None:  # exact fractions: b·k/steps is b at the last step, never more
+            nonlocal steps_done
+            steps_done += 1
+            bar.update(finished + batch * steps_done / steps - bar.n)
+
         with bar:
             for idx, y, images in g.generate_batches(todo, plan, seed=o.seed, batch_size=o.batch_size, labels=labels,
-                                                     progress=lambda b: bar.update(b / steps), fused=o.fused):
+                                                     progress=step_done, fused=o.fused):
                 records = [{
                     "index": i, "seed": o.seed, "class": None if y is None else int(y[k]),
                     "class_name": None if y is None or not names else names[int(y[k])],
@@ -84,8 +90,8 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
                     "provider": g.provider, "model_sha256": g.sha256,
                 } for k, i in enumerate(idx)]
                 out.write_images(idx, images, records, manifest)
-                finished += len(idx)
-                bar.n = finished  # exact count once a batch is on disk (per-step updates are fractional)
+                finished, steps_done = finished + len(idx), 0
+                bar.n = finished  # the same count, now that the batch is on disk
                 bar.refresh()
     seconds = time.perf_counter() - start
     columns = g.contract.num_classes if g.contract.conditional and o.classes is None else math.ceil(math.sqrt(min(o.n, 100)))

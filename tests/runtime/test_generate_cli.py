@@ -255,3 +255,16 @@ def test_the_same_class_spelled_differently_is_the_same_run(cond_onnx, tmp_path)
     assert cli(cond_onnx, "-n", 2, "--steps", 2, "--class", "1", "--out", out).exit_code == 0
     r = cli(cond_onnx, "-n", 2, "--steps", 2, "--class", "01", "--out", out)
     assert r.exit_code == 0 and "2 already there" in r.output, r.output
+
+
+def test_progress_never_runs_past_the_total(uncond_onnx, tmp_path, monkeypatch):
+    """64 images × 50 steps: 64/50 added 50 times is more than 64 in floating point; every update is drawn here."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # tqdm reads its defaults from TQDM_* variables
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TqdmWarning)
+        r = cli(uncond_onnx, "-n", 64, "--batch-size", 64, "--sampler", "ddim", "--steps", 50, "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
