@@ -8,6 +8,7 @@ median, min and max of the repeats. Prints one JSON list of records on stdout.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -29,9 +30,6 @@ class Timed:
             self.sync()
         self.seconds += time.perf_counter() - start
         return out
-
-    def __getattr__(self, name):  # contract, provider, session, ... of the wrapped OnnxModel
-        return getattr(self.net, name)
 
 
 def stats(values: list[float]) -> dict:
@@ -75,7 +73,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
             e2e_n: int) -> list[dict]:
     import runtime
     from runtime.noise import NoiseStreams
-    from runtime.samplers import array_predictor, sample
+    from runtime.samplers import sample
 
     contract_model = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     c = contract_model.contract
@@ -83,7 +81,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
     is_onnx = name.startswith("onnx")
     if is_onnx:
         model = onnx_backend(name, model_dir, threads)
-        call, native, sync = model, (lambda a: a), None
+        call, native, sync = model.predict_eps, (lambda a: a), None
     else:
         call, native, sync = torch_backend(name, model_dir, threads)
     from benchmarks.ceiling import cpu_matmul_gflops
@@ -122,7 +120,9 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
                 for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=True):
                     pass
             elif is_onnx:
-                g = runtime.Generator(timed, model_dir / "model.onnx", log=lambda m: None)
+                backend = copy.copy(model)  # the same session, with its predictor timed
+                backend.predict_eps = timed
+                g = runtime.Pipeline(backend, log=lambda m: None)
                 start = time.perf_counter()
                 for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=False):
                     pass
@@ -161,12 +161,12 @@ def end_to_end(model_dir: Path, threads: int, n: int, steps: int) -> dict:
     import tempfile
 
     import runtime
-    from runtime.batch import BatchOptions, generate_to_dir
+    from runtime.run import RunOptions, generate_to_dir
 
     g = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        generate_to_dir(g, BatchOptions(n=n, out=tmp, batch_size=n, sampler="ddim", steps=steps))
+        generate_to_dir(g, RunOptions(n=n, out=tmp, batch_size=n, sampler="ddim", steps=steps, guidance=1.0))
         seconds = time.perf_counter() - start
     return {"backend": "onnx-cpu", "end_to_end": True, "n": n, "batch_size": n, "sampler": "ddim", "steps": steps,
             "seconds": seconds, "images_per_s": n / seconds, "threads": threads}

@@ -1,8 +1,9 @@
 """Safe checkpoint loading: a checkpoint is data, never code.
 
 ``torch.load(..., weights_only=True)`` only rebuilds tensors and plain containers; a file that carries a
-pickled callable (a code payload) is refused before anything in it runs. The U-Net is rebuilt from the
-saved hyperparameters and given the EMA or the raw weights.
+pickled callable (a code payload) is refused before anything in it runs. The saved hyperparameters are read
+into a ``training.config.ModelConfig``, which rebuilds the U-Net (given the EMA or the raw weights) and states
+the sampling contract.
 """
 
 from __future__ import annotations
@@ -15,17 +16,12 @@ from typing import Literal
 
 import torch
 
-from runtime.metadata import Provenance, SamplingContract, ScheduleSpec
-from runtime.schedule import default_params
+from ddpm_export.errors import CheckpointError
+from runtime.metadata import Provenance, SamplingContract
+from training.config import REQUIRED_HPARAMS, ModelConfig
 from training.unet import UNet, UNetConfig
 
 RAW_PREFIX, EMA_PREFIX = "unet.", "ema.module."
-REQUIRED_HPARAMS = ("in_size", "t_range", "img_depth", "schedule", "base_channels", "channel_mult",
-                    "num_res_blocks", "attention_resolutions", "num_classes")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot (or must not) be loaded; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -41,15 +37,14 @@ class Checkpoint:
     def has_ema(self) -> bool:
         return any(k.startswith(EMA_PREFIX) for k in self.state_dict)
 
+    @property
+    def config(self) -> ModelConfig:
+        """The model's configuration, read from the hyperparameters (``load_checkpoint`` checked that it reads)."""
+        return ModelConfig.from_hparams(self.hparams)
+
     def unet_config(self) -> UNetConfig:
-        hp = self.hparams
-        size = int(round(hp["in_size"] ** 0.5))
-        return UNetConfig(
-            image_size=size, in_channels=hp["img_depth"], base_channels=hp["base_channels"],
-            channel_mult=tuple(hp["channel_mult"]), num_res_blocks=hp["num_res_blocks"],
-            attention_resolutions=tuple(hp["attention_resolutions"]), num_heads=hp.get("num_heads", 1),
-            dropout=hp.get("dropout", 0.0), num_classes=hp["num_classes"],
-        )
+        """The saved U-Net's shape (``ModelConfig.unet_config``)."""
+        return self.config.unet_config()
 
     def build_unet(self, weights: Literal["ema", "raw"] | None = None) -> tuple[UNet, bool]:
         """The U-Net in eval mode with the chosen weights (default: EMA when present); returns (net, used_ema)."""
@@ -68,22 +63,15 @@ class Checkpoint:
         return net.eval(), weights == "ema"
 
     def contract(self, *, ema: bool, exporter: str | None = None) -> SamplingContract:
-        """The sampling contract of this checkpoint's model."""
-        hp = self.hparams
-        cfg = self.unet_config()
-        params = dict(hp.get("schedule_params") or default_params(hp["schedule"]))
+        """The sampling contract of this checkpoint's model, with where it came from as provenance."""
         import ddpm_export
 
-        return SamplingContract(
-            image_size=cfg.image_size, channels=cfg.in_channels,
-            schedule=ScheduleSpec(hp["schedule"], hp["t_range"], params),
-            num_classes=hp["num_classes"], class_names=list(hp.get("class_names") or []), ema=ema,
-            provenance=Provenance(
-                dataset=hp.get("dataset"), training_steps=self.global_step, package="ddpm-toolkit",
-                package_version=ddpm_export.__version__, torch_version=torch.__version__,
-                exporter=exporter, exporter_version=torch.__version__ if exporter else None,
-            ),
-        )
+        cfg = self.config
+        return cfg.contract(ema=ema, provenance=Provenance(
+            dataset=cfg.dataset, training_steps=self.global_step, package="ddpm-toolkit",
+            package_version=ddpm_export.__version__, torch_version=torch.__version__,
+            exporter=exporter, exporter_version=torch.__version__ if exporter else None,
+        ))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -104,6 +92,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                               "was it written by ddpm-train?")
     if not any(k.startswith(RAW_PREFIX) or k.startswith(EMA_PREFIX) for k in data["state_dict"]):
         raise CheckpointError(f"{path} holds no U-Net weights")
+    try:
+        ModelConfig.from_hparams(hp)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} has unusable hyperparameters: {str(e).splitlines()[0]}") from None
     step = data.get("global_step")
     return Checkpoint(path, dict(hp), data["state_dict"], int(step) if step is not None else None)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ddpm_export.checkpoint import CheckpointError
-from ddpm_export.export import ExportError, ExportOptions, export_checkpoint
-from ddpm_export.onnx_export import DEFAULT_OPSET, OnnxExportError
-from ddpm_export.torchscript_export import TorchScriptExportError
+from ddpm_export.errors import CheckpointError, ExportError
+from ddpm_export.export import ExportOptions, export_checkpoint
+from ddpm_export.onnx_export import DEFAULT_OPSET
+from ddpm_export.run_defaults import parse_run_defaults
+from runtime.errors import ContractError
 
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "torchscript")}
 
@@ -29,8 +30,12 @@ FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "all": ("onnx", "
                    "a failure exits non-zero and writes no artifact.")
 @click.option("--optimize", is_flag=True,
               help="Also write <stem>.opt.onnx, optimized by onnxruntime (extended level) for the CPU provider.")
+@click.option("--run-defaults", "run_defaults", default=None, metavar="KEY=VALUE,...",
+              help="Run settings the model recommends, stored in its contract and used by ddpm-generate and "
+                   "runtime.load where they are not given: e.g. sampler=ddim,steps=50,guidance=1.5 "
+                   "(keys: sampler, steps, eta, guidance). Default: none (the runtime's defaults).")
 def main(checkpoint: str, fmt: str, out: str | None, weights: str | None, opset: int, fp16: bool, verify: bool,
-         optimize: bool) -> None:
+         optimize: bool, run_defaults: str | None) -> None:
     """Export a ddpm-train CHECKPOINT's U-Net to ONNX and/or TorchScript.
 
     Each model file carries its sampling contract (schedule, T, image shape, classes, ...), so runtimes need
@@ -39,10 +44,14 @@ def main(checkpoint: str, fmt: str, out: str | None, weights: str | None, opset:
     """
     if (fp16 or optimize) and "onnx" not in FORMATS[fmt]:
         raise click.UsageError("--fp16 and --optimize apply to ONNX: use --format onnx or all")
-    options = ExportOptions(checkpoint, FORMATS[fmt], out, weights, opset, fp16, verify, optimize)
+    try:
+        recommended = parse_run_defaults(run_defaults)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--run-defaults") from None
+    options = ExportOptions(checkpoint, FORMATS[fmt], out, weights, opset, fp16, verify, optimize, recommended)
     try:
         artifacts = export_checkpoint(options)
-    except (CheckpointError, ExportError, OnnxExportError, TorchScriptExportError) as e:
+    except (CheckpointError, ExportError, ContractError) as e:
         raise click.ClickException(str(e)) from None
     for a in artifacts:
         click.echo(a.summary())

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,20 +18,20 @@ from typing import Literal
 import onnx
 
 from ddpm_export.checkpoint import Checkpoint, load_checkpoint
+from ddpm_export.errors import ExportError
 from ddpm_export.fp16 import to_fp16
-from ddpm_export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx, input_output_summary
+from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_summary
 from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER, export_torchscript, save_torchscript
-from ddpm_export.verify import TOLERANCES, VerificationReport, torch_net, verify_backend
-from runtime.errors import ModelError
-from runtime.metadata import CONTRACT_KEY, SamplingContract
-from runtime.onnx_model import PROVIDER_NAMES, OnnxModel
+from ddpm_export.verify import VerificationReport, torch_net, verify_backend
+from runtime.backend import start_onnx
+from runtime.files import atomic_path, atomic_write
+from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
+from runtime.onnx_model import MIN_OPSET, OnnxModel
+from runtime.providers import PROVIDER_NAMES
+from runtime.tolerances import TOLERANCES
 from runtime.torchscript_model import TorchScriptModel
 
 Format = Literal["onnx", "torchscript"]
-
-
-class ExportError(RuntimeError):
-    """An export that could not be completed or did not verify; the message is one line."""
 
 
 @dataclass
@@ -45,6 +44,7 @@ class ExportOptions:
     fp16: bool = False
     verify: bool = True
     optimize: bool = False
+    run_defaults: RunDefaults | None = None  # run settings the model recommends (in its contract)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
 
 
@@ -75,7 +75,7 @@ def export_checkpoint(o: ExportOptions) -> list[Artifact]:
     for p in paths.values():
         _check_writable(p)
     net, used_ema = ckpt.build_unet(o.weights)
-    contract = ckpt.contract(ema=used_ema)
+    contract = dataclasses.replace(ckpt.contract(ema=used_ema), run_defaults=o.run_defaults)
     o.log(f"{ckpt.path}: step {ckpt.global_step}, {'EMA' if used_ema else 'raw'} weights, "
           f"{contract.channels}x{contract.image_size}x{contract.image_size}, {contract.num_classes} classes")
     reference = torch_net(net)
@@ -105,35 +105,15 @@ def _check_writable(path: Path) -> None:
         raise ExportError(f"cannot write {path}: it is a directory")
 
 
-@contextmanager
-def _staged(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path``; removed on any failure, renamed to ``path`` by ``_publish``."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-
-
-def _report_path(path: Path) -> Path:
-    return path.with_name(path.name + ".report.json")
-
-
 def _write_report(path: Path, data: dict) -> Path:
-    report_path = _report_path(path)
-    tmp = report_path.with_name(f".{report_path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, report_path)
+    report_path = path.with_name(path.name + ".report.json")
+    atomic_write(report_path, (json.dumps(data, indent=2, default=str) + "\n").encode())
     return report_path
 
 
 def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, report: VerificationReport,
             skip_reason: str | None, extra: dict, o: ExportOptions) -> Artifact:
-    """Publish the artifact if its verification passed (or was legitimately skipped); always write the report."""
+    """Always write the report; raise if the verification failed, so that ``atomic_path`` drops the artifact."""
     if report.failed:
         status = "failed"
     elif report.verified:
@@ -149,24 +129,27 @@ def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, repo
         failures = "; ".join(r.summary() for r in report.results + report.informational if not r.passed)
         raise ExportError(f"verification of {fmt} ({precision}) failed, nothing written: {failures} "
                           f"(details in {report_path})")
-    _publish(tmp, path)
     for r in report.results + report.informational:
         o.log(f"  {r.summary()}")
     return Artifact(path, fmt, precision, exporter, size, status, report_path)
 
 
-def _onnx_backends(tmp: Path, providers: list[str], report: VerificationReport) -> Iterator[OnnxModel]:
-    """An ``OnnxModel`` per provider that starts; the others are recorded as skipped with the reason."""
+def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationReport) -> Iterator[OnnxModel]:
+    """An ``OnnxModel`` per provider that starts; the others are recorded as skipped with the reason.
+
+    TensorRT is tried only where CUDA started.
+    """
+    cuda_failed = False
     for provider in providers:
-        if provider == "tensorrt" and any(s["backend"].endswith("CUDAExecutionProvider") for s in report.skipped):
+        if provider == "tensorrt" and cuda_failed:
             report.skipped.append({"backend": "onnx:TensorrtExecutionProvider", "reason": "needs CUDA, which did not start"})
             continue
-        try:
-            model = OnnxModel(tmp, provider, quiet=True)
-        except ModelError as e:
-            report.skipped.append({"backend": f"onnx:{PROVIDER_NAMES[provider]}", "reason": str(e)})
-            continue
-        yield model
+        ((_, model),) = start_onnx(tmp, (provider,), quiet=True)
+        if isinstance(model, OnnxModel):
+            yield model
+        else:
+            cuda_failed |= provider == "cuda"
+            report.skipped.append({"backend": f"onnx:{PROVIDER_NAMES[provider]}", "reason": str(model)})
 
 
 def _export_onnx(ckpt: Checkpoint, net, contract: SamplingContract, reference, path: Path,
@@ -178,13 +161,13 @@ def _export_onnx(ckpt: Checkpoint, net, contract: SamplingContract, reference, p
     extra = {"opset": o.opset, "weights": "ema" if contract.ema else "raw", **input_output_summary(model),
              "contract": exported.to_dict()}
     artifacts = []
-    with _staged(path) as tmp:
+    with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
-            for m in _onnx_backends(tmp, ["cpu", "cuda", "tensorrt"], report):
+            for m in _onnx_backends(tmp, tuple(PROVIDER_NAMES), report):
                 o.log(f"verifying on {m.provider} ...")
-                report.results.append(verify_backend(f"onnx:{m.provider}", reference, m, contract))
+                report.results.append(verify_backend(f"onnx:{m.provider}", reference, m.predict_eps, contract))
         artifacts.append(_finish(path, tmp, "onnx", "fp32", exporter, report,
                                  None if o.verify else "--no-verify", extra, o))
     if o.optimize:
@@ -201,15 +184,15 @@ def _export_optimized(path: Path, reference, contract, exporter: str, extra: dic
     out = path.with_name(path.stem + ".opt.onnx")
     _check_writable(out)
     o.log(f"optimizing with onnxruntime (ORT_ENABLE_EXTENDED) -> {out} ...")
-    with _staged(out) as tmp:
+    with atomic_path(out) as tmp:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(tmp)
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
-            for m in _onnx_backends(tmp, ["cpu"], report):
-                report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m, contract))
+            for m in _onnx_backends(tmp, ("cpu",), report):
+                report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m.predict_eps, contract))
         extra = {**extra, "optimized_for": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_EXTENDED"}
         return _finish(out, tmp, "onnx", "fp32-optimized", exporter, report,
                        None if o.verify else "--no-verify", extra, o)
@@ -221,19 +204,19 @@ def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, export
     out = path.with_name(path.stem + ".fp16.onnx")
     _check_writable(out)
     o.log(f"converting to fp16 -> {out} ...")
-    with _staged(out) as tmp:
+    with atomic_path(out) as tmp:
         onnx.save_model(to_fp16(model), str(tmp))
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp16"]))
         reason = "--no-verify"
         if o.verify:
-            for m in _onnx_backends(tmp, ["cuda"], report):
+            for m in _onnx_backends(tmp, ("cuda",), report):
                 o.log(f"verifying fp16 on {m.provider} ...")
-                report.results.append(verify_backend(f"onnx-fp16:{m.provider}", reference, m, contract, "fp16"))
+                report.results.append(verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract, "fp16"))
             reason = None
             if not report.results:  # not the target provider: a CPU run can fail the export, never pass it
-                for m in _onnx_backends(tmp, ["cpu"], report):
+                for m in _onnx_backends(tmp, ("cpu",), report):
                     o.log("CUDA is not available; checking fp16 on the CPU provider (informational) ...")
-                    r = verify_backend(f"onnx-fp16:{m.provider}", reference, m, contract, "fp16")
+                    r = verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract, "fp16")
                     report.informational.append(r)
                     reason = (f"fp16 targets CUDAExecutionProvider, which cannot run here "
                               f"(on CPUExecutionProvider, not the target: trajectory max Δ "
@@ -247,12 +230,12 @@ def _export_torchscript(ckpt: Checkpoint, net, contract: SamplingContract, refer
     contract = dataclasses.replace(contract, provenance=dataclasses.replace(
         contract.provenance, exporter=TS_EXPORTER, exporter_version=contract.provenance.torch_version))
     module = export_torchscript(net, contract)
-    with _staged(path) as tmp:
+    with atomic_path(path) as tmp:
         save_torchscript(module, contract, tmp)
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
             loaded = TorchScriptModel(tmp)  # verify what was written, not the object in memory
-            report.results.append(verify_backend("torchscript:cpu", reference, loaded, contract))
+            report.results.append(verify_backend("torchscript:cpu", reference, loaded.predict_eps, contract))
         extra = {"weights": "ema" if contract.ema else "raw", "contract": contract.to_dict()}
         return _finish(path, tmp, "torchscript", "fp32", TS_EXPORTER, report,
                        None if o.verify else "--no-verify", extra, o)

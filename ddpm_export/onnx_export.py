@@ -15,15 +15,12 @@ import warnings
 import onnx
 import torch
 
+from ddpm_export.errors import OnnxExportError
 from runtime.metadata import CONTRACT_KEY, SamplingContract
+from training.eval_mode import eval_mode
 
-MIN_OPSET = 14  # attention's MatMul/Softmax and the rest of the graph need opset 13+; 14 is the floor we test
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 18  # at least runtime.onnx_model.MIN_OPSET
 EXPORT_BATCH = 2  # example batch for export: > 1 so the batch dimension is not specialised to 1
-
-
-class OnnxExportError(RuntimeError):
-    """Both exporters failed, or the result did not pass ``onnx.checker``."""
 
 
 def example_inputs(contract: SamplingContract, batch: int = EXPORT_BATCH) -> tuple[torch.Tensor, ...]:
@@ -44,10 +41,8 @@ def export_onnx(net: torch.nn.Module, contract: SamplingContract, *, opset: int 
     """
     args = example_inputs(contract)
     names = [spec.name for spec in contract.inputs]
-    was_training = net.training
-    net.eval()
     errors = []
-    try:
+    with eval_mode(net):
         for exporter, fn in (("torch.onnx.export(dynamo=True)", _dynamo), ("torch.onnx.export(dynamo=False)", _torchscript)):
             try:
                 with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
@@ -58,8 +53,6 @@ def export_onnx(net: torch.nn.Module, contract: SamplingContract, *, opset: int 
                 errors.append(f"{exporter}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         else:
             raise OnnxExportError("ONNX export failed with both exporters (" + "; ".join(errors) + ")")
-    finally:
-        net.train(was_training)
     contract = dataclasses.replace(
         contract, provenance=dataclasses.replace(contract.provenance, exporter=exporter, exporter_version=torch.__version__)
     )

@@ -6,13 +6,14 @@ No optimizer state, no raw weights, no Lightning loop state: small enough to shi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 import torch
 
-from ddpm_export.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint
+from ddpm_export.checkpoint import EMA_PREFIX, load_checkpoint
+from ddpm_export.errors import CheckpointError
+from runtime.files import atomic_path
 
 
 def slim_checkpoint(src: str | Path, dst: str | Path) -> int:
@@ -25,11 +26,9 @@ def slim_checkpoint(src: str | Path, dst: str | Path) -> int:
         "hyper_parameters": ckpt.hparams,
         "global_step": ckpt.global_step,
     }
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, dst)
-    return dst.stat().st_size
+    with atomic_path(dst) as tmp:
+        torch.save(data, tmp)
+    return Path(dst).stat().st_size
 
 
 @click.command()

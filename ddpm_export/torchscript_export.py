@@ -7,31 +7,24 @@ from pathlib import Path
 
 import torch
 
+from ddpm_export.errors import TorchScriptExportError
 from ddpm_export.onnx_export import example_inputs
 from runtime.metadata import CONTRACT_FILE, SamplingContract
+from training.eval_mode import eval_mode
 
 EXPORTER = "torch.jit.trace"
-
-
-class TorchScriptExportError(RuntimeError):
-    """Tracing failed or warned (a warning means the trace may not generalise)."""
 
 
 def export_torchscript(net: torch.nn.Module, contract: SamplingContract) -> torch.jit.ScriptModule:
     """A traced module with forward(x, t[, y]) -> eps, batch size free; ``net``'s mode is restored after."""
     args = example_inputs(contract)
-    was_training = net.training
-    net.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
-            try:
-                return torch.jit.trace(net, args, strict=True, check_trace=True)
-            except Exception as e:  # noqa: BLE001 - a tracer warning or a trace failure
-                raise TorchScriptExportError(f"tracing failed: {str(e).splitlines()[0]}") from None
-    finally:
-        net.train(was_training)
+    with eval_mode(net), warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
+        try:
+            return torch.jit.trace(net, args, strict=True, check_trace=True)
+        except Exception as e:  # noqa: BLE001 - a tracer warning or a trace failure
+            raise TorchScriptExportError(f"tracing failed: {str(e).splitlines()[0]}") from None
 
 
 def save_torchscript(module: torch.jit.ScriptModule, contract: SamplingContract, path: Path) -> None:

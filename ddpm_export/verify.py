@@ -7,7 +7,7 @@ Two checks, both over numpy nets ``net(x: (B,C,H,W) float32, t: (B,) int64, y: (
 * ``check_trajectory`` — a short respaced Algorithm-2 run (4 images, 20 steps) through both with identical
   injected noise; the final uint8 images may differ by at most ``max_levels``.
 
-Tolerances are named in ``TOLERANCES``; reports carry the largest difference and where it occurred.
+Tolerances come from ``runtime.tolerances.TOLERANCES``; reports carry the largest difference and where it occurred.
 """
 
 from __future__ import annotations
@@ -19,26 +19,12 @@ import numpy as np
 
 from runtime.images import to_uint8
 from runtime.metadata import SamplingContract
-from runtime.samplers import array_predictor, ddpm_sample
+from runtime.plan import make_plan
+from runtime.samplers import array_predictor, sample
+from runtime.tolerances import TOLERANCES, Tolerance
 from runtime.torchscript_model import call_torch
 
-NumpyNet = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Per-call ε: |a − b| ≤ atol + rtol·|b| (b: eager); trajectory: max uint8 difference."""
-
-    atol: float | None  # None: not checked per call
-    rtol: float | None
-    max_levels: int
-
-
-TOLERANCES = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-3, max_levels=2),
-    # fp16 is judged on the whole trajectory against the fp32 eager model only.
-    "fp16": Tolerance(atol=None, rtol=None, max_levels=8),
-}
+NumpyNet = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]  # e.g. a backend's predict_eps
 
 
 @dataclass
@@ -144,23 +130,23 @@ def check_eps(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContra
 
 def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract, tol: Tolerance, *,
                      n: int = 4, steps: int = 20, guidance: float | None = None, seed: int = 0) -> TrajectoryCheck:
-    """Final uint8 images of a respaced Algorithm-2 run through both nets with identical injected noise."""
-    schedule = contract.schedule.build()
-    schedule = schedule.respace(min(steps, len(schedule)))
+    """Final uint8 images of a respaced Algorithm-2 run (σ² = β̃) through both nets with identical injected noise."""
+    w = guidance if guidance is not None else (2.0 if contract.conditional else 1.0)
+    plan = make_plan(contract, "ddpm", min(steps, contract.schedule.timesteps), None, w, variance="beta_tilde",
+                     model_defaults=False)
     rng = np.random.default_rng(seed)
     shape = (n, contract.channels, contract.image_size, contract.image_size)
     x_T = rng.standard_normal(shape).astype(np.float32)
-    noise = rng.standard_normal((len(schedule), *shape)).astype(np.float32)
+    noise = rng.standard_normal((plan.steps, *shape)).astype(np.float32)
     y = (np.arange(n) % contract.num_classes).astype(np.int64) if contract.conditional else None
-    w = guidance if guidance is not None else (2.0 if contract.conditional else 1.0)
     images = [
-        to_uint8(ddpm_sample(array_predictor(net, y, guidance=w, null_class=contract.null_class), x_T, schedule,
-                             lambda i: noise[i], variance="beta_tilde"))
+        to_uint8(sample(array_predictor(net, y, guidance=w, null_class=contract.null_class), x_T, plan.coefs,
+                        lambda i: noise[i]))
         for net in (reference, candidate)
     ]
     diff = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    return TrajectoryCheck(bool(diff.max() <= tol.max_levels), n, len(schedule), w, int(diff.max()),
+    return TrajectoryCheck(bool(diff.max() <= tol.max_levels), n, plan.steps, w, int(diff.max()),
                            int((diff > 0).sum()), [int(v) for v in worst])
 
 

@@ -1,6 +1,8 @@
-"""The torch-free DDPM runtime: schedule, sampling contract, samplers and batch generation (numpy + onnxruntime)."""
+"""The torch-free DDPM runtime: schedule, sampling contract, plan, samplers and batch generation (numpy + onnxruntime)."""
 
-from runtime.generator import Generator, GenerationError, load
-from runtime.errors import ModelError
+from runtime.errors import GenerationError, ModelError, SettingsError
+from runtime.pipeline import Pipeline, load
 
-__all__ = ["Generator", "GenerationError", "ModelError", "load"]
+Generator = Pipeline  # the name before 0.2; it collided with numpy.random.Generator
+
+__all__ = ["GenerationError", "Generator", "ModelError", "Pipeline", "SettingsError", "load"]

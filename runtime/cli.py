@@ -6,11 +6,12 @@ import re
 
 import click
 
-from runtime.batch import BatchOptions, generate_to_dir
-from runtime.errors import ModelError
-from runtime.generator import GenerationError, load
-from runtime.models import resolve
-from runtime.output import OutputError
+from runtime.bundled import resolve
+from runtime.errors import GenerationError, ModelError, OutputError
+from runtime.pipeline import load
+from runtime.plan import SAMPLERS, VARIANCES
+from runtime.providers import CHOICES
+from runtime.run import RunOptions, generate_to_dir
 
 FORMATS = {"png": ("png",), "npz": ("npz",), "both": ("png", "npz")}
 
@@ -30,15 +31,22 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
 @click.option("--out", type=click.Path(), required=True, help="Output folder: DIR/000000.png ..., manifest, run.json.")
 @click.option("--batch-size", type=int, default=64, help="Images per predictor call (does not change the images).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Image k depends only on (seed, k) and the settings.")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
-              help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: Song et al., --eta 0 is deterministic.")
-@click.option("--steps", type=int, default=None, help="Sampling steps. Default: T for ddpm, 50 for ddim.")
-@click.option("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic, 1: DDPM-like).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, show_default=False,
+              help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: Song et al., --eta 0 is deterministic. "
+                   "Default: the model's recommendation, else ddpm.")
+@click.option("--steps", type=int, default=None,
+              help="Sampling steps. Default: the model's recommendation for this sampler, else T for ddpm, 50 for ddim.")
+@click.option("--eta", type=float, default=None, show_default=False,
+              help="DDIM noise scale (0: deterministic, 1: DDPM-like). Default: the model's recommendation, else 0.")
 @click.option("--class", "cls", default=None,
               help="Class index or name (case-insensitive) from the model's contract. Default: classes cycle over the images.")
-@click.option("--guidance", type=float, default=1.0,
-              help="Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional only.")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+@click.option("--guidance", type=float, default=None, show_default=False,
+              help="Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional "
+                   "only. Default: the model's recommendation, else 1.")
+@click.option("--model-defaults/--no-model-defaults", default=True,
+              help="Take the sampler, steps, eta and guidance the model recommends (its contract's run_defaults) "
+                   "where they are not given; --no-model-defaults uses the runtime's (the paper's DDPM, all T steps, w = 1).")
+@click.option("--provider", type=click.Choice(CHOICES), default="auto",
               help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
 @click.option("--shard", callback=_shard, default=None,
               help="I/N: make only shard I of N (contiguous index blocks). Shards may share one --out at the same time.")
@@ -47,7 +55,7 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
 @click.option("--grid", is_flag=True, help="Also write DIR/grid.png (the first 100 images) when the run is complete.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run with other settings in --out.")
 @click.option("--clip-denoised", is_flag=True, help="Clip the predicted x0 to [-1, 1] in each step (posterior-mean form).")
-@click.option("--variance", type=click.Choice(["beta", "beta_tilde"]), default=None,
+@click.option("--variance", type=click.Choice(VARIANCES), default=None,
               help="DDPM sigma^2. Default: the model's contract (beta) for full T, beta_tilde when respaced.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--cpu-arena/--no-cpu-arena", default=True, help="onnxruntime's CPU memory arena (faster; holds memory).")
@@ -55,8 +63,8 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
               help="CUDA provider: how cuDNN picks convolution algorithms (default: onnxruntime's, EXHAUSTIVE).")
 @click.option("--fused/--no-fused", default=None,
               help="Run each step as one fused ONNX graph (sampler update inside onnxruntime). Default: on GPU providers.")
-def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, provider, shard, fmt, grid, overwrite,
-         clip_denoised, variance, threads, cpu_arena, cudnn_algo_search, fused) -> None:
+def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, model_defaults, provider, shard, fmt, grid,
+         overwrite, clip_denoised, variance, threads, cpu_arena, cudnn_algo_search, fused) -> None:
     """Generate N images from an exported MODEL (.onnx, or TorchScript .pt which needs torch) into --out.
 
     MODEL may also name a model bundled with the package (fashion-mnist); without MODEL the default bundled
@@ -77,9 +85,10 @@ def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, pr
         if bundled:
             click.echo(f"using the bundled model {bundled} ({path})", err=True)
         g = load(path, provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
-        options = BatchOptions(n=n, out=out, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                               classes=cls, guidance=guidance, clip_denoised=clip_denoised, variance=variance,
-                               shard=shard, formats=FORMATS[fmt], grid=grid, overwrite=overwrite, fused=fused)
+        options = RunOptions(n=n, out=out, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                             classes=cls, guidance=guidance, clip_denoised=clip_denoised, variance=variance,
+                             model_defaults=model_defaults, shard=shard, formats=FORMATS[fmt], grid=grid,
+                             overwrite=overwrite, fused=fused)
         result = generate_to_dir(g, options)
     except (ModelError, GenerationError, OutputError) as e:
         raise click.ClickException(str(e)) from None

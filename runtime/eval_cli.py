@@ -6,8 +6,8 @@ import json
 
 import click
 
-from runtime.evaluate import REFERENCES, EvalError, evaluate, table
-from runtime.idx import IdxError
+from runtime.errors import EvalError, IdxError
+from runtime.evaluate import REFERENCES, evaluate, table
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

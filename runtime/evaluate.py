@@ -16,15 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import EvalError
 from runtime.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
 from runtime.output import read_png
 
 CLASSIFIER = "fashion_mnist_classifier.onnx"
 REFERENCES = ("fashion-mnist",)
-
-
-class EvalError(RuntimeError):
-    """Images or reference data that cannot be evaluated; one line."""
 
 
 def classifier_path() -> Path:

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import IdxError
+
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-class IdxError(ValueError):
-    """A missing, unreadable or malformed IDX file; the message names it and is one line."""
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 One versioned dataclass with a strict JSON round trip. It travels inside every exported model (ONNX
 ``metadata_props``, TorchScript extra files) under the key ``CONTRACT_KEY``. Reading a contract with a
 missing or unknown field, an unknown value or a newer schema version raises ``ContractError`` naming
-the field.
+the field. Schema 2 added ``run_defaults`` (the run settings a model recommends); schema 1 contracts read
+as having none.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from runtime.errors import ContractError
+from runtime.plan import SamplerName, VARIANCES, eta_problem, guidance_problem, sampler_problem, steps_problem
 from runtime.schedule import SCHEDULE_NAMES, NoiseSchedule, default_params
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
 CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
 PREDICTION_TYPES = ("epsilon",)
-VARIANCES = ("beta", "beta_tilde")
 DTYPES = ("float32", "float16", "int64")
-
-
-class ContractError(ValueError):
-    """A sampling contract that cannot be read; the message names the offending field."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,19 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class RunDefaults:
+    """Run settings the model recommends, used where a run leaves them unset (``runtime.plan.make_plan``).
+
+    ``steps`` and ``eta`` apply to the recommended ``sampler`` only; ``None`` leaves the runtime's default.
+    """
+
+    sampler: SamplerName | None = None
+    steps: int | None = None
+    eta: float | None = None
+    guidance: float | None = None
+
+
+@dataclass(frozen=True)
 class SamplingContract:
     """The sampling contract of one exported model (schema ``SCHEMA_VERSION``).
 
@@ -82,6 +93,7 @@ class SamplingContract:
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     provenance: Provenance = field(default_factory=Provenance)
+    run_defaults: RunDefaults | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -122,9 +134,13 @@ class SamplingContract:
                 f"contract field 'schema_version': {version} is newer than this runtime understands "
                 f"({SCHEMA_VERSION}); upgrade ddpm-toolkit"
             )
+        if version == 1:  # schema 1 had no run_defaults
+            data = {**data, "run_defaults": data.get("run_defaults")}
         kw = _fields(cls, data, "")
         kw["schedule"] = ScheduleSpec(**_fields(ScheduleSpec, kw["schedule"], "schedule."))
         kw["provenance"] = Provenance(**_fields(Provenance, kw["provenance"], "provenance."))
+        if kw["run_defaults"] is not None:
+            kw["run_defaults"] = RunDefaults(**_fields(RunDefaults, kw["run_defaults"], "run_defaults."))
         for key in ("inputs", "outputs"):
             if not isinstance(kw[key], list):
                 raise ContractError(f"contract field '{key}': expected a list")
@@ -218,6 +234,14 @@ def _validate(c: SamplingContract) -> None:
     names = [spec.name for spec in c.inputs]
     _check(names[:2] == ["x", "t"] and (("y" in names) == c.conditional), "inputs",
            f"expected x, t{', y' if c.conditional else ''}, got {', '.join(names)}")
+    r = c.run_defaults
+    if r is not None:
+        _check(isinstance(r, RunDefaults), "run_defaults", "expected an object")
+        for name, problem in (("sampler", r.sampler is not None and sampler_problem(r.sampler)),
+                              ("steps", r.steps is not None and steps_problem(r.steps, s.timesteps)),
+                              ("eta", r.eta is not None and eta_problem(r.eta)),
+                              ("guidance", r.guidance is not None and guidance_problem(r.guidance, c.conditional))):
+            _check(not problem, f"run_defaults.{name}", str(problem))
     p = c.provenance
     _check(p.training_steps is None or (_is_int(p.training_steps) and p.training_steps >= 0),
            "provenance.training_steps", f"expected a non-negative integer, got {p.training_steps!r}")

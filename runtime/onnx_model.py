@@ -1,4 +1,4 @@
-"""An exported noise predictor in an onnxruntime session, with the sampling contract it carries."""
+"""The onnxruntime backend: an exported noise predictor in a session, its contract, and its fused step."""
 
 from __future__ import annotations
 
@@ -6,19 +6,16 @@ import contextlib
 import io
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from runtime.metadata import CONTRACT_KEY, ContractError, SamplingContract
-from runtime.errors import ModelError
-from runtime.samplers import PredictEps, array_predictor
+from runtime.errors import ContractError, ModelError
+from runtime.metadata import CONTRACT_KEY, SamplingContract
+from runtime.providers import PROVIDER_NAMES, full_name
 
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+MIN_OPSET = 14  # the oldest opset ddpm-export writes and the runtime runs (the step graph needs 13+)
 
 
 def _contract_of(session, path) -> SamplingContract:
@@ -46,7 +43,7 @@ def _session(path, providers: list, options, quiet: bool = False):
 
 
 class OnnxModel:
-    """``model(x, t, y=None) -> ε`` through onnxruntime; ``model.contract`` says how to sample from it.
+    """``predict_eps(x, t, y=None) -> ε`` through onnxruntime; ``contract`` says how to sample from it.
 
     ``provider`` is ``cpu``, ``cuda`` or ``tensorrt`` (or a full onnxruntime provider name), with
     ``provider_options`` passed to it (e.g. ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}`` for CUDA); ``threads``
@@ -60,21 +57,20 @@ class OnnxModel:
                  quiet: bool = False) -> None:
         import onnxruntime as ort
 
-        name = PROVIDER_NAMES.get(provider, provider)
+        name = full_name(provider)
         first = (name, dict(provider_options)) if provider_options else name
-        self.providers = [first] if name == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
+        self.providers = [first] if name == PROVIDER_NAMES["cpu"] else [first, PROVIDER_NAMES["cpu"]]
         if session_options is None:
             session_options = ort.SessionOptions()
             if threads:
                 session_options.intra_op_num_threads = threads
             session_options.enable_cpu_mem_arena = cpu_arena
         self.session_options = session_options
-        providers = self.providers
         self.path = Path(path)
-        if quiet and name != "CPUExecutionProvider":  # a provider that cannot start logs a multi-line error
+        if quiet and name != PROVIDER_NAMES["cpu"]:  # a provider that cannot start logs a multi-line error
             ort.set_default_logger_severity(4)
         try:
-            self.session = _session(path, providers, session_options, quiet)
+            self.session = _session(path, self.providers, session_options, quiet)
         finally:
             ort.set_default_logger_severity(2)
         if self.session.get_providers()[0] != name:
@@ -82,8 +78,15 @@ class OnnxModel:
         self.provider = name
         self.contract = _contract_of(self.session, path)
         self._input_names = [i.name for i in self.session.get_inputs()]
+        self._step_sessions: dict[bool, object] = {}
+        self._step_lock = threading.Lock()
 
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def prefers_fused(self) -> bool:
+        """GPU providers run the fused step by default (x stays on the device)."""
+        return self.provider != PROVIDER_NAMES["cpu"]
+
+    def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 for conditional models -> ε (B, C, H, W) float32."""
         feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "t": np.ascontiguousarray(t, dtype=np.int64)}
         if y is not None:
@@ -92,6 +95,21 @@ class OnnxModel:
             raise ValueError(f"{self.path} takes inputs {self._input_names}, got {sorted(feed)}")
         return self.session.run(None, feed)[0]
 
-    def predictor(self, y: np.ndarray | None = None, guidance: float = 1.0) -> PredictEps:
-        """``predict_eps(x, t: int)`` for the samplers, with fixed labels and classifier-free guidance."""
-        return array_predictor(self, y, guidance=guidance, null_class=self.contract.null_class)
+    def fused_step(self, plan, y: np.ndarray | None):
+        """The device-resident step for ``plan`` and one batch's labels: a ``runtime.fused.FusedStep``.
+
+        The step graph (guided or plain) is built from the model file once and kept with the same providers
+        and session settings as the model.
+        """
+        from runtime.fused import FusedStep, StepSession
+
+        guided = plan.guided
+        with self._step_lock:
+            if guided not in self._step_sessions:
+                import onnx
+
+                from runtime.step_graph import build_step_graph
+
+                step = build_step_graph(onnx.load(str(self.path)), null_class=self.contract.null_class if guided else None)
+                self._step_sessions[guided] = StepSession(step, self.providers, self.session_options)
+        return FusedStep(self._step_sessions[guided], y, plan.guidance if guided else None, self.prefers_fused)

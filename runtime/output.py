@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from runtime import files
+from runtime.errors import OutputError
+
 RUN_FILE = "run.json"
 PARTS_DIR = ".parts"
-
-
-class OutputError(RuntimeError):
-    """The output folder cannot be used (unwritable, full, or holds a different run); one line."""
 
 
 def shard_indices(n: int, shard: int, num_shards: int) -> range:
@@ -44,14 +43,10 @@ def _io_error(verb: str, path: Path, e: OSError) -> OutputError:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and a rename; never leaves a partial ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(3).hex()}")
+    """``files.atomic_write`` with OS errors as one-line ``OutputError``s."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        files.atomic_write(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _io_error("write", path, e) from None
 
 
@@ -94,17 +89,10 @@ class OutputDir:
         if overwrite and run_file.exists():
             self._clear()
         mine = json.dumps(self.settings, indent=2, sort_keys=True) + "\n"
-        tmp = self.root / f".{RUN_FILE}.tmp-{os.getpid()}"
         try:
-            tmp.write_text(mine)
-            try:
-                os.link(tmp, run_file)  # atomic create-if-absent: concurrent shards agree on one run.json
-            except FileExistsError:
-                pass
+            files.create_once(run_file, mine.encode())  # concurrent shards agree on one run.json
         except OSError as e:
             raise _io_error("write", run_file, e) from None
-        finally:
-            tmp.unlink(missing_ok=True)
         theirs = json.loads(run_file.read_text())
         if theirs != self.settings:
             diff = sorted(k for k in set(theirs) | set(self.settings) if theirs.get(k) != self.settings.get(k))

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
-
 import numpy as np
 
-ScheduleName = Literal["linear", "cosine"]
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "cosine")
 DEFAULT_TIMESTEPS = 1000
 LINEAR_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
@@ -147,72 +144,6 @@ class NoiseSchedule:
         abar = self.alphas_cumprod[keep]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
         return NoiseSchedule(betas, self.timesteps[keep])
-
-    def ddpm_step_coefficients(self, variance: Literal["beta", "beta_tilde"] = "beta",
-                               clip_denoised: bool = False) -> StepCoefficients:
-        """Algorithm 2 (Ho et al. 2020): x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t + σ_t z, σ_t² = β_t or β̃_t.
-
-        With ``clip_denoised`` the mean is the posterior mean μ̃ = coef1·x̂_0 + coef2·x_t (eq. 7) of the
-        clipped x̂_0 = clip(x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε), as in the paper's released code. σ is 0 at the
-        last step (t = 1), where Algorithm 2 adds no noise.
-        """
-        if variance == "beta":
-            var = self.betas.copy()
-        elif variance == "beta_tilde":
-            var = self.posterior_variance.copy()
-        else:
-            raise ValueError(f"unknown variance {variance!r} (expected 'beta' or 'beta_tilde')")
-        sigma = np.sqrt(var)
-        sigma[0] = 0.0
-        zero = np.zeros_like(self.betas)
-        if clip_denoised:
-            return StepCoefficients(self.timesteps, A=self.posterior_mean_coef2, B=zero, C=sigma,
-                                    D=self.posterior_mean_coef1, P=self.sqrt_recip_alphas_cumprod,
-                                    Q=-self.sqrt_recipm1_alphas_cumprod, clip=True)
-        return StepCoefficients(self.timesteps, A=1.0 / np.sqrt(self.alphas),
-                                B=-self.betas / (self.sqrt_one_minus_alphas_cumprod * np.sqrt(self.alphas)),
-                                C=sigma, D=zero, P=zero, Q=zero, clip=False)
-
-    def ddim_step_coefficients(self, eta: float = 0.0, clip_denoised: bool = False) -> StepCoefficients:
-        """DDIM (Song et al. 2021, eq. 12) on this schedule's steps:
-
-        x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t,  x_{t−1} = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ_t²)·ε + σ_t z,
-        σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}); η = 0 is deterministic. ``clip_denoised`` clips x̂_0.
-        """
-        if not eta >= 0.0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
-        sigma = eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
-        dir_coef = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0))
-        x0_x, x0_eps = 1.0 / np.sqrt(ab), -np.sqrt(1.0 - ab) / np.sqrt(ab)
-        zero = np.zeros_like(ab)
-        if clip_denoised:
-            return StepCoefficients(self.timesteps, A=zero, B=dir_coef, C=sigma, D=np.sqrt(ab_prev),
-                                    P=x0_x, Q=x0_eps, clip=True)
-        return StepCoefficients(self.timesteps, A=np.sqrt(ab_prev) * x0_x, B=np.sqrt(ab_prev) * x0_eps + dir_coef,
-                                C=sigma, D=zero, P=zero, Q=zero, clip=False)
-
-
-@dataclass(frozen=True, eq=False)
-class StepCoefficients:
-    """Per-step coefficients of any sampler step, float64 (K,) each; index i = paper step t = i + 1:
-
-    x̂_0 = clip(P·x_t + Q·ε, −1, 1) (only when ``clip``),  x_{t−1} = A·x_t + B·ε + D·x̂_0 + C·z.
-    The model is called with ``timesteps[i]``.
-    """
-
-    timesteps: np.ndarray
-    A: np.ndarray
-    B: np.ndarray
-    C: np.ndarray
-    D: np.ndarray
-    P: np.ndarray
-    Q: np.ndarray
-    clip: bool
-
-    def table(self) -> np.ndarray:
-        """(K, 6) float32 rows [A, B, C, D, P, Q]: the ``coef`` input of the fused step graph."""
-        return np.stack([self.A, self.B, self.C, self.D, self.P, self.Q], axis=1).astype(np.float32)
 
 
 def spaced_indices(num_steps: int, count: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""A ``ddpm-export`` TorchScript file as a numpy noise predictor; torch is imported only when one is loaded."""
+"""The TorchScript backend (a ``ddpm-export`` .pt file): numpy in, numpy out; torch is imported only when one is loaded."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.metadata import CONTRACT_FILE, ContractError, SamplingContract
-from runtime.errors import ModelError
-from runtime.samplers import PredictEps, array_predictor
+from runtime.errors import ContractError, ModelError
+from runtime.metadata import CONTRACT_FILE, SamplingContract
 
 
 def _torch():
@@ -23,7 +22,9 @@ def _torch():
 
 
 class TorchScriptModel:
-    """``model(x, t, y=None) -> ε`` (numpy in, numpy out) through ``torch.jit.load``; ``model.contract`` as for ONNX."""
+    """``predict_eps(x, t, y=None) -> ε`` through ``torch.jit.load`` on ``device``; ``contract`` as for ONNX."""
+
+    prefers_fused = False
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
         torch = _torch()
@@ -45,12 +46,13 @@ class TorchScriptModel:
             raise ModelError(f"{path}: {e}") from None
         self.provider = f"torchscript:{device}"
 
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
         return call_torch(self.module, self.device, x, t, y)
 
-    def predictor(self, y: np.ndarray | None = None, guidance: float = 1.0) -> PredictEps:
-        return array_predictor(self, y, guidance=guidance, null_class=self.contract.null_class)
+    def fused_step(self, plan, y):
+        """None: this backend runs the host loop."""
+        return None
 
 
 def call_torch(module, device: str, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:

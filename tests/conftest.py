@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny data sets and tiny trained checkpoints made on the spot (tests never touch the network)."""
+"""Shared fixtures: tiny data sets, toy ONNX predictors and tiny trained checkpoints made on the spot.
+
+Tests never touch the network. Tests that need torch carry the ``needs_torch`` marker: every test under
+``TORCH_DIRS``, and the runtime tests that compare with torch (``pytestmark`` in their module). Without torch
+those files are not even collected, and ``pytest -m "not needs_torch"`` runs the rest on the base install;
+runtime tests use the torch-free toy predictors of ``tests/toy_onnx.py``.
+"""
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 from pathlib import Path
@@ -13,6 +20,18 @@ import pytest
 # The tests' models are tiny: one thread is fastest, and it keeps OpenMP's spinning threads from
 # stalling when another process holds a core. Set before torch is imported (subprocesses inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TORCH_DIRS = ("training", "export", "benchmarks")  # every test in these folders needs torch
+TORCH_FILES = ("runtime/test_eager_agreement.py",)  # runtime tests that compare with torch
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+collect_ignore = [] if HAS_TORCH else [*TORCH_DIRS, *TORCH_FILES]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if Path(item.path).relative_to(here).parts[0] in TORCH_DIRS:
+            item.add_marker(pytest.mark.needs_torch)
 
 
 def _write_idx_gz(path: Path, magic: int, array: np.ndarray) -> None:
@@ -91,6 +110,30 @@ def fresh_copy(tmp_path):
     return copy
 
 
+@pytest.fixture(scope="session")
+def uncond_onnx(tmp_path_factory) -> Path:
+    """A toy (torch-free) unconditional predictor: 1 channel, 16×16, T = 100."""
+    from tests.toy_onnx import make_toy_predictor
+
+    return make_toy_predictor(tmp_path_factory.mktemp("toy") / "uncond.onnx", channels=1, image_size=16)
+
+
+@pytest.fixture(scope="session")
+def cond_onnx(tmp_path_factory) -> Path:
+    """A toy (torch-free) class-conditional predictor: 3 channels, 16×16, 3 classes, T = 100."""
+    from tests.toy_onnx import make_toy_predictor
+
+    return make_toy_predictor(tmp_path_factory.mktemp("toy") / "cond.onnx", channels=3, image_size=16, num_classes=3)
+
+
+@pytest.fixture(scope="session")
+def slow_onnx(tmp_path_factory) -> Path:
+    """A toy unconditional predictor with T = 1000 at 32×32, so a DDPM run lasts long enough to interrupt."""
+    from tests.toy_onnx import make_toy_predictor
+
+    return make_toy_predictor(tmp_path_factory.mktemp("toy") / "slow.onnx", channels=1, image_size=32, timesteps=1000)
+
+
 def _export(ckpt: Path, fmt: str) -> Path:
     from ddpm_export.export import ExportOptions, export_checkpoint
 
@@ -99,12 +142,8 @@ def _export(ckpt: Path, fmt: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def uncond_onnx(uncond_ckpt) -> Path:
-    return _export(uncond_ckpt, "onnx")
-
-
-@pytest.fixture(scope="session")
-def cond_onnx(cond_rgb_ckpt) -> Path:
+def cond_export_onnx(cond_rgb_ckpt) -> Path:
+    """The tiny conditional U-Net exported to ONNX (needs torch)."""
     return _export(cond_rgb_ckpt, "onnx")
 
 

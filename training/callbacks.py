@@ -8,12 +8,15 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import save_image
 
+from runtime.files import atomic_path
+
 
 class SampleGrid(pl.Callback):
     """Writes ``out_dir/step_XXXXXXX.png`` (and ``out_dir/last.png`` at the end) from ``model.sample``.
 
     Conditional models get ``per_class`` images of each class, one column per class; unconditional models
-    ``n_samples`` images. ``every_n_steps`` = 0 writes only at the end. Only global rank 0 samples.
+    ``n_samples`` images. ``guidance`` applies to conditional models only. ``every_n_steps`` = 0 writes only at
+    the end. Only global rank 0 samples; a grid appears whole or not at all.
     """
 
     def __init__(self, out_dir: str | Path, every_n_steps: int = 0, n_samples: int = 16, per_class: int = 4,
@@ -39,8 +42,9 @@ class SampleGrid(pl.Callback):
         k = pl_module.num_classes
         n, nrow = (k * self.per_class, k) if k > 0 else (self.n_samples, max(1, int(self.n_samples ** 0.5)))
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(n, steps=self.steps, guidance=self.guidance, generator=generator)
+        guidance = self.guidance if k > 0 else 1.0
+        images = pl_module.sample(n, steps=self.steps, guidance=guidance, generator=generator)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
-        save_image(images.float().cpu(), tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # the temporary name has no .png suffix: name the format
+            save_image(images.float().cpu(), tmp, format="png", nrow=nrow, normalize=True, value_range=(-1, 1),
+                       padding=1)

@@ -1,4 +1,4 @@
-"""``ddpm-train``: a thin click command over ``training.train.train``."""
+"""``ddpm-train``: a thin click command over ``training.train.train``; the model flags become a ``ModelConfig``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import sys
 
 import click
 
+from training.config import ModelConfig
 from training.train import TrainError, TrainOptions, train
+
+# The flags that define the model (``ModelConfig``'s fields; --timesteps is t_range), apart from run flags.
+MODEL_FLAGS = ("lr", "schedule", "timesteps", "base_channels", "channel_mult", "num_res_blocks", "dropout",
+               "p_uncond", "ema_decay")
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
@@ -64,12 +69,12 @@ def main(**kwargs) -> None:
     OUT/samples/, and the loss to OUT/logs/ (CSV). The path of the last checkpoint is printed at the end.
     """
     att = kwargs.pop("attention_resolutions")
-    if att.strip().lower() in ("", "none"):
-        kwargs["attention_resolutions"] = ()
-    else:
-        kwargs["attention_resolutions"] = _int_list(None, None, att)
+    attention = () if att.strip().lower() in ("", "none") else _int_list(None, None, att)
+    flags = {name: kwargs.pop(name) for name in MODEL_FLAGS}
     try:
-        last = train(TrainOptions(**kwargs))
+        # Image size, channels, classes and the data set's name come from the data (or from --resume).
+        model = ModelConfig(t_range=flags.pop("timesteps"), attention_resolutions=attention, **flags)
+        last = train(TrainOptions(model=model, **kwargs))
     except TrainError as e:
         raise click.UsageError(str(e)) from None
     click.echo(str(last))

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from runtime.idx import FASHION_MNIST_CLASSES, IdxError, find_split, read_split
+from training.errors import DatasetError
 
 __all__ = ["Diffset", "DatasetError"]
 
@@ -47,10 +48,6 @@ _IDX_HINT = {
 }
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 _CELEBA_FILE = re.compile(r"^\d{6}\.(jpg|png)$", re.IGNORECASE)
-
-
-class DatasetError(ValueError):
-    """Bad dataset arguments, or data that is missing or unreadable (one-line message)."""
 
 
 class Diffset(Dataset[tuple[torch.Tensor, int]]):

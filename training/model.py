@@ -3,12 +3,13 @@
 The network (``training.unet.UNet``) knows nothing about Lightning; this module owns the optimizer, the EMA
 copy of the weights (``torch.optim.swa_utils.AveragedModel``, kept as the ``ema`` submodule so it is part of
 every checkpoint) and the diffusion tables, which come from ``runtime.schedule``.
-``save_hyperparameters()`` makes a checkpoint rebuild the model with ``load_from_checkpoint(path)`` alone.
+What defines the model is a ``training.config.ModelConfig``; ``save_hyperparameters`` stores it, so a
+checkpoint rebuilds the model with ``load_from_checkpoint(path)`` alone. Sampling runs the runtime's plan
+(``runtime.plan.make_plan``) and loop (``runtime.samplers.sample``) on the eager U-Net.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -17,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from runtime.metadata import Provenance, SamplingContract, ScheduleSpec
-from runtime.samplers import ddpm_sample
-from runtime.schedule import NoiseSchedule, default_params
+from runtime.plan import make_plan
+from runtime import samplers
+from training.config import ModelConfig
+from training.eval_mode import eval_mode
 from training.predictor import eps_predictor
-from training.unet import UNet, UNetConfig
+from training.unet import UNet
 
 
 def ema_with_warmup(decay: float):
@@ -47,7 +49,8 @@ class DiffusionModel(pl.LightningModule):
     ``DiffusionModel(in_size=32*32, t_range=1000, img_depth=1)`` is the classic 32×32 grayscale model; the
     keyword options choose the schedule, the U-Net's size, class conditioning (``num_classes`` > 0, with
     labels replaced by the null class with probability ``p_uncond`` for classifier-free guidance), the
-    learning rate and the EMA decay (0 disables EMA).
+    learning rate and the EMA decay (0 disables EMA). The arguments are ``ModelConfig``'s fields (same
+    defaults); ``DiffusionModel.from_config(cfg)`` builds the model from one.
     """
 
     def __init__(
@@ -72,46 +75,33 @@ class DiffusionModel(pl.LightningModule):
         dataset: str | None = None,
     ) -> None:
         super().__init__()
-        image_size = math.isqrt(in_size)
-        if image_size * image_size != in_size:
-            raise ValueError(f"in_size must be a square number of pixels (e.g. 32*32), got {in_size}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        schedule_params = {**default_params(schedule), **(schedule_params or {})}
-        self.save_hyperparameters(
-            {
-                "in_size": in_size, "t_range": t_range, "img_depth": img_depth, "schedule": schedule,
-                "schedule_params": schedule_params, "base_channels": base_channels,
-                "channel_mult": list(channel_mult), "num_res_blocks": num_res_blocks,
-                "attention_resolutions": list(attention_resolutions), "num_heads": num_heads,
-                "dropout": dropout, "num_classes": num_classes,
-                "class_names": list(class_names) if class_names is not None else None,
-                "p_uncond": p_uncond, "lr": lr, "ema_decay": ema_decay, "dataset": dataset,
-            }
+        self.config = ModelConfig(
+            in_size=in_size, t_range=t_range, img_depth=img_depth, schedule=schedule,
+            schedule_params=schedule_params, base_channels=base_channels, channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, num_heads=num_heads,
+            dropout=dropout, num_classes=num_classes, class_names=class_names, p_uncond=p_uncond, lr=lr,
+            ema_decay=ema_decay, dataset=dataset,
         )
-        self.unet_config = UNetConfig(
-            image_size=image_size, in_channels=img_depth, base_channels=base_channels,
-            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions), num_heads=num_heads, dropout=dropout,
-            num_classes=num_classes,
-        )
+        self.save_hyperparameters(self.config.to_hparams())
+        self.unet_config = self.config.unet_config()
         self.unet = UNet(self.unet_config)
         self.ema: AveragedModel | None = None
-        if ema_decay > 0:
-            self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay))
+        if self.config.ema_decay > 0:
+            self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(self.config.ema_decay))
             self.ema.requires_grad_(False)
-        self.schedule = NoiseSchedule.from_name(schedule, t_range, **schedule_params)
+        self.schedule = self.config.schedule_spec().build()
         # Algorithm 1 needs √ᾱ_t and √(1−ᾱ_t); float64 tables cast once, at the point of use.
         self.register_buffer("sqrt_ac", torch.tensor(self.schedule.sqrt_alphas_cumprod, dtype=torch.float32), persistent=False)
         self.register_buffer("sqrt_1m_ac", torch.tensor(self.schedule.sqrt_one_minus_alphas_cumprod, dtype=torch.float32), persistent=False)
 
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> DiffusionModel:
+        """A new (untrained) model defined by ``config``."""
+        return cls(**config.to_hparams())
+
     @property
     def num_classes(self) -> int:
-        return self.hparams.num_classes
+        return self.config.num_classes
 
     @property
     def null_class(self) -> int | None:
@@ -130,14 +120,14 @@ class DiffusionModel(pl.LightningModule):
         """Algorithm 1: t ~ U{0..T−1}, x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, loss = ‖ε − ε_θ(x_t, t)‖² (mean)."""
         x0, labels = batch
         b = x0.shape[0]
-        t = torch.randint(0, self.hparams.t_range, (b,), device=x0.device)
+        t = torch.randint(0, self.config.t_range, (b,), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.sqrt_ac[t].view(b, 1, 1, 1) * x0 + self.sqrt_1m_ac[t].view(b, 1, 1, 1) * eps
         y = None
         if self.num_classes > 0:
             y = labels.to(device=x0.device, dtype=torch.long)
-            if self.training and self.hparams.p_uncond > 0:
-                drop = torch.rand(b, device=x0.device) < self.hparams.p_uncond
+            if self.training and self.config.p_uncond > 0:
+                drop = torch.rand(b, device=x0.device) < self.config.p_uncond
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return F.mse_loss(self.unet(x_t, t, y), eps)
 
@@ -156,7 +146,7 @@ class DiffusionModel(pl.LightningModule):
             self.ema.update_parameters(self.unet)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.unet.parameters(), lr=self.config.lr)
 
     @torch.no_grad()
     def sample(
@@ -174,16 +164,17 @@ class DiffusionModel(pl.LightningModule):
         """Algorithm 2 on the model's device -> (n_samples, C, H, W) float32 images in [−1, 1].
 
         ``labels`` (conditional models; default: classes cycle over the images) and ``guidance`` w give
-        ε = ε_uncond + w·(ε_cond − ε_uncond). ``steps`` < T samples on a respaced schedule. ``variance`` is
-        σ² = β (default for the full schedule) or β̃ (default when respaced). The EMA weights are used
-        when present unless ``use_ema=False``. The model's train/eval mode is left as it was.
+        ε = ε_uncond + w·(ε_cond − ε_uncond); w ≠ 1 needs a conditional model. ``steps`` (default T) < T
+        samples on a respaced schedule; ``variance`` σ² defaults to β at full T and β̃ when respaced (the
+        runtime's ``make_plan`` decides, as for exported models). The EMA weights are used when present unless
+        ``use_ema=False``. The model's train/eval mode is left as it was. Bad settings raise ValueError.
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
-        schedule = self.schedule if steps is None or steps == len(self.schedule) else self.schedule.respace(steps)
-        if variance is None:
-            variance = "beta" if schedule is self.schedule else "beta_tilde"
-        unet = self.ema_unet if (use_ema and self.ema is not None) else self.unet
+        ema = use_ema and self.ema is not None
+        plan = make_plan(self.config.contract(ema=ema), "ddpm", steps, None, guidance, clip_denoised, variance,
+                         model_defaults=False, schedule=self.schedule)
+        unet = self.ema_unet if ema else self.unet
         y = None
         if self.num_classes > 0:
             y = torch.arange(n_samples) % self.num_classes if labels is None else torch.as_tensor(labels)
@@ -198,24 +189,7 @@ class DiffusionModel(pl.LightningModule):
         def noise(i: int) -> torch.Tensor:
             return torch.randn(x_T.shape, device=self.device, generator=generator)
 
-        was_training = unet.training
-        unet.eval()
-        try:
-            predict = eps_predictor(unet, y, guidance=guidance, null_class=self.null_class)
-            x0 = ddpm_sample(predict, x_T, schedule, noise, variance=variance, clip_denoised=clip_denoised)
-        finally:
-            unet.train(was_training)
+        with eval_mode(unet):
+            predict = eps_predictor(unet, y, guidance=plan.guidance, null_class=self.null_class)
+            x0 = samplers.sample(predict, x_T, plan.coefs, noise)
         return x0.clamp(-1.0, 1.0)
-
-    def sampling_contract(self, *, ema: bool, provenance: Provenance | None = None) -> SamplingContract:
-        """The contract an exported copy of this model's U-Net carries."""
-        hp = self.hparams
-        return SamplingContract(
-            image_size=self.unet_config.image_size,
-            channels=self.unet_config.in_channels,
-            schedule=ScheduleSpec(hp.schedule, hp.t_range, dict(hp.schedule_params)),
-            num_classes=hp.num_classes,
-            class_names=list(hp.class_names or []),
-            ema=ema,
-            provenance=provenance or Provenance(dataset=hp.dataset),
-        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.samplers import PredictEps, conditioned_predictor
+from runtime.samplers import PredictEps, guided_predictor
 
 
 def eps_predictor(
@@ -17,11 +17,11 @@ def eps_predictor(
     """``predict_eps(x: (B,C,H,W) float32, t: int) -> ε (B,C,H,W)`` around ``net(x, t, y)``.
 
     ``y: (B,) int64`` are the labels of a class-conditional net (None for an unconditional one); with
-    ``guidance`` ≠ 1 classifier-free guidance is applied (see ``runtime.samplers.conditioned_predictor``).
+    ``guidance`` ≠ 1 classifier-free guidance is applied (see ``runtime.samplers.guided_predictor``).
     """
 
     def call(x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         return net(x, tt) if labels is None else net(x, tt, labels)
 
-    return conditioned_predictor(call, y, guidance=guidance, null_class=null_class, concat=torch.cat)
+    return guided_predictor(call, y, guidance=guidance, null_class=null_class, concat=torch.cat)

@@ -1,25 +1,30 @@
 """``train(options)``: one Lightning training run (new or resumed) from run settings; what ``ddpm-train`` calls.
 
-Model settings become the ``DiffusionModel``'s hyperparameters (and so live in every checkpoint); paths,
-devices, workers and logging are run settings only. Errors a user can fix raise ``TrainError`` (one line).
+Model settings are a ``ModelConfig`` (``TrainOptions.model``) whose data-dependent fields (image size, channels,
+classes, data set name) are filled from the data; it becomes the ``DiffusionModel``'s hyperparameters and so
+lives in every checkpoint. Paths, devices, workers and logging are run settings only. Errors a user can fix
+raise ``TrainError`` (one line).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-
-class TrainError(ValueError):
-    """A training request that cannot run; the message is one line."""
+from training.config import ModelConfig
+from training.errors import DatasetError, TrainError
 
 
 @dataclass
 class TrainOptions:
-    """Run settings of ``ddpm-train`` (see its --help for each)."""
+    """Run settings of ``ddpm-train`` (see its --help for each), and the model to train.
+
+    ``model``'s in_size, img_depth, num_classes, class_names and dataset are taken from the data (and the
+    whole model from the checkpoint when resuming); ``num_classes``/``conditional`` choose the data's classes.
+    """
 
     dataset: str
     data_root: str = "data"
@@ -29,18 +34,9 @@ class TrainOptions:
     batch_size: int = 128
     max_steps: int | None = None
     max_epochs: int | None = None
-    lr: float = 2e-4
-    schedule: str = "linear"
-    timesteps: int = 1000
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (16, 8)
-    dropout: float = 0.1
+    model: ModelConfig = field(default_factory=ModelConfig)
     num_classes: int | None = None
     conditional: bool = False
-    p_uncond: float = 0.1
-    ema_decay: float = 0.999
     precision: str = "32"
     accelerator: str = "auto"
     devices: str = "auto"
@@ -72,14 +68,20 @@ def _build_model(o: TrainOptions, data):
     from training.model import DiffusionModel
 
     if o.resume:
-        hp = _checkpoint_hparams(o.resume)
-        model = DiffusionModel(**hp)
-        if model.unet_config.image_size != data.size or model.unet_config.in_channels != data.depth:
-            raise TrainError(
-                f"{o.resume} is a {model.unet_config.in_channels}-channel {model.unet_config.image_size}px model "
-                f"but the data is {data.depth}-channel {data.size}px"
-            )
-        return model
+        cfg = _checkpoint_config(o.resume)
+        if cfg.image_size != data.size or cfg.img_depth != data.depth:
+            raise TrainError(f"{o.resume} is a {cfg.img_depth}-channel {cfg.image_size}px model "
+                             f"but the data is {data.depth}-channel {data.size}px")
+    else:
+        cfg = _config_for_data(o, data)
+    try:
+        return DiffusionModel.from_config(cfg)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def _config_for_data(o: TrainOptions, data) -> ModelConfig:
+    """``o.model`` with the data's image size, channels and (for a conditional run) classes."""
     if o.conditional and o.num_classes not in (None, data.num_classes):
         raise TrainError(f"--conditional uses the dataset's {data.num_classes} classes; drop --num-classes {o.num_classes}")
     num_classes = data.num_classes if o.conditional else (o.num_classes or 0)
@@ -87,23 +89,22 @@ def _build_model(o: TrainOptions, data):
         raise TrainError(f"--conditional: the {data.name} dataset at {o.data_root} has no classes")
     class_names = data.classes if num_classes and num_classes == data.num_classes else None
     try:
-        return DiffusionModel(
-            data.size * data.size, o.timesteps, data.depth,
-            schedule=o.schedule, base_channels=o.base_channels, channel_mult=o.channel_mult,
-            num_res_blocks=o.num_res_blocks, attention_resolutions=o.attention_resolutions,
-            dropout=o.dropout, num_classes=num_classes, class_names=class_names, p_uncond=o.p_uncond,
-            lr=o.lr, ema_decay=o.ema_decay, dataset=data.name,
-        )
+        return replace(o.model, in_size=data.size * data.size, img_depth=data.depth, num_classes=num_classes,
+                       class_names=class_names, dataset=data.name)
     except ValueError as e:
         raise TrainError(str(e)) from None
 
 
-def _checkpoint_hparams(path: str) -> dict:
+def _checkpoint_config(path: str) -> ModelConfig:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        return dict(ckpt["hyper_parameters"])
+        hparams = ckpt["hyper_parameters"]
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
         raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    try:
+        return ModelConfig.from_hparams(hparams)
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"{path} has unusable hyperparameters: {str(e).splitlines()[0]}") from None
 
 
 def train(o: TrainOptions) -> Path:
@@ -114,7 +115,7 @@ def train(o: TrainOptions) -> Path:
     from torch.utils.data import DataLoader
 
     from training.callbacks import SampleGrid
-    from training.dataset import DatasetError, Diffset
+    from training.dataset import Diffset
 
     if o.channels not in (None, 1, 3):
         raise TrainError(f"--channels must be 1 or 3, got {o.channels}")

@@ -10,7 +10,7 @@ dynamic batch dimension. This is the only module that is exported.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,6 @@ class UNetConfig:
             ch = self.base_channels * mult
             if ch % self.num_heads:
                 raise ValueError(f"{ch} channels cannot be split into {self.num_heads} attention heads")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        return d
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

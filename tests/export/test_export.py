@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,8 +20,10 @@ import ddpm_export.export as export_module
 from ddpm_export.checkpoint import load_checkpoint
 from ddpm_export.cli import main
 from runtime.metadata import CONTRACT_KEY, SamplingContract
+from runtime.tolerances import TOLERANCES
 
-ATOL, RTOL = 1e-4, 1e-3  # fp32 per-call tolerance, as in ddpm_export.verify.TOLERANCES["fp32"]
+FP32, FP16 = TOLERANCES["fp32"], TOLERANCES["fp16"]
+ATOL, RTOL = FP32.atol, FP32.rtol  # per-call ε of an fp32 export
 
 
 def export(*args: str):
@@ -63,11 +66,11 @@ def test_onnx_export_is_self_describing_and_batch_dynamic(uncond_ckpt, fresh_cop
 
     report = json.loads(path.with_name(path.name + ".report.json").read_text())
     assert report["verification"] == "passed" and report["checks"]["passed"]
-    assert report["checks"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-3, "max_levels": 2}
+    assert report["checks"]["tolerance"] == dataclasses.asdict(FP32)
     cpu = report["checks"]["results"][0]
     assert cpu["backend"] == "onnx:CPUExecutionProvider" and cpu["eps"]["calls"] == 5
     assert {"case", "index", "t", "abs_diff"} <= set(cpu["eps"]["worst"])
-    assert cpu["trajectory"]["steps"] == 20 and cpu["trajectory"]["max_level_diff"] <= 2
+    assert cpu["trajectory"]["steps"] == 20 and cpu["trajectory"]["max_level_diff"] <= FP32.max_levels
 
 
 def test_conditional_rgb_export_all_formats(cond_rgb_ckpt, fresh_copy):
@@ -175,7 +178,7 @@ def test_fp16_keeps_sensitive_ops_in_fp32_and_never_claims_unmeasured_success(co
     else:
         assert report["verification"].startswith("skipped: fp16 targets CUDAExecutionProvider")
         assert "verification: skipped" in r.output and "passed" not in r.output.split("cond.fp16.onnx")[1].split("\n")[0]
-        assert report["checks"]["informational"][0]["trajectory"]["max_level_diff"] <= 8
+        assert report["checks"]["informational"][0]["trajectory"]["max_level_diff"] <= FP16.max_levels
 
 
 def test_export_leaves_model_mode_and_weights_unchanged(uncond_ckpt):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import runtime
 from ddpm_export.checkpoint import load_checkpoint
 from ddpm_export.slim import slim_checkpoint
+from runtime.bundled import assets_dir
+from runtime.tolerances import TOLERANCES
 
 
 def test_slim_checkpoint_keeps_the_ema_model(uncond_ckpt, tmp_path):
@@ -22,3 +25,17 @@ def test_slim_checkpoint_keeps_the_ema_model(uncond_ckpt, tmp_path):
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 90])
     with torch.no_grad():
         np.testing.assert_array_equal(a(x, t).numpy(), b(x, t).numpy())
+
+
+def test_shipped_slim_checkpoint_is_the_bundled_model():
+    ckpt = assets_dir() / "fashion-mnist.ckpt"
+    assert ckpt.stat().st_size <= 15 * 2**20
+    net, used_ema = load_checkpoint(ckpt).build_unet()
+    assert used_ema
+    model = runtime.load("fashion-mnist", "cpu").backend
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    t, y = np.array([0, 500, 999]), np.array([7, 0, 10])
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+    tol = TOLERANCES["fp32"]
+    np.testing.assert_allclose(model.predict_eps(x, t, y), ref, atol=tol.atol, rtol=tol.rtol)

@@ -1,17 +1,16 @@
-"""The bundled default model: its contract, generation with no model argument, and the shipped slim checkpoint."""
+"""The bundled default model: its contract and recommended settings, generation with no model argument, its classes."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import torch
 from click.testing import CliRunner
 
 import runtime
-from ddpm_export.checkpoint import load_checkpoint
+from runtime.bundled import resolve
 from runtime.cli import main
-from runtime.models import assets_dir, resolve
+from runtime.metadata import RunDefaults
 
 
 def test_bundled_model_contract():
@@ -22,6 +21,29 @@ def test_bundled_model_contract():
     assert c.class_names[7] == "Sneaker" and c.null_class == 10 and c.ema
     assert (c.schedule.name, c.schedule.timesteps, c.variance) == ("linear", 1000, "beta")
     assert c.provenance.dataset == "fashion-mnist" and c.provenance.training_steps >= 4000
+    assert c.run_defaults == RunDefaults(sampler="ddim", steps=50, guidance=1.5)  # README's recommendation
+
+
+def test_a_plain_run_takes_the_models_recommendations_and_says_so(tmp_path):
+    r = CliRunner().invoke(main, ["-n", "2", "--out", str(tmp_path / "s"), "--provider", "cpu", "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    assert "settings recommended by the model: sampler, guidance -> ddim 3 steps, eta 0, guidance 1.5" in r.output
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert (run["sampler"], run["steps"], run["guidance"]) == ("ddim", 3, 1.5)
+    r = CliRunner().invoke(main, ["-n", "2", "--out", str(tmp_path / "p"), "--provider", "cpu", "--steps", "3",
+                                  "--no-model-defaults"])
+    assert r.exit_code == 0, r.output
+    assert "recommended" not in r.output
+    run = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert (run["sampler"], run["steps"], run["guidance"]) == ("ddpm", 3, 1.0)
+
+
+def test_the_api_takes_the_recommendations_too():
+    model = runtime.load("fashion-mnist", "cpu")  # a bundled name, as on the command line
+    assert model.plan().describe() == "ddim 50 steps, eta 0, guidance 1.5"
+    assert model.plan(model_defaults=False).describe() == "ddpm 1000 steps, guidance 1"
+    explicit = model.generate(2, sampler="ddim", steps=3, eta=0.0, guidance=1.5, batch_size=2)
+    assert np.array_equal(model.generate(2, steps=3, batch_size=2), explicit)
 
 
 def test_generate_with_no_model_argument_and_a_class_name(tmp_path):
@@ -31,19 +53,6 @@ def test_generate_with_no_model_argument_and_a_class_name(tmp_path):
     assert "using the bundled model fashion-mnist" in r.output
     records = [json.loads(line) for line in (tmp_path / "s" / "manifest.jsonl").read_text().splitlines()]
     assert [(x["class"], x["class_name"]) for x in records] == [(7, "Sneaker")] * 3
-
-
-def test_shipped_slim_checkpoint_is_the_bundled_model():
-    ckpt = assets_dir() / "fashion-mnist.ckpt"
-    assert ckpt.stat().st_size <= 15 * 2**20
-    net, used_ema = load_checkpoint(ckpt).build_unet()
-    assert used_ema
-    model = runtime.load(resolve("fashion-mnist")[0], "cpu").backend
-    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32)).astype(np.float32)
-    t, y = np.array([0, 500, 999]), np.array([7, 0, 10])
-    with torch.no_grad():
-        ref = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
-    np.testing.assert_allclose(model(x, t, y), ref, atol=1e-4, rtol=1e-3)
 
 
 def test_bundled_model_draws_the_requested_classes():

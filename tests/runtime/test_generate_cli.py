@@ -74,8 +74,8 @@ def test_shards_running_at_once_equal_one_run(cond_onnx, tmp_path):
     assert len(list((tmp_path / "sharded").glob("manifest-*-of-3.jsonl"))) == 3
 
 
-def test_sigkill_then_resume_gives_the_identical_set(uncond_onnx, tmp_path):
-    args = [uncond_onnx, "-n", 40, "--batch-size", 1, "--sampler", "ddpm", "--provider", "cpu", "--seed", 5]
+def test_sigkill_then_resume_gives_the_identical_set(slow_onnx, tmp_path):
+    args = [slow_onnx, "-n", 40, "--batch-size", 1, "--sampler", "ddpm", "--provider", "cpu", "--seed", 5]
     assert cli(*args, "--out", tmp_path / "whole").exit_code == 0
     out = tmp_path / "killed"
     p = cli_process(*args, "--out", out)
@@ -92,9 +92,9 @@ def test_sigkill_then_resume_gives_the_identical_set(uncond_onnx, tmp_path):
     assert np.array_equal(images_in(out, 40), images_in(tmp_path / "whole", 40))
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(uncond_onnx, tmp_path):
+def test_ctrl_c_stops_cleanly_and_resumes(slow_onnx, tmp_path):
     out = tmp_path / "int"
-    args = [uncond_onnx, "-n", 40, "--batch-size", 1, "--provider", "cpu", "--out", out]
+    args = [slow_onnx, "-n", 40, "--batch-size", 1, "--provider", "cpu", "--out", out]
     p = cli_process(*args)
     deadline = time.time() + 60
     while len(list(out.glob("0*.png"))) < 2 and time.time() < deadline:
@@ -234,11 +234,11 @@ def test_help_explains_every_option():
 
 
 def test_bundled_model_by_name_and_by_default(uncond_onnx, tmp_path, monkeypatch):
-    import runtime.models
+    import runtime.bundled
 
     assets = tmp_path / "assets"
     assets.mkdir()
-    monkeypatch.setattr(runtime.models, "assets_dir", lambda: assets)
+    monkeypatch.setattr(runtime.bundled, "assets_dir", lambda: assets)
     r = cli("-n", 2, "--steps", 2, "--out", tmp_path / "a")
     assert r.exit_code != 0 and "bundled model 'fashion-mnist' is not part of this installation" in r.output
     (assets / "fashion-mnist.onnx").write_bytes(uncond_onnx.read_bytes())

@@ -6,10 +6,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from runtime.samplers import ddim_sample, ddpm_sample, guided_eps
 from runtime.schedule import NoiseSchedule
+from runtime.tolerances import TOLERANCES
+
+FP64, SAME = TOLERANCES["fp64"], TOLERANCES["fp32-same-math"]
 
 
 def fake_eps(x, t):
@@ -46,7 +48,7 @@ def test_ddpm_matches_the_paper_in_float64(clip):
     noises = rng.standard_normal((T, 2, 1, 4, 4))
     ref = reference_algorithm_2(x_T, betas, noises, clip=clip)
     out = ddpm_sample(fake_eps, x_T, NoiseSchedule(betas), lambda i: noises[i], clip_denoised=clip)
-    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out, ref, rtol=FP64.rtol, atol=FP64.atol)
 
 
 def reference_ddim(x_T, abar, timesteps, noises, eta, clip=False):
@@ -75,7 +77,7 @@ def test_ddim_matches_the_paper_in_float64(eta, clip):
     abar = full.alphas_cumprod[s.timesteps]  # ᾱ of the original schedule at the kept steps
     ref = reference_ddim(x_T, abar, s.timesteps, noises, eta, clip)
     out = ddim_sample(fake_eps, x_T, s, lambda i: noises[i], eta=eta, clip_denoised=clip)
-    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(out, ref, rtol=FP64.rtol, atol=FP64.atol)
 
 
 def test_ddim_with_eta_0_draws_no_noise():
@@ -85,7 +87,9 @@ def test_ddim_with_eta_0_draws_no_noise():
     assert calls == []
 
 
+@pytest.mark.needs_torch
 def test_float32_stays_float32_and_torch_agrees_with_numpy():
+    torch = pytest.importorskip("torch")
     s = NoiseSchedule.from_name("linear", 100)
     rng = np.random.default_rng(1)
     x_T = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
@@ -93,7 +97,7 @@ def test_float32_stays_float32_and_torch_agrees_with_numpy():
     out_np = ddpm_sample(fake_eps, x_T, s, lambda i: noises[i])
     out_t = ddpm_sample(fake_eps, torch.from_numpy(x_T), s, lambda i: torch.from_numpy(noises[i]))
     assert out_np.dtype == np.float32 and out_t.dtype == torch.float32
-    np.testing.assert_allclose(out_t.numpy(), out_np, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out_t.numpy(), out_np, rtol=SAME.rtol, atol=SAME.atol)
 
 
 def test_respaced_schedule_calls_the_model_with_original_timesteps():

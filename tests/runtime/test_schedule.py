@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from runtime.plan import ddpm_coefficients
 from runtime.schedule import NoiseSchedule, cosine_betas, linear_betas, make_betas, spaced_indices
 
 
@@ -39,12 +40,12 @@ def test_posterior_variance_and_mean_coefficients():
     x_t, eps = 0.7, -1.3
     x0 = s.sqrt_recip_alphas_cumprod[t] * x_t - s.sqrt_recipm1_alphas_cumprod[t] * eps
     mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
-    c = s.ddpm_step_coefficients()
-    assert mean == pytest.approx(c.A[t] * x_t + c.B[t] * eps, rel=1e-10)
-    assert c.A[t] == pytest.approx(1 / math.sqrt(1 - b), rel=1e-12)
-    assert c.B[t] == pytest.approx(-b / math.sqrt(1 - ab) / math.sqrt(1 - b), rel=1e-12)
-    assert c.C[0] == 0.0 and c.C[t] == pytest.approx(math.sqrt(b), rel=1e-12)
-    assert s.ddpm_step_coefficients("beta_tilde").C[t] == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12)
+    c = ddpm_coefficients(s)
+    assert mean == pytest.approx(c.x_coef[t] * x_t + c.eps_coef[t] * eps, rel=1e-10)
+    assert c.x_coef[t] == pytest.approx(1 / math.sqrt(1 - b), rel=1e-12)
+    assert c.eps_coef[t] == pytest.approx(-b / math.sqrt(1 - ab) / math.sqrt(1 - b), rel=1e-12)
+    assert c.noise_coef[0] == 0.0 and c.noise_coef[t] == pytest.approx(math.sqrt(b), rel=1e-12)
+    assert ddpm_coefficients(s, "beta_tilde").noise_coef[t] == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12)
     assert c.table().shape == (1000, 6) and c.table().dtype == np.float32
 
 
@@ -86,6 +87,4 @@ def test_tables_are_read_only_and_bad_input_is_refused():
         spaced_indices(10, 11)
     with pytest.raises(ValueError, match="strictly increasing"):
         s.respace([3, 2])
-    with pytest.raises(ValueError, match="variance"):
-        s.ddpm_step_coefficients("learned")
     assert cosine_betas(5).shape == (5,)

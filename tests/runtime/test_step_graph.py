@@ -8,13 +8,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from runtime.fused import StepSession
 from runtime.metadata import CONTRACT_KEY, SamplingContract
-from runtime.step_graph import StepSession, build_step_graph
+from runtime.step_graph import build_step_graph
+from runtime.tolerances import TOLERANCES
 
 CPU = ["CPUExecutionProvider"]
+SAME = TOLERANCES["fp32-same-math"]
 NUM_CLASSES = 3
 SHAPE = (1, 8, 8)  # C, H, W
-COEFS = [  # [A, B, C, D, P, Q]
+COEFS = [  # runtime.plan.TABLE_COLUMNS: [x, eps, noise, x0, x0_from_x, x0_from_eps]
     [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
     [0.9, -0.3, 0.2, 0.0, 1.5, -2.0],  # D = 0: the clip term is unused
     [0.1, 0.4, 0.5, 0.7, 3.0, -2.5],  # large P, Q: x̂₀ is clipped in many pixels
@@ -119,7 +122,7 @@ def test_step_matches_reference(uncond, cond, batch, conditional):
         got = session.run(inp["x_t"], inp["t"], inp["z"], coef, y=y)
         want = reference(model, inp["x_t"], inp["t"], inp["z"], coef, y=y)
         assert got.shape == (batch, *SHAPE) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got, want, atol=SAME.atol, rtol=SAME.rtol)
         if coef[3] != 0:  # clipping matters for these coefficients
             unclipped = reference(model, inp["x_t"], inp["t"], inp["z"], coef, y=y, clip=False)
             assert np.abs(got - unclipped).max() > 0.1
@@ -127,24 +130,22 @@ def test_step_matches_reference(uncond, cond, batch, conditional):
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_guided_step_matches_reference(cond, batch):
-    session = StepSession(build_step_graph(cond, guided=True, null_class=NUM_CLASSES), CPU)
+    session = StepSession(build_step_graph(cond, null_class=NUM_CLASSES), CPU)
     assert session.guided and session.conditional
     inp = inputs(batch, seed=2)
     for coef in COEFS:
         got = session.run(inp["x_t"], inp["t"], inp["z"], coef, y=inp["y"], w=3.0)
         want = reference(cond, inp["x_t"], inp["t"], inp["z"], coef, y=inp["y"], w=3.0)
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got, want, atol=SAME.atol, rtol=SAME.rtol)
     # w = 1 is the plain conditional prediction
     plain = StepSession(build_step_graph(cond), CPU)
     np.testing.assert_allclose(session.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"], w=1.0),
-                               plain.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"]), atol=1e-5)
+                               plain.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"]), atol=SAME.atol, rtol=SAME.rtol)
 
 
-def test_guided_needs_labels_and_null_class(uncond, cond):
+def test_guided_needs_labels(uncond):
     with pytest.raises(ValueError, match="class-conditional"):
-        build_step_graph(uncond, guided=True, null_class=0)
-    with pytest.raises(ValueError, match="null class"):
-        build_step_graph(cond, guided=True)
+        build_step_graph(uncond, null_class=0)
 
 
 def test_run_checks_inputs(cond):
@@ -154,15 +155,15 @@ def test_run_checks_inputs(cond):
         session.run(inp["x_t"].astype(np.float64), inp["t"], inp["z"], COEFS[1], y=inp["y"])
     with pytest.raises(TypeError, match="'t'"):
         session.run(inp["x_t"], inp["t"].astype(np.int32), inp["z"], COEFS[1], y=inp["y"])
-    with pytest.raises(ValueError, match="labels"):
-        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1])
-    with pytest.raises(ValueError, match="not guided"):
-        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1], y=inp["y"], w=2.0)
+    with pytest.raises(ValueError, match=r"takes inputs \['x_t', 't', 'y', 'z', 'coef'\]"):
+        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1])  # no labels
+    with pytest.raises(ValueError, match="takes inputs"):
+        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1], y=inp["y"], w=2.0)  # not a guided graph
 
 
 @pytest.mark.parametrize("guided", [False, True])
 def test_iobinding_matches_run_and_chains(cond, guided):
-    step = build_step_graph(cond, guided=guided, null_class=NUM_CLASSES)
+    step = build_step_graph(cond, null_class=NUM_CLASSES if guided else None)
     session = StepSession(step.SerializeToString(), CPU)
     inp = inputs(5, seed=3)
     w = 2.5 if guided else None
@@ -175,7 +176,7 @@ def test_iobinding_matches_run_and_chains(cond, guided):
         z_arg = ort.OrtValue.ortvalue_from_numpy(z) if i % 2 else z  # z as numpy or OrtValue
         x_dev = session.run_iobinding(x_dev, inp["t"] - i, z_arg, coef, y=inp["y"], w=w)
         assert isinstance(x_dev, ort.OrtValue) and x_dev.device_name().lower() == "cpu"
-        np.testing.assert_allclose(x_dev.numpy(), x_host, atol=1e-6, rtol=1e-6)
+        np.testing.assert_array_equal(x_dev.numpy(), x_host)  # the same session on the same device
     with pytest.raises(TypeError, match="x_t"):
         session.run_iobinding(ort.OrtValue.ortvalue_from_numpy(inp["x_t"].astype(np.float64)), inp["t"], zs[0],
                               coefs[0], y=inp["y"], w=w)
@@ -184,12 +185,11 @@ def test_iobinding_matches_run_and_chains(cond, guided):
 @pytest.mark.parametrize("kind", ["uncond", "cond", "guided"])
 def test_step_model_structure(uncond, cond, kind):
     model = uncond if kind == "uncond" else cond
-    step = build_step_graph(model, guided=kind == "guided", null_class=NUM_CLASSES)
+    step = build_step_graph(model, null_class=NUM_CLASSES if kind == "guided" else None)
     onnx.checker.check_model(step, full_check=True)
     props = {p.key: p.value for p in step.metadata_props}
     assert props[CONTRACT_KEY] == SamplingContract.from_json(props[CONTRACT_KEY]).to_json()
     assert props[CONTRACT_KEY] == {p.key: p.value for p in model.metadata_props}[CONTRACT_KEY]
-    assert props["ddpm_step_graph"] == "1"
     want = {"uncond": ["x_t", "t", "z", "coef"], "cond": ["x_t", "t", "y", "z", "coef"],
             "guided": ["x_t", "t", "y", "z", "coef", "w"]}[kind]
     assert [i.name for i in step.graph.input] == want

@@ -80,6 +80,24 @@ def test_bad_input_is_a_one_line_error(args, message, tmp_path, fashion_root):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_model_flags_become_the_model_config(monkeypatch):
+    import training.cli
+    from training.config import ModelConfig
+
+    seen = []
+    monkeypatch.setattr(training.cli, "train", lambda options: seen.append(options) or "last.ckpt")
+    result = CliRunner().invoke(main, ["--dataset", "mnist", *TINY, "--schedule", "cosine", "--lr", "1e-3",
+                                       "--dropout", "0.2", "--p-uncond", "0.3", "--ema-decay", "0.99"])
+    assert result.exit_code == 0, result.output
+    (options,) = seen
+    assert options.model == ModelConfig(t_range=100, schedule="cosine", base_channels=8, channel_mult=(1, 2),
+                                        num_res_blocks=1, attention_resolutions=(8,), dropout=0.2, p_uncond=0.3,
+                                        lr=1e-3, ema_decay=0.99)
+    assert (options.batch_size, options.sample_steps, options.dataset) == (8, 4, "mnist")
+    CliRunner().invoke(main, ["--dataset", "mnist", "--attention-resolutions", "none"])
+    assert seen[-1].model == ModelConfig(attention_resolutions=())  # and the flags' defaults are the config's
+
+
 def test_help_explains_every_option():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0

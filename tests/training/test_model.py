@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from runtime.errors import SettingsError
+from runtime.plan import ddpm_coefficients
+from runtime.samplers import sample
 from training.dataset import Diffset
+from training.eval_mode import eval_mode
 from training.model import DiffusionModel
+from training.predictor import eps_predictor
 
 TINY = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
 
@@ -114,6 +119,43 @@ def test_full_algorithm_2_uses_every_timestep():
     model.unet.register_forward_hook(lambda m, args, out: seen.append(int(args[1][0])))
     x = model.sample(n_samples=2)
     assert x.shape == (2, 1, 16, 16) and seen == list(range(49, -1, -1))
+
+
+def perturbed(model: DiffusionModel) -> DiffusionModel:
+    """The model with random weights (a new U-Net predicts ε = 0: its output layers start at zero)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize(
+    "steps, variance, expected_variance",
+    [(None, None, "beta"), (100, None, "beta"), (10, None, "beta_tilde"), (10, "beta", "beta"),
+     (None, "beta_tilde", "beta_tilde")],
+)
+def test_sample_is_algorithm_2_with_beta_at_full_T_and_beta_tilde_when_respaced(steps, variance, expected_variance):
+    """Against the loop run by hand on the coefficients each setting should give, with the same noise."""
+    torch.manual_seed(0)
+    model = perturbed(DiffusionModel(16 * 16, 100, 1, ema_decay=0.0, **TINY))
+    schedule = model.schedule if steps in (None, 100) else model.schedule.respace(steps)
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(2, 1, 16, 16, generator=g)
+    with torch.no_grad(), eval_mode(model.unet):
+        expected = sample(eps_predictor(model.unet), x_T, ddpm_coefficients(schedule, expected_variance),
+                          lambda i: torch.randn(x_T.shape, generator=g)).clamp(-1, 1)
+    got = model.sample(2, steps=steps, variance=variance, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, expected)
+    if steps == 10 and variance is None:  # the default really is β̃ here: β gives other images
+        assert not torch.equal(got, model.sample(2, steps=10, variance="beta", generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(guidance=2.0), "class-conditional"), (dict(steps=11), "between 1 and T")])
+def test_bad_sampler_settings_are_refused(kwargs, message):
+    model = DiffusionModel(16 * 16, 10, 1, **TINY)
+    with pytest.raises(SettingsError, match=message):
+        model.sample(1, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -8,23 +8,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.generator import Generator
 from runtime.output import OutputDir, shard_indices
+from runtime.pipeline import Pipeline
+from runtime.plan import SamplerName, SamplingPlan, Variance
 
 
 @dataclass
-class BatchOptions:
+class RunOptions:
+    """Everything a ``ddpm-generate`` run is asked for. Sampler settings left None: see ``runtime.plan``."""
+
     n: int
     out: str | Path
     batch_size: int = 64
     seed: int = 0
-    sampler: str = "ddpm"
+    sampler: SamplerName | None = None
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     classes: str | None = None
-    guidance: float = 1.0
+    guidance: float | None = None
     clip_denoised: bool = False
-    variance: str | None = None
+    variance: Variance | None = None
+    model_defaults: bool = True
     shard: tuple[int, int] = (0, 1)
     formats: tuple[str, ...] = ("png",)
     grid: bool = False
@@ -33,33 +37,40 @@ class BatchOptions:
 
 
 @dataclass
-class BatchResult:
+class RunResult:
     made: int
     already: int
-    steps: int
+    plan: SamplingPlan
     seconds: float
     finalized: list[Path]
 
-    def summary(self, g: Generator, o: BatchOptions) -> str:
+    def summary(self, g: Pipeline, o: RunOptions) -> str:
         rate = self.made / self.seconds if self.seconds > 0 else 0.0
         shard = f" (shard {o.shard[0]}/{o.shard[1]})" if o.shard[1] > 1 else ""
         kept = f", {self.already} already there" if self.already else ""
         return (f"{self.made} images in {self.seconds:.1f} s ({rate:.2f} images/s){kept}{shard}; "
-                f"provider {g.provider}; sampler {o.sampler} {self.steps} steps; {o.out}")
+                f"provider {g.provider}; sampler {self.plan.sampler} {self.plan.steps} steps; {o.out}")
 
 
-def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
+def plan_for(g: Pipeline, o: RunOptions) -> SamplingPlan:
+    """The run's plan; says on ``g.log`` which settings came from the model's recommendations."""
+    plan = g.plan(o.sampler, o.steps, o.eta, o.guidance, o.clip_denoised, o.variance, model_defaults=o.model_defaults)
+    if plan.from_model:
+        g.log(f"settings recommended by the model: {', '.join(plan.from_model)} -> {plan.describe()} "
+              "(give them as options, or --no-model-defaults for the runtime's defaults)")
+    return plan
+
+
+def generate_to_dir(g: Pipeline, o: RunOptions) -> RunResult:
     """Generate the images of shard ``o.shard`` that ``o.out`` does not hold yet, then finalize if complete."""
     from tqdm import tqdm
 
-    plan = g.plan(o.sampler, o.steps, o.eta, o.guidance, o.clip_denoised, o.variance)
+    plan = plan_for(g, o)
     mine = shard_indices(o.n, *o.shard)
     all_labels = g.labels(range(o.n), o.classes)  # validates --class before anything is written
     settings = {
-        "model_sha256": g.sha256, "n": o.n, "seed": o.seed, "sampler": plan.sampler, "steps": plan.steps,
-        "eta": plan.eta if plan.sampler == "ddim" else None, "guidance": plan.guidance,
+        "model_sha256": g.sha256, "n": o.n, "seed": o.seed, **plan.run_settings(),
         "classes": None if o.classes is None else g.class_index(o.classes),  # "7", "Sneaker", "sneaker": one setting
-        "clip_denoised": plan.clip_denoised, "variance": plan.variance,
         "image_shape": [g.contract.image_size, g.contract.image_size, g.contract.channels],
     }
     out = OutputDir(o.out, settings, formats=o.formats, overwrite=o.overwrite)
@@ -86,8 +97,7 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
                 records = [{
                     "index": i, "seed": o.seed, "class": None if y is None else int(y[k]),
                     "class_name": None if y is None or not names else names[int(y[k])],
-                    "sampler": plan.sampler, "steps": plan.steps, "eta": settings["eta"], "guidance": plan.guidance,
-                    "provider": g.provider, "model_sha256": g.sha256,
+                    **plan.manifest_fields(), "provider": g.provider, "model_sha256": g.sha256,
                 } for k, i in enumerate(idx)]
                 out.write_images(idx, images, records, manifest)
                 finished, steps_done = finished + len(idx), 0
@@ -96,4 +106,4 @@ def generate_to_dir(g: Generator, o: BatchOptions) -> BatchResult:
     seconds = time.perf_counter() - start
     columns = g.contract.num_classes if g.contract.conditional and o.classes is None else math.ceil(math.sqrt(min(o.n, 100)))
     finalized = out.finalize(g.contract.channels, o.grid, columns)
-    return BatchResult(len(todo), len(mine) - len(todo), plan.steps, seconds, finalized)
+    return RunResult(len(todo), len(mine) - len(todo), plan, seconds, finalized)

@@ -1,0 +1,70 @@
+"""Run settings a model recommends (the contract's ``run_defaults``): parsing ``sampler=ddim,steps=50,guidance=1.5``,
+and ``python -m ddpm_export.run_defaults MODEL.onnx SETTINGS`` to set them in an exported ONNX model.
+
+Only the contract in ``metadata_props`` changes; the graph, and so every image made with explicit settings, stays
+the same. The model is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+import onnx
+
+from runtime.errors import ContractError
+from runtime.files import atomic_path
+from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
+
+_TYPES = {"sampler": str, "steps": int, "eta": float, "guidance": float}
+
+
+def parse_run_defaults(text: str | None) -> RunDefaults | None:
+    """``"sampler=ddim,steps=50,guidance=1.5"`` → ``RunDefaults``; ``""``/``"none"`` → None. ValueError if malformed."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    values = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _TYPES:
+            raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(_TYPES)}, got {item.strip()!r}")
+        try:
+            values[key] = _TYPES[key](value)
+        except ValueError:
+            raise ValueError(f"{key} needs a{'n integer' if _TYPES[key] is int else ' number'}, got {value!r}") from None
+    return RunDefaults(**values)
+
+
+def set_run_defaults(path: str | Path, run_defaults: RunDefaults | None) -> SamplingContract:
+    """Rewrite the contract of the ONNX model at ``path`` with ``run_defaults``; returns the new contract.
+
+    Raises ``ContractError`` when the settings do not suit the model (e.g. guidance on an unconditional one).
+    """
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    if CONTRACT_KEY not in props:
+        raise ContractError(f"{path} carries no sampling contract; export it with ddpm-export")
+    contract = dataclasses.replace(SamplingContract.from_json(props[CONTRACT_KEY]), run_defaults=run_defaults)
+    props[CONTRACT_KEY] = contract.to_json()
+    onnx.helper.set_model_props(model, props)
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+    return contract
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("settings")
+def main(model: str, settings: str) -> None:
+    """Set the run settings MODEL (.onnx) recommends, e.g. SETTINGS = sampler=ddim,steps=50,guidance=1.5
+    (keys: sampler, steps, eta, guidance; 'none' removes them). ddpm-generate uses them where options are absent."""
+    try:
+        contract = set_run_defaults(model, parse_run_defaults(settings))
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(f"{model}: run_defaults = {contract.run_defaults}")
+
+
+if __name__ == "__main__":
+    main()

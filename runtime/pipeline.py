@@ -1,0 +1,129 @@
+"""``runtime.load(model)`` → ``Pipeline``: images in batches from a backend and a sampling plan.
+
+Run settings (seed, sampler, steps, classes, guidance, batch size) are arguments; everything else comes from
+the model's contract. Image k depends only on (seed, k) and the settings — not on the batch size, the shard,
+the thread or the backend (within float tolerance). Backends are loaded once; ``generate`` may be called from
+several threads at once (each call keeps its state on its own stack).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from runtime.backend import Backend, load_backend
+from runtime.bundled import resolve
+from runtime.classes import Classes, class_index, labels
+from runtime.errors import GenerationError
+from runtime.files import sha256_file
+from runtime.fused import sample_fused
+from runtime.images import to_uint8
+from runtime.noise import NoiseStreams
+from runtime.plan import SamplerName, SamplingPlan, Variance, make_plan
+from runtime.samplers import array_predictor, sample
+
+
+class Pipeline:
+    """A loaded model ready to sample: ``contract``, ``provider``, ``sha256``, ``plan`` and ``generate``."""
+
+    def __init__(self, backend: Backend, log: Callable[[str], None] | None = None) -> None:
+        self.backend = backend
+        self.path = backend.path
+        self.contract = backend.contract
+        self.provider: str = backend.provider
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self._schedule = self.contract.schedule.build()
+        self._sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the model file (computed once)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+    def plan(self, sampler: SamplerName | None = None, steps: int | None = None, eta: float | None = None,
+             guidance: float | None = None, clip_denoised: bool = False, variance: Variance | None = None, *,
+             model_defaults: bool = True) -> SamplingPlan:
+        """``runtime.plan.make_plan`` for this model: settings left as None take the model's recommendations
+        (unless ``model_defaults`` is False), then the runtime's defaults."""
+        return make_plan(self.contract, sampler, steps, eta, guidance, clip_denoised, variance,
+                         model_defaults=model_defaults, schedule=self._schedule)
+
+    def labels(self, indices: Sequence[int], classes: Classes) -> np.ndarray | None:
+        """(B,) int64 labels of the images ``indices`` (see ``runtime.classes.labels``)."""
+        return labels(self.contract, indices, classes)
+
+    def class_index(self, value: int | str) -> int:
+        return class_index(self.contract, value)
+
+    def generate(self, n: int, *, seed: int = 0, batch_size: int = 64, sampler: SamplerName | None = None,
+                 steps: int | None = None, eta: float | None = None, classes: Classes = None,
+                 guidance: float | None = None, start_index: int = 0, clip_denoised: bool = False,
+                 variance: Variance | None = None, fused: bool | None = None,
+                 model_defaults: bool = True) -> np.ndarray:
+        """Images ``start_index … start_index+n−1``: (n, H, W, C) uint8. Settings as for ``plan``."""
+        if n < 1:
+            raise GenerationError(f"n must be positive, got {n}")
+        plan = self.plan(sampler, steps, eta, guidance, clip_denoised, variance, model_defaults=model_defaults)
+        indices = list(range(start_index, start_index + n))
+        batches = self.generate_batches(indices, plan, seed=seed, batch_size=batch_size,
+                                        labels=self.labels(indices, classes), fused=fused)
+        return np.concatenate([images for _, _, images in batches])
+
+    def generate_batches(self, indices: Sequence[int], plan: SamplingPlan, *, seed: int, batch_size: int,
+                         labels: np.ndarray | None = None, progress: Callable[[int], None] | None = None,
+                         fused: bool | None = None) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
+        """Yield (indices, labels, uint8 images (B, H, W, C)) batch by batch for the given image indices.
+
+        ``progress(k)`` is called after each sampler step with the batch's size. ``fused`` runs the backend's
+        device-resident step where it has one (default: where the backend prefers it, i.e. GPU providers).
+        """
+        if batch_size < 1:
+            raise GenerationError(f"batch size must be positive, got {batch_size}")
+        if seed < 0:
+            raise GenerationError(f"seed must be non-negative, got {seed}")
+        c, backend = self.contract, self.backend
+        shape = (c.channels, c.image_size, c.image_size)
+        steps = len(plan.coefs.timesteps)
+        for start in range(0, len(indices), batch_size):
+            batch = list(indices[start:start + batch_size])
+            y = None if labels is None else labels[start:start + batch_size]
+            streams = NoiseStreams(seed, batch, shape)
+            x_T = streams.next()
+
+            def on_step(i: int, x: np.ndarray | None) -> None:
+                if x is not None and not np.isfinite(x).all():
+                    raise GenerationError(f"the model produced NaN or Inf at sampler step {steps - i} of {steps} "
+                                          f"(t = {int(plan.coefs.timesteps[i])}); no images were written for this batch")
+                if progress is not None:
+                    progress(len(batch))
+
+            step = backend.fused_step(plan, y) if (backend.prefers_fused if fused is None else fused) else None
+            if step is not None:
+                x0 = sample_fused(step, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
+            else:
+                predict = array_predictor(backend.predict_eps, y, guidance=plan.guidance, null_class=c.null_class)
+                x0 = sample(predict, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
+            yield batch, y, to_uint8(x0)
+
+
+def load(model: str | os.PathLike, provider: str = "auto", *, threads: int | None = None, cpu_arena: bool = True,
+         provider_options: dict | None = None, session_options=None,
+         log: Callable[[str], None] | None = None) -> Pipeline:
+    """Load an exported model (``.onnx``, or TorchScript ``.pt`` which needs torch) for generation.
+
+    ``model`` is a file, or the name of a model bundled with the package (``fashion-mnist``).
+    ``provider``: auto (the best that actually starts: tensorrt, cuda, then cpu), cpu, cuda or tensorrt.
+    ``threads`` (onnxruntime intra-op threads) and ``cpu_arena`` (its CPU memory arena) set up the session;
+    ``provider_options`` go to the chosen GPU provider (e.g. ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``);
+    ``session_options`` (an ``onnxruntime.SessionOptions``) replaces all session settings.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    path, _ = resolve(os.fspath(model))
+    backend = load_backend(path, provider, threads=threads, cpu_arena=cpu_arena, provider_options=provider_options,
+                           session_options=session_options, log=log)
+    return Pipeline(backend, log)

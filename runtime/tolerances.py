@@ -1,0 +1,29 @@
+"""The one table of numerical tolerances: exported vs eager, backend vs backend, run vs stored golden output.
+
+Per-call ε: |a − b| ≤ atol + rtol·|b| everywhere (b: the reference). Trajectories are compared as final uint8
+images: at most ``max_levels`` levels apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float | None  # None: not checked per call
+    rtol: float | None
+    max_levels: int
+
+
+TOLERANCES = {
+    # An export (or another backend) against the eager fp32 model.
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, max_levels=2),
+    # fp16 is judged on the whole trajectory against the fp32 eager model only.
+    "fp16": Tolerance(atol=None, rtol=None, max_levels=8),
+    # The same float32 formulas evaluated in another order or engine (fused graph vs numpy, torch vs numpy,
+    # a batch vs its rows): rounding only.
+    "fp32-same-math": Tolerance(atol=1e-5, rtol=1e-5, max_levels=1),
+    # A float64 implementation against an independent float64 reference.
+    "fp64": Tolerance(atol=1e-10, rtol=1e-9, max_levels=0),
+}

@@ -1,0 +1,103 @@
+"""runtime.plan: the one definition of a run's sampler settings, their defaults, the model's recommendations and
+the per-step coefficients."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from runtime.errors import ContractError, SettingsError
+from runtime.metadata import RunDefaults, SamplingContract
+from runtime.plan import TABLE_COLUMNS, ddim_coefficients, ddpm_coefficients, make_plan
+
+COND = SamplingContract(image_size=8, channels=1, num_classes=3)
+UNCOND = SamplingContract(image_size=8, channels=1)
+RECOMMENDS = dataclasses.replace(COND, run_defaults=RunDefaults(sampler="ddim", steps=20, eta=0.5, guidance=1.5))
+
+
+def test_runtime_defaults_without_recommendations():
+    p = make_plan(COND)
+    assert (p.sampler, p.steps, p.eta, p.guidance, p.variance, p.from_model) == ("ddpm", 1000, 0.0, 1.0, "beta", ())
+    assert make_plan(COND, "ddim").steps == 50 and make_plan(COND, "ddim").variance is None
+    assert make_plan(COND, "ddpm", 100).variance == "beta_tilde"  # respaced: β̃ (Improved DDPM)
+    assert make_plan(COND, "ddpm", 1000).variance == "beta"  # full T: the contract's choice
+    assert make_plan(dataclasses.replace(COND, variance="beta_tilde")).variance == "beta_tilde"
+    assert make_plan(COND, "ddpm", 100, variance="beta").variance == "beta"
+
+
+def test_the_models_recommendations_fill_what_is_not_given():
+    p = make_plan(RECOMMENDS)
+    assert (p.sampler, p.steps, p.eta, p.guidance) == ("ddim", 20, 0.5, 1.5)
+    assert p.from_model == ("sampler", "steps", "eta", "guidance")
+    p = make_plan(RECOMMENDS, steps=10, guidance=1.0)  # given settings win
+    assert (p.sampler, p.steps, p.eta, p.guidance, p.from_model) == ("ddim", 10, 0.5, 1.0, ("sampler", "eta"))
+    p = make_plan(RECOMMENDS, "ddpm")  # steps and eta were recommended for DDIM only
+    assert (p.sampler, p.steps, p.guidance, p.from_model) == ("ddpm", 1000, 1.5, ("guidance",))
+    p = make_plan(RECOMMENDS, model_defaults=False)  # the paper's settings, one flag away
+    assert (p.sampler, p.steps, p.guidance, p.from_model) == ("ddpm", 1000, 1.0, ())
+
+
+def test_explicit_settings_give_the_same_coefficients_with_or_without_recommendations():
+    a = make_plan(COND, "ddim", 20, 0.5, 1.5)
+    b = make_plan(RECOMMENDS)
+    assert np.array_equal(a.coefs.table(), b.coefs.table()) and np.array_equal(a.coefs.timesteps, b.coefs.timesteps)
+    assert a.run_settings() == b.run_settings()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sampler="plms"), "unknown sampler"),
+    (dict(steps=0), "between 1 and T = 1000"),
+    (dict(steps=1001), "between 1 and T = 1000"),
+    (dict(steps=2.5), "between 1 and T"),
+    (dict(sampler="ddim", eta=-0.1), "eta must be >= 0"),
+    (dict(guidance=float("nan")), "guidance must be a number"),
+    (dict(variance="learned"), "unknown variance"),
+])
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(SettingsError, match=message):
+        make_plan(COND, **kwargs)
+
+
+def test_guidance_needs_a_conditional_model():
+    with pytest.raises(SettingsError, match="unconditional"):
+        make_plan(UNCOND, guidance=2.0)
+    assert make_plan(UNCOND, guidance=1.0).guided is False
+    assert make_plan(COND, guidance=2.0).guided is True
+
+
+def test_run_settings_and_manifest_fields():
+    p = make_plan(COND, "ddim", 10, 0.0, 2.0)
+    assert p.run_settings() == {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0, "clip_denoised": False,
+                                "variance": None}
+    assert p.manifest_fields() == {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0}
+    assert make_plan(COND, "ddpm", 10).run_settings()["eta"] is None  # DDPM has no η
+    assert p.describe() == "ddim 10 steps, eta 0, guidance 2"
+
+
+def test_coefficient_table_follows_the_named_columns():
+    s = COND.schedule.build().respace(10)
+    for c in (ddpm_coefficients(s, "beta_tilde", True), ddim_coefficients(s, 0.3, False)):
+        table = c.table()
+        assert table.shape == (10, 6) and table.dtype == np.float32
+        for k, name in enumerate(TABLE_COLUMNS):
+            np.testing.assert_array_equal(table[:, k], getattr(c, name).astype(np.float32))
+
+
+def test_contract_run_defaults_are_validated_and_round_trip():
+    assert SamplingContract.from_json(RECOMMENDS.to_json()) == RECOMMENDS
+    with pytest.raises(ContractError, match="run_defaults.guidance"):
+        dataclasses.replace(UNCOND, run_defaults=RunDefaults(guidance=2.0))
+    with pytest.raises(ContractError, match="run_defaults.steps"):
+        dataclasses.replace(COND, run_defaults=RunDefaults(steps=5000))
+    with pytest.raises(ContractError, match="run_defaults.sampler"):
+        dataclasses.replace(COND, run_defaults=RunDefaults(sampler="plms"))
+
+
+def test_schema_1_contracts_read_without_run_defaults():
+    data = json.loads(COND.to_json())
+    data["schema_version"] = 1
+    del data["run_defaults"]
+    assert SamplingContract.from_dict(data).run_defaults is None
