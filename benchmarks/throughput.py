@@ -17,8 +17,11 @@ from pathlib import Path
 
 import click
 
-CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu")
-GPU_BACKENDS = ("eager-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt")
+CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "pt2-cpu", "pt2-cpu-bf16")
+GPU_BACKENDS = ("eager-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt", "pt2-cuda", "pt2-cuda-bf16")
+DEFAULT_CPU = ("eager", "torchscript", "onnx-cpu")  # the pt2 rows compile first (about a minute each): ask for them
+PT2_TARGETS = {"pt2-cpu": ("cpu", "fp32"), "pt2-cpu-bf16": ("cpu", "bf16"), "pt2-cuda": ("cuda", "fp32"),
+               "pt2-cuda-bf16": ("cuda", "bf16")}
 
 
 def cpu_name() -> str:
@@ -47,7 +50,9 @@ def default_checkpoint(path: Path) -> Path:
     return path
 
 
-def prepare(checkpoint: Path | None, model_dir: Path) -> None:
+def prepare(checkpoint: Path | None, model_dir: Path, backends: list[str]) -> None:
+    """The checkpoint and its verified exports in ``model_dir``: ONNX, TorchScript and the .pt2 packages asked for."""
+    from benchmarks.worker import PT2_FILES
     from ddpm_export.export import ExportOptions, export_checkpoint
 
     ckpt = model_dir / "model.ckpt"
@@ -56,6 +61,10 @@ def prepare(checkpoint: Path | None, model_dir: Path) -> None:
     else:
         shutil.copyfile(checkpoint, ckpt)
     export_checkpoint(ExportOptions(ckpt, ("onnx", "torchscript"), out=model_dir / "model", log=lambda m: None))
+    for backend in [b for b in backends if b in PT2_TARGETS]:
+        device, dtype = PT2_TARGETS[backend]
+        export_checkpoint(ExportOptions(ckpt, ("pt2",), out=model_dir / PT2_FILES[backend], device=device,
+                                        dtype=dtype, log=lambda m: None))
 
 
 def gpu_available() -> tuple[bool, str]:
@@ -104,7 +113,8 @@ def targets(records: list[dict], ceiling_rate: float) -> list[dict]:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A ddpm-train checkpoint. Default: a model of the default training configuration.")
 @click.option("--backends", default=None,
-              help=f"Comma-separated, from {', '.join(CPU_BACKENDS + GPU_BACKENDS)}. Default: the CPU ones, plus the GPU ones on a GPU.")
+              help=f"Comma-separated, from {', '.join(CPU_BACKENDS + GPU_BACKENDS)}. Default: "
+                   f"{', '.join(DEFAULT_CPU)}, plus the GPU ones on a GPU.")
 @click.option("--batch-sizes", default="1,16,64,256", help="Comma-separated batch sizes.")
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count(), help="Threads for every backend.")
 @click.option("--repeats", type=click.IntRange(min=5), default=5, help="Timed repeats per measurement (after warm-up).")
@@ -123,7 +133,7 @@ def main(checkpoint, backends, batch_sizes, threads, repeats, loop_steps, quick,
         batch_sizes, loop_steps = "1,16,64", 5
     sizes = [int(b) for b in batch_sizes.split(",")]
     has_gpu, gpu = gpu_available()
-    wanted = backends.split(",") if backends else list(CPU_BACKENDS + (GPU_BACKENDS if has_gpu else ()))
+    wanted = backends.split(",") if backends else list(DEFAULT_CPU + (GPU_BACKENDS if has_gpu else ()))
     unknown = [b for b in wanted if b not in CPU_BACKENDS + GPU_BACKENDS]
     if unknown:
         raise click.UsageError(f"unknown backend(s): {', '.join(unknown)}")
@@ -134,7 +144,7 @@ def main(checkpoint, backends, batch_sizes, threads, repeats, loop_steps, quick,
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         click.echo("exporting the model ...", err=True)
-        prepare(Path(checkpoint) if checkpoint else None, model_dir)
+        prepare(Path(checkpoint) if checkpoint else None, model_dir, wanted)
         ckpt = load_checkpoint(model_dir / "model.ckpt")
         net, _ = ckpt.build_unet()
         contract = ckpt.contract(ema=True)

@@ -36,17 +36,25 @@ def stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+PT2_FILES = {"pt2-cpu": "model.pt2", "pt2-cpu-bf16": "model.bf16.pt2", "pt2-cuda": "model.cuda.pt2",
+             "pt2-cuda-bf16": "model.cuda.bf16.pt2"}  # backend -> file in the model folder
+
+
 def torch_backend(name: str, model_dir: Path, threads: int):
     import torch
 
     from ddpm_export.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
-    device = "cuda" if name == "eager-cuda" else "cpu"
+    device = "cuda" if name in ("eager-cuda", "pt2-cuda", "pt2-cuda-bf16") else "cpu"
     if name == "torchscript":
         from runtime.torchscript_model import TorchScriptModel
 
         net = TorchScriptModel(model_dir / "model.pt").module
+    elif name in PT2_FILES:
+        from runtime.pt2_model import Pt2Model
+
+        net = Pt2Model(model_dir / PT2_FILES[name]).net
     else:
         net, _ = load_checkpoint(model_dir / "model.ckpt").build_unet()
         net = net.to(device)
@@ -89,7 +97,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
     records = []
     for b in batch_sizes:
         # This VM's speed drifts by ~10 % over minutes: the ceiling is measured right before each row.
-        ceiling = cpu_matmul_gflops(threads, repeats=5) if name in ("eager", "torchscript", "onnx-cpu") else None
+        ceiling = cpu_matmul_gflops(threads, repeats=5) if "cuda" not in name and "tensorrt" not in name else None
         rng = np.random.default_rng(0)
         x = native(rng.standard_normal((b, c.channels, c.image_size, c.image_size)).astype(np.float32))
         t = native(rng.integers(0, c.schedule.timesteps, b).astype(np.int64))

@@ -1,4 +1,4 @@
-"""``export_checkpoint``: checkpoint → verified ONNX / TorchScript artifacts, each with a JSON report beside it.
+"""``export_checkpoint``: checkpoint → verified ONNX / TorchScript / .pt2 artifacts, each with a JSON report beside it.
 
 Every artifact is written under a temporary name and renamed only after its verification passed, so a
 failed or interrupted export never leaves a file that looks valid. What ``ddpm-export`` calls.
@@ -21,6 +21,7 @@ from ddpm_export.checkpoint import Checkpoint, load_checkpoint
 from ddpm_export.errors import ExportError
 from ddpm_export.fp16 import to_fp16
 from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_summary
+from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER, Device, Precision, export_pt2
 from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER, export_torchscript, save_torchscript
 from ddpm_export.verify import VerificationReport, torch_net, verify_backend
 from runtime.backend import start_onnx
@@ -31,7 +32,12 @@ from runtime.providers import PROVIDER_NAMES
 from runtime.tolerances import TOLERANCES
 from runtime.torchscript_model import TorchScriptModel
 
-Format = Literal["onnx", "torchscript"]
+Format = Literal["onnx", "torchscript", "pt2"]
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+# The per-call ε check must judge the export, not the provider's arithmetic mode: onnxruntime's CUDA provider
+# computes fp32 convolutions and matmuls in TF32 by default, so that check runs with TF32 off; the trajectory
+# check runs with the provider's defaults, as generation does.
+STRICT_FP32_OPTIONS = {"cuda": {"use_tf32": "0"}}
 
 
 @dataclass
@@ -45,6 +51,8 @@ class ExportOptions:
     verify: bool = True
     optimize: bool = False
     run_defaults: RunDefaults | None = None  # run settings the model recommends (in its contract)
+    device: Device = "cpu"  # .pt2: the device it is compiled for
+    dtype: Precision = "fp32"  # .pt2: the precision it computes in (float32 in and out either way)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
 
 
@@ -84,15 +92,16 @@ def export_checkpoint(o: ExportOptions) -> list[Artifact]:
         artifacts += _export_onnx(ckpt, net, contract, reference, paths["onnx"], o)
     if "torchscript" in o.formats:
         artifacts.append(_export_torchscript(ckpt, net, contract, reference, paths["torchscript"], o))
+    if "pt2" in o.formats:
+        artifacts.append(_export_pt2(net, contract, reference, paths["pt2"], o))
     return artifacts
 
 
 def _output_paths(ckpt_path: Path, o: ExportOptions) -> dict[str, Path]:
-    suffix = {"onnx": ".onnx", "torchscript": ".pt"}
     if o.out is not None and len(o.formats) == 1:
         return {o.formats[0]: Path(o.out)}
     base = Path(o.out).with_suffix("") if o.out is not None else ckpt_path.with_suffix("")
-    return {f: base.with_name(base.name + suffix[f]) for f in o.formats}
+    return {f: base.with_name(base.name + SUFFIXES[f]) for f in o.formats}
 
 
 def _check_writable(path: Path) -> None:
@@ -152,6 +161,16 @@ def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationRe
             report.skipped.append({"backend": f"onnx:{PROVIDER_NAMES[provider]}", "reason": str(model)})
 
 
+def _verify_onnx_fp32(tmp: Path, m: OnnxModel, reference, contract: SamplingContract):
+    """The fp32 checks on one provider: per-call ε with strict fp32 arithmetic, the trajectory as generation runs."""
+    short = next(k for k, v in PROVIDER_NAMES.items() if v == m.provider)
+    options = STRICT_FP32_OPTIONS.get(short)
+    strict = OnnxModel(tmp, short, provider_options=options, quiet=True) if options else m
+    return verify_backend(f"onnx:{m.provider}", reference, strict.predict_eps, contract,
+                          trajectory_candidate=m.predict_eps,
+                          settings={"eps": options or "provider defaults", "trajectory": "provider defaults"})
+
+
 def _export_onnx(ckpt: Checkpoint, net, contract: SamplingContract, reference, path: Path,
                  o: ExportOptions) -> list[Artifact]:
     o.log(f"exporting ONNX (opset {o.opset}) ...")
@@ -167,7 +186,7 @@ def _export_onnx(ckpt: Checkpoint, net, contract: SamplingContract, reference, p
         if o.verify:
             for m in _onnx_backends(tmp, tuple(PROVIDER_NAMES), report):
                 o.log(f"verifying on {m.provider} ...")
-                report.results.append(verify_backend(f"onnx:{m.provider}", reference, m.predict_eps, contract))
+                report.results.append(_verify_onnx_fp32(tmp, m, reference, contract))
         artifacts.append(_finish(path, tmp, "onnx", "fp32", exporter, report,
                                  None if o.verify else "--no-verify", extra, o))
     if o.optimize:
@@ -239,3 +258,23 @@ def _export_torchscript(ckpt: Checkpoint, net, contract: SamplingContract, refer
         extra = {"weights": "ema" if contract.ema else "raw", "contract": contract.to_dict()}
         return _finish(path, tmp, "torchscript", "fp32", TS_EXPORTER, report,
                        None if o.verify else "--no-verify", extra, o)
+
+
+def _export_pt2(net, contract: SamplingContract, reference, path: Path, o: ExportOptions) -> Artifact:
+    """torch.export + AOTInductor for ``o.device`` at ``o.dtype``; verified on that device by loading the file."""
+    from runtime.pt2_model import Pt2Model
+
+    o.log(f"exporting .pt2 (torch.export + AOTInductor for {o.device}, {o.dtype}; compiling takes a while) ...")
+    import torch
+
+    contract = dataclasses.replace(contract, provenance=dataclasses.replace(
+        contract.provenance, exporter=PT2_EXPORTER, exporter_version=torch.__version__))
+    with atomic_path(path) as tmp:
+        export_pt2(net, contract, tmp, device=o.device, precision=o.dtype)
+        report = VerificationReport(dataclasses.asdict(TOLERANCES[o.dtype]))
+        if o.verify:
+            loaded = Pt2Model(tmp)  # verify what was written, on the device it targets
+            o.log(f"verifying on {loaded.provider} ...")
+            report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract, o.dtype))
+        extra = {"weights": "ema" if contract.ema else "raw", "device": o.device, "contract": contract.to_dict()}
+        return _finish(path, tmp, "pt2", o.dtype, PT2_EXPORTER, report, None if o.verify else "--no-verify", extra, o)

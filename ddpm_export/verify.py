@@ -54,6 +54,7 @@ class BackendResult:
     passed: bool
     eps: EpsCheck | None = None
     trajectory: TrajectoryCheck | None = None
+    settings: dict | None = None  # the backend settings each check ran with, where they differ per check
 
     def summary(self) -> str:
         parts = []
@@ -151,12 +152,17 @@ def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: Samplin
 
 
 def verify_backend(name: str, reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract,
-                   precision: str = "fp32", *, per_call: bool = True) -> BackendResult:
-    """Run the checks for one backend; fp16 backends get the trajectory check only."""
+                   precision: str = "fp32", *, per_call: bool = True, trajectory_candidate: NumpyNet | None = None,
+                   settings: dict | None = None) -> BackendResult:
+    """Run the checks for one backend; reduced-precision backends (no per-call bound) get the trajectory check only.
+
+    ``trajectory_candidate`` runs the trajectory where it must differ from the per-call candidate (the same model
+    with the settings generation uses, e.g. TF32 on); ``settings`` records which settings each check ran with.
+    """
     tol = TOLERANCES[precision]
-    eps = check_eps(reference, candidate, contract, tol) if per_call and precision == "fp32" else None
-    traj = check_trajectory(reference, candidate, contract, tol)
-    return BackendResult(name, (eps is None or eps.passed) and traj.passed, eps, traj)
+    eps = check_eps(reference, candidate, contract, tol) if per_call and tol.atol is not None else None
+    traj = check_trajectory(reference, trajectory_candidate or candidate, contract, tol)
+    return BackendResult(name, (eps is None or eps.passed) and traj.passed, eps, traj, settings)
 
 
 def torch_net(module, device: str = "cpu") -> NumpyNet:

@@ -1,9 +1,10 @@
 """What a backend is (``Backend``), and the one place that loads a model file into one and probes providers.
 
 A backend is a thin adapter around an exported noise predictor: ``contract``, ``provider`` (what runs it),
-``path``, ``predict_eps`` on host arrays and, where it can, ``fused_step`` (a device-resident step, see
-``runtime.fused``). Samplers and batching never look past this protocol. onnxruntime (``runtime.onnx_model``) is
-the base backend; TorchScript (``runtime.torchscript_model``) needs torch and is imported only for such a file.
+``path``, ``predict_eps`` on host arrays and ``device_loop`` (the sampler loop kept on the backend's device:
+``runtime.fused`` for onnxruntime, ``runtime.torch_loop`` for torch). Samplers and batching never look past this
+protocol. onnxruntime (``runtime.onnx_model``) is the base backend; TorchScript (``runtime.torchscript_model``)
+and ``.pt2`` (``runtime.pt2_model``) need torch and are imported only for such a file.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -23,20 +24,25 @@ from runtime.providers import AUTO_ORDER, CHOICES, PROVIDER_NAMES
 class Backend(Protocol):
     path: Path
     contract: SamplingContract
-    provider: str  # e.g. "CPUExecutionProvider", "torchscript:cuda"
-    prefers_fused: bool  # whether runs use fused_step unless told otherwise
+    provider: str  # e.g. "CPUExecutionProvider", "torchscript:cuda", "pt2:cuda:bf16"
+    prefers_device_loop: bool  # whether runs use device_loop unless told otherwise (GPUs)
 
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 | None -> ε (B, C, H, W) float32."""
 
-    def fused_step(self, plan, y: np.ndarray | None):
-        """A ``runtime.fused.FusedStep`` for this plan and batch, or None where the backend has none."""
+    def device_loop(self, plan, y: np.ndarray | None):
+        """``loop(x_T, coefs, noise, *, on_step) -> x_0`` (``samplers.sample``'s signature less the predictor)
+        for this plan and one batch's labels (B,) int64, running on the backend's device."""
 
 
-def is_torchscript(path: Path) -> bool:
-    """TorchScript files are zip archives (torch.jit.save); ONNX files are protobuf."""
+def model_format(path: Path) -> Literal["onnx", "torchscript", "pt2"]:
+    """ONNX files are protobuf; TorchScript (torch.jit.save) and .pt2 packages are zip archives."""
+    from runtime.pt2_model import is_pt2
+
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        if f.read(4) != b"PK\x03\x04":
+            return "onnx"
+    return "pt2" if is_pt2(path) else "torchscript"
 
 
 def start_onnx(path: str | os.PathLike, providers: tuple[str, ...], **session) -> Iterator[tuple[str, object]]:
@@ -62,18 +68,17 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
         raise ModelError(f"model file {path} does not exist")
     if provider not in CHOICES:
         raise ModelError(f"unknown provider {provider!r} (expected {', '.join(CHOICES)})")
-    if is_torchscript(path):
+    fmt = model_format(path)
+    if fmt == "pt2":
+        from runtime.pt2_model import Pt2Model
+
+        if provider == "tensorrt":
+            raise ModelError("provider tensorrt runs .onnx models only; use cuda or cpu for torch models")
+        return Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
+    if fmt == "torchscript":
         from runtime.torchscript_model import TorchScriptModel
 
-        device = "cpu"
-        if provider in ("auto", "cuda"):
-            import torch
-
-            if torch.cuda.is_available():
-                device = "cuda"
-            elif provider == "cuda":
-                raise ModelError("provider cuda: torch sees no CUDA device")
-        return TorchScriptModel(path, device)
+        return TorchScriptModel(path, _torch_device(provider))
     failures = []
     for name in AUTO_ORDER if provider == "auto" else (provider,):
         options = provider_options if name == provider or (provider == "auto" and name == "cuda") else None
@@ -88,3 +93,18 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
             log(f"provider auto: {', '.join(failures)} did not start here; using {model.provider}")
         return model
     raise AssertionError("unreachable: the CPU provider always starts")
+
+
+def _torch_device(provider: str) -> str:
+    """The torch device for ``--provider``: cuda where asked for (or auto and available), else cpu."""
+    from runtime.torchscript_model import _torch
+
+    if provider not in ("auto", "cuda"):
+        if provider == "tensorrt":
+            raise ModelError("provider tensorrt runs .onnx models only; use cuda or cpu for torch models")
+        return "cpu"
+    if _torch().cuda.is_available():
+        return "cuda"
+    if provider == "cuda":
+        raise ModelError("provider cuda: torch sees no CUDA device")
+    return "cpu"

@@ -62,10 +62,11 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
 @click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]), default=None,
               help="CUDA provider: how cuDNN picks convolution algorithms (default: onnxruntime's, EXHAUSTIVE).")
 @click.option("--fused/--no-fused", default=None,
-              help="Run each step as one fused ONNX graph (sampler update inside onnxruntime). Default: on GPU providers.")
+              help="Keep the sampler loop on the backend's device: each step one fused ONNX graph (update inside "
+                   "onnxruntime), or the torch loop for .pt/.pt2 models. Default: on GPUs.")
 def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, model_defaults, provider, shard, fmt, grid,
          overwrite, clip_denoised, variance, threads, cpu_arena, cudnn_algo_search, fused) -> None:
-    """Generate N images from an exported MODEL (.onnx, or TorchScript .pt which needs torch) into --out.
+    """Generate N images from an exported MODEL (.onnx; TorchScript .pt or AOTInductor .pt2, which need torch) into --out.
 
     MODEL may also name a model bundled with the package (fashion-mnist); without MODEL the default bundled
     model is used.

@@ -1,8 +1,9 @@
-"""The onnxruntime backend: an exported noise predictor in a session, its contract, and its fused step."""
+"""The onnxruntime backend: an exported noise predictor in a session, its contract, and its fused step loop."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -82,8 +83,8 @@ class OnnxModel:
         self._step_lock = threading.Lock()
 
     @property
-    def prefers_fused(self) -> bool:
-        """GPU providers run the fused step by default (x stays on the device)."""
+    def prefers_device_loop(self) -> bool:
+        """GPU providers run the fused step loop by default (x stays on the device)."""
         return self.provider != PROVIDER_NAMES["cpu"]
 
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
@@ -95,13 +96,13 @@ class OnnxModel:
             raise ValueError(f"{self.path} takes inputs {self._input_names}, got {sorted(feed)}")
         return self.session.run(None, feed)[0]
 
-    def fused_step(self, plan, y: np.ndarray | None):
-        """The device-resident step for ``plan`` and one batch's labels: a ``runtime.fused.FusedStep``.
+    def device_loop(self, plan, y: np.ndarray | None):
+        """The fused loop (``runtime.fused.sample_fused``) bound to ``plan`` and one batch's labels.
 
         The step graph (guided or plain) is built from the model file once and kept with the same providers
         and session settings as the model.
         """
-        from runtime.fused import FusedStep, StepSession
+        from runtime.fused import FusedStep, StepSession, sample_fused
 
         guided = plan.guided
         with self._step_lock:
@@ -112,4 +113,5 @@ class OnnxModel:
 
                 step = build_step_graph(onnx.load(str(self.path)), null_class=self.contract.null_class if guided else None)
                 self._step_sessions[guided] = StepSession(step, self.providers, self.session_options)
-        return FusedStep(self._step_sessions[guided], y, plan.guidance if guided else None, self.prefers_fused)
+        step = FusedStep(self._step_sessions[guided], y, plan.guidance if guided else None, self.prefers_device_loop)
+        return functools.partial(sample_fused, step)

@@ -19,7 +19,6 @@ from runtime.bundled import resolve
 from runtime.classes import Classes, class_index, labels
 from runtime.errors import GenerationError
 from runtime.files import sha256_file
-from runtime.fused import sample_fused
 from runtime.images import to_uint8
 from runtime.noise import NoiseStreams
 from runtime.plan import SamplerName, SamplingPlan, Variance, make_plan
@@ -80,7 +79,7 @@ class Pipeline:
         """Yield (indices, labels, uint8 images (B, H, W, C)) batch by batch for the given image indices.
 
         ``progress(k)`` is called after each sampler step with the batch's size. ``fused`` runs the backend's
-        device-resident step where it has one (default: where the backend prefers it, i.e. GPU providers).
+        device loop (the fused ONNX step, or the torch loop; default: where the backend prefers it, i.e. on GPUs).
         """
         if batch_size < 1:
             raise GenerationError(f"batch size must be positive, got {batch_size}")
@@ -89,11 +88,10 @@ class Pipeline:
         c, backend = self.contract, self.backend
         shape = (c.channels, c.image_size, c.image_size)
         steps = len(plan.coefs.timesteps)
+        draws = 1 + int(np.count_nonzero(plan.coefs.noise_coef))  # x_T, then one per step that adds noise
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start:start + batch_size])
             y = None if labels is None else labels[start:start + batch_size]
-            streams = NoiseStreams(seed, batch, shape)
-            x_T = streams.next()
 
             def on_step(i: int, x: np.ndarray | None) -> None:
                 if x is not None and not np.isfinite(x).all():
@@ -102,12 +100,16 @@ class Pipeline:
                 if progress is not None:
                     progress(len(batch))
 
-            step = backend.fused_step(plan, y) if (backend.prefers_fused if fused is None else fused) else None
-            if step is not None:
-                x0 = sample_fused(step, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
-            else:
-                predict = array_predictor(backend.predict_eps, y, guidance=plan.guidance, null_class=c.null_class)
-                x0 = sample(predict, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
+            on_device = backend.prefers_device_loop if fused is None else fused
+            loop = backend.device_loop(plan, y) if on_device else None
+            # noise is drawn ahead on threads while the predictor runs; they end with the batch, also on errors
+            with NoiseStreams(seed, batch, shape, draws=draws) as streams:
+                x_T = streams.next()
+                if loop is not None:
+                    x0 = loop(x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
+                else:
+                    predict = array_predictor(backend.predict_eps, y, guidance=plan.guidance, null_class=c.null_class)
+                    x0 = sample(predict, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
             yield batch, y, to_uint8(x0)
 
 

@@ -24,8 +24,6 @@ def _torch():
 class TorchScriptModel:
     """``predict_eps(x, t, y=None) -> ε`` through ``torch.jit.load`` on ``device``; ``contract`` as for ONNX."""
 
-    prefers_fused = False
-
     def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
         torch = _torch()
         self.path, self.device = Path(path), device
@@ -45,14 +43,21 @@ class TorchScriptModel:
         except ContractError as e:
             raise ModelError(f"{path}: {e}") from None
         self.provider = f"torchscript:{device}"
+        self.prefers_device_loop = device != "cpu"
+
+    def net(self, x, t, y=None):
+        """The module on torch tensors of its device."""
+        return self.module(x, t) if y is None else self.module(x, t, y)
 
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
         return call_torch(self.module, self.device, x, t, y)
 
-    def fused_step(self, plan, y):
-        """None: this backend runs the host loop."""
-        return None
+    def device_loop(self, plan, y: np.ndarray | None):
+        """The sampler loop on this module's device (``runtime.torch_loop``)."""
+        from runtime.torch_loop import device_loop
+
+        return device_loop(self.net, self.device, plan, y, self.contract.null_class)
 
 
 def call_torch(module, device: str, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,74 @@
+"""U-Net → ``.pt2``: ``torch.export`` with a dynamic batch, compiled ahead of time by AOTInductor, packaged with the
+contract (extra file ``ddpm_contract.json``) and the compile target (``ddpm_pt2.json``: device and precision).
+
+Inductor's kernels are what makes ``torch.compile`` fast; compiling once here saves every later run that time.
+Reduced precision (bf16/fp16) runs the U-Net under ``torch.autocast``; inputs and output stay float32, so the
+interface is that of every other export. The compiled code is specific to the device type it was built for
+(and, on the CPU, to the instruction set of the machine that built it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ddpm_export.errors import ExportError
+from ddpm_export.onnx_export import example_inputs
+from runtime.metadata import CONTRACT_FILE, SamplingContract
+from runtime.pt2_model import TARGET_FILE
+from training.eval_mode import eval_mode
+
+EXPORTER = "torch._inductor.aot_compile (AOTInductor)"
+Device = Literal["cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_BATCH = 65536
+
+
+class Autocast(torch.nn.Module):
+    """``net`` under ``torch.autocast(device, dtype)``; float32 in, float32 out."""
+
+    def __init__(self, net: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.net, self.device, self.dtype = net, device, dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(self.device, dtype=self.dtype):
+            eps = self.net(x, t) if y is None else self.net(x, t, y)
+        return eps.float()
+
+
+def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Path, *, device: Device = "cpu",
+               precision: Precision = "fp32") -> None:
+    """Compile ``net`` (x, t[, y] → eps, batch 1 … 65536) for ``device`` at ``precision`` and write the package.
+
+    ``net`` is compiled in eval mode and left in its mode, on its device. Raises ``ExportError`` (one line).
+    """
+    from torch.export.pt2_archive._package import package_pt2
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda: torch sees no CUDA device here")
+    args = tuple(a.to(device) for a in example_inputs(contract))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    names = ("x", "t", "y")[: len(args)]
+    original = next(net.parameters()).device
+    module = net.to(device) if precision == "fp32" else Autocast(net.to(device), device, DTYPES[precision])
+    try:
+        with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, args, dynamic_shapes={n: {0: batch} for n in names})
+            files = torch._inductor.aot_compile(program.module(), args, options={"aot_inductor.package": True})
+    except Exception as e:  # noqa: BLE001 - export or compile failure, reported in one line
+        raise ExportError(f"pt2 export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        net.to(original)
+    target = {"device": device, "precision": precision, "max_batch": MAX_BATCH, "torch_version": torch.__version__}
+    buffer = io.BytesIO()  # package_pt2 wants a buffer or a name ending in .pt2; ``path`` may be a temporary name
+    package_pt2(buffer, aoti_files=files,
+                extra_files={CONTRACT_FILE: contract.to_json(), TARGET_FILE: json.dumps(target, sort_keys=True)})
+    Path(path).write_bytes(buffer.getvalue())

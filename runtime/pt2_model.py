@@ -1,0 +1,96 @@
+"""The ``.pt2`` backend (AOTInductor package from ``ddpm-export --format pt2``); torch is imported only when one is loaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ContractError, ModelError
+from runtime.metadata import CONTRACT_FILE, SamplingContract
+from runtime.torchscript_model import _torch
+
+TARGET_FILE = "ddpm_pt2.json"  # extra file: {"device": "cpu"|"cuda", "precision": "fp32"|"bf16"|"fp16", ...}
+
+
+def is_pt2(path: str | os.PathLike) -> bool:
+    """A PT2 archive is a zip with an ``archive_format`` entry (TorchScript archives have none)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "archive_format" or n.endswith("/archive_format") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+class Pt2Model:
+    """``predict_eps(x, t, y=None) -> ε`` through an AOTInductor-compiled package on the device it was built for."""
+
+    def __init__(self, path: str | os.PathLike, device: str | None = None) -> None:
+        torch = _torch()
+        from torch.export.pt2_archive._package import load_pt2
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        contract_json, target = _extra_files(self.path)
+        try:
+            self.contract = SamplingContract.from_json(contract_json)
+        except ContractError as e:
+            raise ModelError(f"{path}: {e}") from None
+        self.device, self.precision = target.get("device"), target.get("precision")
+        if self.device not in ("cpu", "cuda"):
+            raise ModelError(f"{path}: unknown compile target {target!r} in {TARGET_FILE}")
+        if device not in (None, self.device):
+            raise ModelError(f"{path} was compiled for {self.device}; it cannot run on {device}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"{path} was compiled for cuda; torch sees no CUDA device here")
+        quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on every CPU load
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.runner = load_pt2(io.BytesIO(self.path.read_bytes())).aoti_runners["model"]  # any file name
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load {path} as a .pt2 package: {_first_line(e)}") from None
+        finally:
+            quiet.setLevel(level)
+        self.provider = f"pt2:{self.device}:{self.precision}"
+        self.prefers_device_loop = self.device == "cuda"
+
+    def net(self, x, t, y=None):
+        """The compiled U-Net on torch tensors of its device."""
+        return self.runner(x, t) if y is None else self.runner(x, t, y)
+
+    def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
+        from runtime.torchscript_model import call_torch
+
+        return call_torch(self.net, self.device, x, t, y)
+
+    def device_loop(self, plan, y: np.ndarray | None):
+        """The sampler loop on this package's device (``runtime.torch_loop``)."""
+        from runtime.torch_loop import device_loop
+
+        return device_loop(self.net, self.device, plan, y, self.contract.null_class)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _extra_files(path: Path) -> tuple[str, dict]:
+    """The contract JSON and the compile target of a package, read without loading its compiled code."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            found = {n.rsplit("/", 1)[-1]: n for n in z.namelist() if "/extra/" in f"/{n}"}
+            if CONTRACT_FILE not in found or TARGET_FILE not in found:
+                raise ModelError(f"{path} carries no sampling contract ({CONTRACT_FILE}); export it with ddpm-export")
+            return z.read(found[CONTRACT_FILE]).decode(), json.loads(z.read(found[TARGET_FILE]))
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"cannot load {path} as a .pt2 package: {_first_line(e)}") from None

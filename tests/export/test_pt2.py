@@ -1,0 +1,100 @@
+"""``ddpm-export --format pt2``: the AOTInductor package carries its contract, verifies, and runs in the runtime
+(host loop and device loop) like the other formats. The tiny model is compiled once per session (~30 s here)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import runtime
+from ddpm_export.checkpoint import load_checkpoint
+from ddpm_export.cli import main
+from runtime.backend import model_format
+from runtime.errors import ModelError
+from runtime.pt2_model import TARGET_FILE
+from runtime.tolerances import TOLERANCES
+
+FP32, SAME = TOLERANCES["fp32"], TOLERANCES["fp32-same-math"]
+
+
+@pytest.fixture(scope="session")
+def cond_pt2(cond_rgb_ckpt, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("pt2") / "cond.pt2"
+    r = CliRunner().invoke(main, [str(cond_rgb_ckpt), "--format", "pt2", "--out", str(out)])
+    return out, r.output
+
+
+def test_pt2_export_is_verified_and_self_describing(cond_pt2, cond_rgb_ckpt, cond_export_onnx):
+    path, output = cond_pt2
+    assert "verification: passed" in output, output
+    assert model_format(path) == "pt2" and model_format(cond_export_onnx) == "onnx"
+    report = json.loads(path.with_name(path.name + ".report.json").read_text())
+    (result,) = report["checks"]["results"]
+    assert result["backend"] == "pt2:cpu:fp32" and result["passed"]
+    assert result["eps"]["max_abs_diff"] <= FP32.atol and result["trajectory"]["max_level_diff"] <= FP32.max_levels
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        target = json.loads(z.read(next(n for n in names if n.endswith("/" + TARGET_FILE))))
+    assert target["device"] == "cpu" and target["precision"] == "fp32"
+    model = runtime.load(path, "cpu")
+    expected = load_checkpoint(cond_rgb_ckpt).contract(ema=True)
+    assert model.contract.provenance.exporter.startswith("torch._inductor")
+    assert (model.contract.image_size, model.contract.channels, model.contract.num_classes) == (16, 3, 3)
+    assert model.contract.schedule == expected.schedule and model.provider == "pt2:cpu:fp32"
+
+
+def test_pt2_generates_what_onnx_generates(cond_pt2, cond_export_onnx):
+    path, _ = cond_pt2
+    settings = dict(sampler="ddim", steps=6, eta=0.5, guidance=2.0, batch_size=3, seed=4)
+    onnx_images = runtime.load(cond_export_onnx, "cpu").generate(5, **settings)
+    pt2 = runtime.load(path, "cpu")
+    host = pt2.generate(5, fused=False, **settings)
+    device = pt2.generate(5, fused=True, **settings)  # the torch loop: x, update and noise as tensors
+    assert np.abs(host.astype(int) - onnx_images).max() <= FP32.max_levels
+    assert np.abs(device.astype(int) - host).max() <= SAME.max_levels
+
+
+def test_torchscript_device_loop_equals_its_host_loop(cond_torchscript):
+    model = runtime.load(cond_torchscript, "cpu")
+    settings = dict(sampler="ddpm", steps=8, guidance=1.5, batch_size=4, seed=1)
+    host, device = (model.generate(4, fused=f, **settings) for f in (False, True))
+    assert np.abs(device.astype(int) - host).max() <= SAME.max_levels
+
+
+def test_pt2_bad_requests_are_one_line_errors(cond_rgb_ckpt, cond_pt2, fresh_copy, tmp_path):
+    import torch
+
+    ckpt = fresh_copy(cond_rgb_ckpt)
+    r = CliRunner().invoke(main, [str(ckpt), "--format", "onnx", "--dtype", "bf16"])
+    assert r.exit_code != 0 and "--device and --dtype apply to --format pt2" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, [str(ckpt), "--format", "pt2", "--device", "cuda"])
+        assert r.exit_code != 0 and "torch sees no CUDA device" in r.output and "Traceback" not in r.output
+        assert not list(ckpt.parent.glob("*.pt2")) and not list(ckpt.parent.glob(".*tmp*"))
+    with pytest.raises(ModelError, match="compiled for cpu; it cannot run on cuda"):
+        runtime.load(cond_pt2[0], "cuda")
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(cond_pt2[0].read_bytes()[:5000])
+    with pytest.raises(ModelError, match="cannot load"):
+        runtime.load(broken, "cpu")
+
+
+@pytest.mark.gpu
+def test_pt2_cuda_export_runs_on_the_gpu(cond_rgb_ckpt, fresh_copy, cond_pt2):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ckpt = fresh_copy(cond_rgb_ckpt)
+    r = CliRunner().invoke(main, [str(ckpt), "--format", "pt2", "--device", "cuda"])
+    assert r.exit_code == 0 and "verification: passed" in r.output, r.output
+    gpu = runtime.load(ckpt.with_suffix(".pt2"), "auto")
+    assert gpu.provider == "pt2:cuda:fp32"
+    settings = dict(sampler="ddim", steps=6, guidance=2.0, batch_size=5)
+    cpu_images = runtime.load(cond_pt2[0], "cpu").generate(5, **settings)
+    assert np.abs(gpu.generate(5, **settings).astype(int) - cpu_images).max() <= FP32.max_levels

@@ -1,0 +1,50 @@
+"""Verification judges the export, not the provider's arithmetic mode: on CUDA the per-call ε check runs with TF32
+off and the trajectory with the provider's defaults (as generation runs); the report says which ran with what."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import ddpm_export.export as export_module
+from runtime.metadata import SamplingContract
+
+
+class FakeModel:
+    """A stand-in OnnxModel: records the provider options it was opened with; ε = scale·x."""
+
+    opened: list = []
+
+    def __init__(self, path, provider, *, provider_options=None, quiet=False, scale=1.0):
+        self.provider = export_module.PROVIDER_NAMES[provider]
+        self.options = provider_options
+        self.scale = scale
+        FakeModel.opened.append(self)
+
+    def predict_eps(self, x, t, y=None):
+        return self.scale * x
+
+
+def test_cuda_eps_check_runs_without_tf32_and_the_trajectory_with_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(export_module, "OnnxModel", FakeModel)
+    contract = SamplingContract(image_size=4, channels=1)
+    reference = lambda x, t, y: x  # noqa: E731 - the eager model in this test
+    generation = FakeModel(tmp_path / "m.onnx", "cuda", scale=1.0 + 5e-3)  # "TF32": per call beyond the fp32 bound
+    FakeModel.opened.clear()
+    result = export_module._verify_onnx_fp32(tmp_path / "m.onnx", generation, reference, contract)
+    (strict,) = FakeModel.opened
+    assert strict.options == {"use_tf32": "0"}  # the per-call candidate was opened with TF32 off
+    assert result.settings == {"eps": {"use_tf32": "0"}, "trajectory": "provider defaults"}
+    assert result.eps.passed and result.eps.max_abs_diff == 0.0  # judged on the strict session
+    assert result.trajectory.passed  # the generation session: 0.5 % off in ε stays within the level bound
+
+
+def test_cpu_checks_run_on_the_one_session(monkeypatch, tmp_path):
+    monkeypatch.setattr(export_module, "OnnxModel", FakeModel)
+    FakeModel.opened.clear()
+    cpu = FakeModel(tmp_path / "m.onnx", "cpu", scale=1.0 + 5e-3)
+    result = export_module._verify_onnx_fp32(tmp_path / "m.onnx", cpu, lambda x, t, y: x,
+                                             SamplingContract(image_size=4, channels=1))
+    assert FakeModel.opened == [cpu]  # no second session
+    assert result.settings == {"eps": "provider defaults", "trajectory": "provider defaults"}
+    assert not result.eps.passed and not result.passed  # 0.5 % off per call fails the fp32 bound
+    assert np.isfinite(result.eps.max_abs_diff)
