@@ -69,7 +69,7 @@ class NoiseStreams:
     ``draws``: how many times ``next`` will be called (x_T included), so that nothing is drawn that is not used;
     one call more raises RuntimeError. None: no limit (up to one block is drawn in vain at the end).
     ``threads``: threads that draw the next block while the caller works on this one (default: the usable CPUs;
-    0: draw in the calling thread, when asked). Use as a context manager, or call ``close``, to stop the threads;
+    0, or a block of fewer than ``PART_ELEMENTS`` values: draw in the calling thread, when asked). Use as a context manager, or call ``close``, to stop the threads;
     they also stop when the object is garbage-collected. One consumer: ``next`` is not for concurrent callers.
     """
 
@@ -85,7 +85,9 @@ class NoiseStreams:
         threads = usable_cpus() if threads is None else threads
         parts = max(1, min(threads, batch, batch * size * most // PART_ELEMENTS))
         self._bounds = np.linspace(0, batch, parts + 1).astype(int).tolist()
-        self._pool = ThreadPoolExecutor(parts, thread_name_prefix="noise") if threads > 0 else None
+        # A block smaller than one task's worth is drawn in the calling thread: a hand-off would cost more.
+        worth_a_thread = threads > 0 and batch * size * most >= PART_ELEMENTS
+        self._pool = ThreadPoolExecutor(parts, thread_name_prefix="noise") if worth_a_thread else None
         if self._pool is not None:  # the pool's tasks hold no reference to self, so self can be collected
             self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         self._block: np.ndarray | None = None  # (k, B, C, H, W): the block being handed out
