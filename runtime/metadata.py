@@ -14,9 +14,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+import numpy as np
+
 from runtime.errors import ContractError
 from runtime.plan import SamplerName, VARIANCES, eta_problem, guidance_problem, sampler_problem, steps_problem
-from runtime.schedule import SCHEDULE_NAMES, NoiseSchedule, default_params
+from runtime.schedule import MAX_TIMESTEPS, SCHEDULE_NAMES, NoiseSchedule, default_params, make_betas
 
 SCHEMA_VERSION = 2
 CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
@@ -217,14 +219,20 @@ def _validate(c: SamplingContract) -> None:
     _check(isinstance(c.ema, bool), "ema", f"expected true or false, got {c.ema!r}")
     s = c.schedule
     _check(s.name in SCHEDULE_NAMES, "schedule.name", f"unknown value {s.name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
-    _check(_is_int(s.timesteps) and s.timesteps > 0, "schedule.timesteps",
-           f"expected a positive integer, got {s.timesteps!r}")
+    _check(_is_int(s.timesteps) and 0 < s.timesteps <= MAX_TIMESTEPS, "schedule.timesteps",
+           f"expected an integer from 1 to {MAX_TIMESTEPS}, got {s.timesteps!r}")
     _check(isinstance(s.params, dict), "schedule.params", "expected an object")
     expected = set(default_params(s.name))
     _check(set(s.params) == expected, "schedule.params",
            f"{s.name} schedule takes exactly {sorted(expected)}, got {sorted(s.params)}")
     for k, v in s.params.items():
         _check(isinstance(v, int | float) and math.isfinite(v), f"schedule.params.{k}", f"expected a number, got {v!r}")
+    try:
+        betas = make_betas(s.name, s.timesteps, **s.params)
+    except ValueError as e:
+        raise ContractError(f"contract field 'schedule.params': {e}") from None
+    _check(bool(np.all((betas > 0) & (betas <= 1))), "schedule.params",
+           f"the {s.name} schedule with {s.params} gives betas outside (0, 1]")
     for key in ("inputs", "outputs"):
         for i, spec in enumerate(getattr(c, key)):
             _check(isinstance(spec.name, str) and spec.name != "", f"{key}[{i}].name", "expected a non-empty string")
@@ -234,6 +242,11 @@ def _validate(c: SamplingContract) -> None:
     names = [spec.name for spec in c.inputs]
     _check(names[:2] == ["x", "t"] and (("y" in names) == c.conditional), "inputs",
            f"expected x, t{', y' if c.conditional else ''}, got {', '.join(names)}")
+    image = [c.channels, c.image_size, c.image_size]
+    for key, spec in (("inputs[0]", c.inputs[0]), ("outputs[0]", c.outputs[0] if c.outputs else None)):
+        _check(spec is not None and len(spec.shape) == 4 and spec.shape[1:] == image, f"{key}.shape",
+               f"expected [batch, {c.channels}, {c.image_size}, {c.image_size}] (channels, image_size), "
+               f"got {None if spec is None else spec.shape}")
     r = c.run_defaults
     if r is not None:
         _check(isinstance(r, RunDefaults), "run_defaults", "expected an object")

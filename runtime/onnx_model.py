@@ -43,6 +43,25 @@ def _session(path, providers: list, options, quiet: bool = False):
         raise ModelError(f"cannot load {path} with {providers[0]}: {str(e).splitlines()[0]}") from None
 
 
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def _check_graph(session, contract: SamplingContract, path) -> None:
+    """Everything the contract claims about the graph's inputs and outputs (names, dtypes, fixed dimensions)."""
+    for kind, specs, values in (("inputs", contract.inputs, session.get_inputs()),
+                                ("outputs", contract.outputs, session.get_outputs())):
+        graph = {v.name: v for v in values}
+        if sorted(graph) != sorted(s.name for s in specs):
+            raise ModelError(f"{path}: its contract names {kind} {[s.name for s in specs]} but the graph has "
+                             f"{sorted(graph)}")
+        for spec in specs:
+            v = graph[spec.name]
+            fixed = [(want, got) for want, got in zip(spec.shape, v.shape) if isinstance(want, int) and isinstance(got, int)]
+            if _ORT_TYPES[spec.dtype] != v.type or len(spec.shape) != len(v.shape) or any(w != g for w, g in fixed):
+                raise ModelError(f"{path}: its contract says {spec.name} is {spec.dtype} {spec.shape} but the graph "
+                                 f"takes {v.type} {v.shape} (image_size, channels or dtype disagree)")
+
+
 class OnnxModel:
     """``predict_eps(x, t, y=None) -> ε`` through onnxruntime; ``contract`` says how to sample from it.
 
@@ -78,6 +97,7 @@ class OnnxModel:
             raise ModelError(f"{name} did not start for {path} (onnxruntime fell back to {self.session.get_providers()[0]})")
         self.provider = name
         self.contract = _contract_of(self.session, path)
+        _check_graph(self.session, self.contract, path)
         self._input_names = [i.name for i in self.session.get_inputs()]
         self._step_sessions: dict[bool, object] = {}
         self._step_lock = threading.Lock()

@@ -119,12 +119,17 @@ def steps_problem(steps: object, timesteps: int) -> str | None:
 
 
 def eta_problem(eta: object) -> str | None:
-    return None if isinstance(eta, numbers.Real) and eta >= 0 else f"eta must be >= 0, got {eta}"
+    """η ∈ [0, 1]: DDIM's √(1 − ᾱ_{t−1} − σ_t²) is undefined for η > 1 at the last step (t = 1), where ᾱ_0 = 1."""
+    if isinstance(eta, numbers.Real) and not isinstance(eta, bool) and 0 <= eta <= 1:
+        return None
+    return (f"eta must be between 0 and 1, got {eta} (for eta > 1, DDIM's sigma_t exceeds sqrt(1 - alphabar_(t-1)) "
+            "and the update is undefined)" if isinstance(eta, numbers.Real) and eta > 1 else
+            f"eta must be a number between 0 and 1, got {eta}")
 
 
 def guidance_problem(guidance: object, conditional: bool) -> str | None:
-    if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or math.isnan(guidance):
-        return f"guidance must be a number, got {guidance!r}"
+    if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        return f"guidance must be a finite number, got {guidance!r}"
     if guidance != DEFAULT_GUIDANCE and not conditional:
         return "guidance needs a class-conditional model; this one is unconditional"
     return None

@@ -14,6 +14,7 @@ import numpy as np
 
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "cosine")
 DEFAULT_TIMESTEPS = 1000
+MAX_TIMESTEPS = 100_000  # T beyond this is a mistake: the float64 tables alone would take T × 100 bytes
 LINEAR_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
 COSINE_DEFAULTS = {"s": 0.008, "max_beta": 0.999}
 
@@ -53,8 +54,8 @@ def default_params(name: str) -> dict[str, float]:
 
 
 def _check_timesteps(timesteps: int) -> None:
-    if int(timesteps) != timesteps or timesteps < 1:
-        raise ValueError(f"the number of timesteps must be a positive integer, got {timesteps!r}")
+    if int(timesteps) != timesteps or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"the number of timesteps must be an integer from 1 to {MAX_TIMESTEPS}, got {timesteps!r}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -63,3 +63,9 @@ def test_bundled_model_draws_the_requested_classes():
     requested = np.arange(20) % 10  # classes cycle over the images by default
     predicted = FeatureExtractor()(images)[0].argmax(1)
     assert (predicted == requested).mean() >= 0.8, list(zip(requested, predicted))
+
+
+def test_the_api_accepts_bundled_names_like_the_cli():
+    model = runtime.load("fashion-mnist", "cpu")
+    assert model.path == resolve("fashion-mnist")[0] and model.contract.num_classes == 10
+    assert runtime.load("Fashion-MNIST", "cpu").path == model.path  # names are case-insensitive, as on the CLI

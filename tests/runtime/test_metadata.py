@@ -53,6 +53,11 @@ def test_default_tensor_specs_follow_conditioning():
         (lambda d: d["provenance"].update(training_steps=-1), "provenance.training_steps"),
         (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "schema_version"),
         (lambda d: d.pop("schema_version"), "schema_version"),
+        (lambda d: d["schedule"]["params"].update(beta_start=-0.1), "schedule.params"),
+        (lambda d: d["schedule"]["params"].update(beta_end=1.0), "schedule.params"),
+        (lambda d: d["schedule"].update(timesteps=10**12), "schedule.timesteps"),
+        (lambda d: d["inputs"][0].update(shape=["batch", 3, 32, 32]), "inputs[0].shape"),
+        (lambda d: d["outputs"][0].update(shape=["batch", 1, 16, 16]), "outputs[0].shape"),
     ],
 )
 def test_bad_contracts_name_the_field(mutate, field):

@@ -52,8 +52,11 @@ def test_explicit_settings_give_the_same_coefficients_with_or_without_recommenda
     (dict(steps=0), "between 1 and T = 1000"),
     (dict(steps=1001), "between 1 and T = 1000"),
     (dict(steps=2.5), "between 1 and T"),
-    (dict(sampler="ddim", eta=-0.1), "eta must be >= 0"),
-    (dict(guidance=float("nan")), "guidance must be a number"),
+    (dict(sampler="ddim", eta=-0.1), "eta must be a number between 0 and 1"),
+    (dict(sampler="ddim", eta=2.0), "the update is undefined"),
+    (dict(sampler="ddim", eta=float("nan")), "eta must be a number between 0 and 1"),
+    (dict(guidance=float("nan")), "guidance must be a finite number"),
+    (dict(guidance=float("inf")), "guidance must be a finite number"),
     (dict(variance="learned"), "unknown variance"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):

@@ -79,8 +79,10 @@ def test_tables_are_read_only_and_bad_input_is_refused():
         s.alphas_cumprod[0] = 0.5
     with pytest.raises(ValueError, match="unknown schedule"):
         make_betas("sigmoid", 10)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="an integer from 1 to 100000"):
         linear_betas(0)
+    with pytest.raises(ValueError, match="an integer from 1 to 100000"):
+        linear_betas(10**12)  # an absurd T is refused before anything is allocated
     with pytest.raises(ValueError, match="beta_start"):
         linear_betas(10, beta_start=0.1, beta_end=0.01)
     with pytest.raises(ValueError, match="between 1 and 10"):
