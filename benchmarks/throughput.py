@@ -17,8 +17,9 @@ from pathlib import Path
 
 import click
 
-CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "pt2-cpu", "pt2-cpu-bf16")
-GPU_BACKENDS = ("eager-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt", "pt2-cuda", "pt2-cuda-bf16")
+CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "pt2-cpu", "pt2-cpu-bf16", "compile")
+GPU_BACKENDS = ("eager-cuda", "compile-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt", "pt2-cuda",
+                "pt2-cuda-bf16")
 DEFAULT_CPU = ("eager", "torchscript", "onnx-cpu")  # the pt2 rows compile first (about a minute each): ask for them
 PT2_TARGETS = {"pt2-cpu": ("cpu", "fp32"), "pt2-cpu-bf16": ("cpu", "bf16"), "pt2-cuda": ("cuda", "fp32"),
                "pt2-cuda-bf16": ("cuda", "bf16")}

@@ -46,7 +46,7 @@ def torch_backend(name: str, model_dir: Path, threads: int):
     from ddpm_export.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
-    device = "cuda" if name in ("eager-cuda", "pt2-cuda", "pt2-cuda-bf16") else "cpu"
+    device = "cuda" if "cuda" in name else "cpu"
     if name == "torchscript":
         from runtime.torchscript_model import TorchScriptModel
 
@@ -58,11 +58,16 @@ def torch_backend(name: str, model_dir: Path, threads: int):
     else:
         net, _ = load_checkpoint(model_dir / "model.ckpt").build_unet()
         net = net.to(device)
+    if name.startswith("compile"):  # what a PyTorch user gets: torch.compile, bf16 autocast, channels_last
+        net = torch.compile(net.to(memory_format=torch.channels_last),
+                            mode="reduce-overhead" if device == "cuda" else None)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=name.startswith("compile"))
     sync = torch.cuda.synchronize if device == "cuda" else None
 
     def call(x, t, y=None):
-        with torch.inference_mode():
-            return net(x, t) if y is None else net(x, t, y)
+        with torch.inference_mode(), autocast:
+            eps = net(x, t) if y is None else net(x, t, y)
+        return eps.float()
 
     def native(a: np.ndarray):
         return torch.from_numpy(a).to(device)
