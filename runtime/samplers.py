@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.plan import StepCoefficients, Variance, ddim_coefficients, ddpm_coefficients
+from runtime.plan import (NOISE_COLUMN, TABLE_COLUMNS, StepCoefficients, Variance, ddim_coefficients,
+                          ddpm_coefficients)
 from runtime.schedule import NoiseSchedule
 
 Array = Any  # numpy.ndarray or torch.Tensor, (B, C, H, W) float32
@@ -30,20 +31,29 @@ def sample(predict_eps: PredictEps, x_T: Array, coefs: StepCoefficients, noise: 
     each new x (for progress and finiteness checks).
     """
     t_model = coefs.timesteps.tolist()
-    a, b, c = coefs.x_coef.tolist(), coefs.eps_coef.tolist(), coefs.noise_coef.tolist()
-    d, p, q = coefs.x0_coef.tolist(), coefs.x0_from_x.tolist(), coefs.x0_from_eps.tolist()
+    rows = list(zip(*(getattr(coefs, name).tolist() for name in TABLE_COLUMNS)))  # Python floats: float32 stays
     x = x_T
     for i in reversed(range(len(t_model))):
         eps = predict_eps(x, t_model[i])
-        x_next = a[i] * x + b[i] * eps
-        if coefs.clip:
-            x_next = x_next + d[i] * (p[i] * x + q[i] * eps).clip(-1.0, 1.0)
-        if c[i] != 0.0:
-            x_next = x_next + c[i] * noise(i)
-        x = x_next
+        x = update(x, eps, noise(i) if rows[i][NOISE_COLUMN] != 0.0 else None, *rows[i], clip=coefs.clip)
         if on_step is not None:
             on_step(i, x)
     return x
+
+
+def update(x: Array, eps: Array, z: Array | None, x_coef, eps_coef, noise_coef, x0_coef, x0_from_x, x0_from_eps, *,
+           clip: bool) -> Array:
+    """One step: x_coef·x + eps_coef·ε [+ x0_coef·clip(x0_from_x·x + x0_from_eps·ε, −1, 1)] [+ noise_coef·z].
+
+    Coefficients are Python floats (one plan) or arrays broadcasting against x, e.g. (B, 1, 1, 1) float32 for a
+    batch whose images are at different steps of different plans (the server); ``z`` None adds no noise.
+    """
+    x_next = x_coef * x + eps_coef * eps
+    if clip:
+        x_next = x_next + x0_coef * (x0_from_x * x + x0_from_eps * eps).clip(-1.0, 1.0)
+    if z is not None:
+        x_next = x_next + noise_coef * z
+    return x_next
 
 
 def ddpm_sample(predict_eps: PredictEps, x_T: Array, schedule: NoiseSchedule, noise: NoiseFn, *,

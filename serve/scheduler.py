@@ -1,0 +1,301 @@
+"""Continuous batching: one loop owns the model; every image in flight, from any request, advances one step per
+predictor call, at its own timestep, with its own plan, class and guidance.
+
+Each tick the loop stacks the images in flight (up to ``max_batch``) into one predictor call with per-image ``t``
+and labels; the guided images are doubled in the same call with the null class. Then every image takes its own
+step with its own plan's coefficients (``runtime.samplers.update`` with per-image coefficient arrays), its own
+guidance (``runtime.samplers.guided_eps``) and its own noise stream (``runtime.noise``): an image comes out as
+``runtime.load(model).generate`` makes it. New requests join at the next tick; finished images leave at once.
+``batching=False`` is the naive server for comparison: one request at a time, through ``Pipeline.generate_batches``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.errors import GenerationError
+from runtime.images import to_uint8
+from runtime.noise import NoiseStreams
+from runtime.pipeline import Pipeline
+from runtime.plan import NOISE_COLUMN, TABLE_COLUMNS, SamplingPlan
+from runtime.samplers import guided_eps, update
+
+RECENT = 2048  # how many batch sizes and latencies stats() keeps
+
+
+class QueueFull(RuntimeError):
+    """More images waiting than ``queue_limit``: the caller should retry later (HTTP 429 with Retry-After)."""
+
+
+class Cancelled(RuntimeError):
+    """The request was cancelled (client gone, deadline passed, or the server stopping) before it finished."""
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    index: int  # image index k (its noise stream is SeedSequence([seed, k]))
+    seed: int
+    label: int | None  # class index, None for unconditional models
+    image: np.ndarray  # (H, W, C) uint8
+
+
+class Job:
+    """One submitted request: ``plan`` and ``labels`` are its resolved settings.
+
+    ``result(timeout)`` blocks until all its images are done: list[ImageResult] in index order; it raises
+    ``GenerationError`` (e.g. NaN in one of its images), ``Cancelled`` or ``TimeoutError``. ``await job.wait()``
+    does the same from asyncio. ``cancel()`` drops its images at the next step.
+    """
+
+    def __init__(self, n: int, seed: int, start_index: int, plan: SamplingPlan, labels: np.ndarray | None) -> None:
+        self.n, self.seed, self.plan, self.labels = n, seed, plan, labels
+        self.indices = list(range(start_index, start_index + n))
+        self.results: list[ImageResult | None] = [None] * n
+        self.remaining = n
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> list[ImageResult]:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the request did not finish within {timeout} s") from None
+
+    async def wait(self) -> list[ImageResult]:
+        return await asyncio.wrap_future(self._future)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self._future.done():
+            if error is None:
+                self._future.set_result(list(self.results))
+            else:
+                self._future.set_exception(error)
+
+
+class _Image:
+    """One image in flight: its request, its step ``i`` (K−1 … 0, −1 when done), x and its noise stream."""
+
+    def __init__(self, job: Job, k: int, shape: tuple[int, int, int]) -> None:
+        coefs = job.plan.coefs
+        self.job, self.k = job, k
+        self.table = coefs.table()  # (K, 6) float32: the same float32 values the offline loop multiplies by
+        self.timesteps = coefs.timesteps
+        self.clip = coefs.clip
+        self.label = None if job.labels is None else int(job.labels[k])
+        self.i = len(self.table) - 1
+        draws = 1 + int(np.count_nonzero(coefs.noise_coef))
+        self.noise = NoiseStreams(job.seed, [job.indices[k]], shape, draws=draws, threads=0)
+        self.x = self.noise.next()[0]
+
+
+class Scheduler:
+    """The loop that owns the model; see the module docstring.
+
+    ``submit(n, *, seed, start_index, classes, sampler, steps, eta, guidance, clip_denoised, variance) -> Job``
+    validates the settings with the pipeline's plan (``SettingsError``, one line; None takes the model's
+    recommendation, as ``Pipeline.generate`` does) and raises ``QueueFull`` beyond ``queue_limit`` images waiting
+    or in flight, ``Cancelled`` once stopping. ``max_batch``: images per predictor call (guided ones count once
+    but make two rows). ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls,
+    batch_fill (rows per recent call), latencies (seconds of recent requests).
+    """
+
+    def __init__(self, pipeline: Pipeline, *, max_batch: int = 256, queue_limit: int = 1024,
+                 batching: bool = True) -> None:
+        if max_batch < 1 or queue_limit < 1:
+            raise ValueError("max_batch and queue_limit must be positive")
+        self.pipeline, self.max_batch, self.queue_limit, self.batching = pipeline, max_batch, queue_limit, batching
+        c = pipeline.contract
+        self.shape = (c.channels, c.image_size, c.image_size)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._admitted = 0  # images of the head job already in flight
+        self._flight: list[_Image] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.images_done = self.requests_done = self.predictor_calls = 0
+        self.batch_fill: collections.deque[int] = collections.deque(maxlen=RECENT)
+        self.latencies: collections.deque[float] = collections.deque(maxlen=RECENT)
+
+    # -- admission -----------------------------------------------------------------------------------------------
+    def submit(self, n: int, *, seed: int = 0, start_index: int = 0, classes=None, sampler=None, steps=None,
+               eta=None, guidance=None, clip_denoised: bool = False, variance=None) -> Job:
+        if n < 1 or seed < 0 or start_index < 0:
+            raise GenerationError("n must be positive, seed and start_index non-negative")
+        plan = self.pipeline.plan(sampler, steps, eta, guidance, clip_denoised, variance)
+        indices = range(start_index, start_index + n)
+        job = Job(n, seed, start_index, plan, self.pipeline.labels(indices, classes))
+        with self._cond:
+            if self._stopping:
+                raise Cancelled("the server is stopping")
+            if self._pending_images() + n > self.queue_limit:
+                raise QueueFull(f"{self._pending_images()} images are queued or in flight (limit {self.queue_limit})")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def _pending_images(self) -> int:
+        return sum(j.n for j in self._waiting) - self._admitted + len(self._flight)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"queue_depth": sum(j.n for j in self._waiting) - self._admitted,
+                    "images_in_flight": len(self._flight), "images_done": self.images_done,
+                    "requests_done": self.requests_done, "predictor_calls": self.predictor_calls,
+                    "batch_fill": list(self.batch_fill), "latencies": list(self.latencies)}
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ddpm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Refuse new requests, let those admitted finish for up to ``grace`` seconds, cancel the rest, end."""
+        deadline = time.monotonic() + grace
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            while (self._waiting or self._flight) and time.monotonic() < deadline:
+                self._cond.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
+            for job in [*self._waiting, *{im.job for im in self._flight}]:
+                job.cancel()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, grace))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._drop_cancelled()
+                if self.batching:
+                    self._admit()
+                while not self._flight and not self._waiting:
+                    if self._stopping:
+                        return
+                    self._cond.wait(timeout=0.5)
+                    self._drop_cancelled()
+                    if self.batching:
+                        self._admit()
+                job = None if self.batching else (self._waiting[0] if self._waiting else None)
+            if self.batching:
+                if self._flight:
+                    self._tick()
+            elif job is not None:
+                self._run_alone(job)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _admit(self) -> None:
+        """Images of waiting requests join, oldest first, up to ``max_batch`` in flight (called under the lock)."""
+        while self._waiting and len(self._flight) < self.max_batch:
+            job = self._waiting[0]
+            take = min(job.n - self._admitted, self.max_batch - len(self._flight))
+            self._flight += [_Image(job, k, self.shape) for k in range(self._admitted, self._admitted + take)]
+            self._admitted += take
+            if self._admitted == job.n:
+                self._waiting.popleft()
+                self._admitted = 0
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests leave: their images stop, the caller gets ``Cancelled`` (called under the lock)."""
+        gone = {j for j in self._waiting if j.cancelled} | {im.job for im in self._flight if im.job.cancelled}
+        if not gone:
+            return
+        if self._waiting and self._waiting[0] in gone:
+            self._admitted = 0
+        self._waiting = collections.deque(j for j in self._waiting if j not in gone)
+        self._flight = [im for im in self._flight if im.job not in gone]
+        for job in gone:
+            job._finish(Cancelled("the request was cancelled"))
+
+    def _tick(self) -> None:
+        """One predictor call for every image in flight, then one step each."""
+        flight = list(self._flight)
+        contract = self.pipeline.contract
+        x = np.stack([im.x for im in flight])
+        t = np.array([im.timesteps[im.i] for im in flight], dtype=np.int64)
+        guided = [b for b, im in enumerate(flight) if im.job.plan.guided]
+        xs, ts = np.concatenate([x, x[guided]]), np.concatenate([t, t[guided]])
+        y = None
+        if contract.conditional:
+            y = np.array([im.label for im in flight] + [contract.null_class] * len(guided), dtype=np.int64)
+        eps_all = self.pipeline.backend.predict_eps(xs, ts, y)
+        eps = eps_all[:len(flight)].copy()
+        if guided:
+            w = np.array([flight[b].job.plan.guidance for b in guided], dtype=np.float32).reshape(-1, 1, 1, 1)
+            eps[guided] = guided_eps(eps_all[guided], eps_all[len(flight):], w)
+        rows = np.stack([im.table[im.i] for im in flight])  # (B, 6) float32, TABLE_COLUMNS order
+        coef = {name: rows[:, k].reshape(-1, 1, 1, 1) for k, name in enumerate(TABLE_COLUMNS)}
+        z = np.zeros_like(x)
+        for b, im in enumerate(flight):
+            if rows[b, NOISE_COLUMN] != 0.0:
+                z[b] = im.noise.next()[0]
+        x_next = update(x, eps, z, **coef, clip=any(im.clip for im in flight))
+        self.predictor_calls += 1
+        self.batch_fill.append(len(xs))
+        self._advance(flight, x_next)
+
+    def _advance(self, flight: list[_Image], x_next: np.ndarray) -> None:
+        finite = np.isfinite(x_next).reshape(len(flight), -1).all(axis=1)
+        with self._cond:
+            for b, im in enumerate(flight):
+                job = im.job
+                if job.done:
+                    continue
+                if not finite[b]:
+                    K = len(im.table)
+                    job._finish(GenerationError(
+                        f"the model produced NaN or Inf at sampler step {K - im.i} of {K} "
+                        f"(t = {int(im.timesteps[im.i])}) for image {job.indices[im.k]}; nothing was returned"))
+                    job.cancel()
+                    continue
+                im.x, im.i = x_next[b], im.i - 1
+                if im.i < 0:
+                    job.results[im.k] = ImageResult(job.indices[im.k], job.seed, im.label, to_uint8(im.x[None])[0])
+                    job.remaining -= 1
+                    self.images_done += 1
+                    if job.remaining == 0:
+                        self._complete(job)
+            self._flight = [im for im in self._flight if im.i >= 0 and not im.job.done]
+            self._drop_cancelled()
+
+    def _complete(self, job: Job) -> None:
+        self.requests_done += 1
+        self.latencies.append(time.monotonic() - job.submitted)
+        job._finish()
+
+    def _run_alone(self, job: Job) -> None:
+        """The naive server: the whole request at once through the offline pipeline, one request at a time."""
+        try:
+            out = []
+            for idx, y, images in self.pipeline.generate_batches(job.indices, job.plan, seed=job.seed,
+                                                                 batch_size=self.max_batch, labels=job.labels):
+                out += [ImageResult(i, job.seed, None if y is None else int(y[k]), images[k])
+                        for k, i in enumerate(idx)]
+                if job.cancelled:
+                    raise Cancelled("the request was cancelled")
+            job.results = out
+            with self._cond:
+                self.images_done += job.n
+                self.predictor_calls += len(job.plan.coefs.timesteps) * -(-job.n // self.max_batch)
+                self._waiting.popleft()
+                self._complete(job)
+        except (GenerationError, Cancelled) as e:
+            with self._cond:
+                if self._waiting and self._waiting[0] is job:
+                    self._waiting.popleft()
+            job._finish(e)

@@ -1,0 +1,161 @@
+"""The continuous-batching scheduler: images of requests at different steps share predictor calls and still come out
+as offline generation makes them; cancellation, queue limits, NaN isolation, the naive mode."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.errors import GenerationError, SettingsError
+from runtime.tolerances import TOLERANCES
+from serve.scheduler import Cancelled, QueueFull, Scheduler
+
+LEVELS = TOLERANCES["fp32-same-math"].max_levels
+REQUESTS = [  # mixed samplers, steps, guidance, classes and clipping in flight together
+    dict(n=3, seed=1, sampler="ddpm", steps=12, guidance=2.0),
+    dict(n=2, seed=2, sampler="ddim", steps=5, eta=0.0, guidance=1.0, classes=2),
+    dict(n=4, seed=3, sampler="ddim", steps=9, eta=0.7, guidance=3.0, start_index=5),
+    dict(n=1, seed=4, sampler="ddpm", steps=7, clip_denoised=True, guidance=1.5),
+]
+
+
+def offline(model, n, **settings):
+    return model.generate(n, batch_size=n, **settings)
+
+
+@pytest.fixture
+def cond_model(cond_onnx):
+    return runtime.load(cond_onnx, "cpu")
+
+
+def run(scheduler, requests):
+    scheduler.start()
+    try:
+        jobs = [scheduler.submit(**r) for r in requests]
+        return [[im.image for im in job.result(timeout=60)] for job in jobs]
+    finally:
+        scheduler.stop(grace=5)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_images_equal_offline_generation(cond_model, batching):
+    scheduler = Scheduler(cond_model, max_batch=6, batching=batching)
+    results = run(scheduler, REQUESTS)
+    for request, images in zip(REQUESTS, results):
+        expected = offline(cond_model, **request)
+        assert np.abs(np.stack(images).astype(int) - expected).max() <= LEVELS, request
+    stats = scheduler.stats()
+    assert stats["images_done"] == sum(r["n"] for r in REQUESTS) and stats["requests_done"] == len(REQUESTS)
+    if batching:  # requests shared calls: fewer calls than the requests' steps added up
+        assert stats["predictor_calls"] < sum(r["steps"] for r in REQUESTS)
+        assert max(stats["batch_fill"]) > 6  # guided images doubled in the same call
+
+
+def test_a_short_request_overtakes_a_long_one(cond_model):
+    scheduler = Scheduler(cond_model, max_batch=8)
+    long = scheduler.submit(2, sampler="ddpm", steps=100)
+    short = scheduler.submit(1, sampler="ddim", steps=3)
+    scheduler.start()  # both join the first call
+    try:
+        short.result(timeout=60)
+        assert not long.done
+        long.result(timeout=60)
+    finally:
+        scheduler.stop(grace=5)
+
+
+class Paused:
+    """Wraps a backend: after ``after`` predictor calls it signals ``reached`` and waits for ``go``."""
+
+    def __init__(self, backend, after: int) -> None:
+        self.backend, self.after, self.calls = backend, after, 0
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def predict_eps(self, x, t, y=None):
+        self.calls += 1
+        if self.calls == self.after:
+            self.reached.set()
+            self.go.wait(timeout=60)
+        return self.backend.predict_eps(x, t, y)
+
+
+def test_cancel_mid_flight_drops_the_images_and_the_rest_goes_on(cond_model):
+    paused = Paused(cond_model.backend, after=3)
+    scheduler = Scheduler(runtime.Pipeline(paused, log=lambda m: None), max_batch=8)
+    doomed = scheduler.submit(3, sampler="ddpm", steps=100)
+    other = scheduler.submit(1, sampler="ddpm", steps=100, seed=9)
+    scheduler.start()
+    try:
+        assert paused.reached.wait(timeout=60)
+        assert scheduler.stats()["images_in_flight"] == 4  # both requests are in the batch
+        doomed.cancel()
+        paused.go.set()
+        with pytest.raises(Cancelled):
+            doomed.result(timeout=60)
+        assert np.abs(other.result(timeout=60)[0].image.astype(int)
+                      - offline(cond_model, 1, sampler="ddpm", steps=100, seed=9)[0]).max() <= LEVELS
+        stats = scheduler.stats()
+        assert stats["images_done"] == 1 and stats["batch_fill"][-1] == 1  # only `other` was left in the calls
+    finally:
+        paused.go.set()
+        scheduler.stop(grace=5)
+
+
+def test_queue_limit_and_bad_settings(cond_model, uncond_onnx):
+    scheduler = Scheduler(cond_model, queue_limit=4)  # not started: nothing leaves the queue
+    scheduler.submit(3, steps=5)
+    with pytest.raises(QueueFull, match="limit 4"):
+        scheduler.submit(2, steps=5)
+    with pytest.raises(SettingsError, match="unconditional"):
+        Scheduler(runtime.load(uncond_onnx, "cpu")).submit(1, guidance=2.0)
+    with pytest.raises(SettingsError, match="eta"):
+        scheduler.submit(1, sampler="ddim", eta=5.0)
+    scheduler.stop(grace=0)
+    with pytest.raises(Cancelled, match="stopping"):
+        scheduler.submit(1, steps=5)
+
+
+class NanBelow:
+    """Wraps a backend: NaN for the rows of label 1 (one request's images), the real ε for the others."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def predict_eps(self, x, t, y=None):
+        eps = self.backend.predict_eps(x, t, y)
+        eps[y == 1] = np.nan
+        return eps
+
+
+def test_nan_fails_that_request_only(cond_model):
+    model = runtime.Pipeline(NanBelow(cond_model.backend), log=lambda m: None)
+    scheduler = Scheduler(model, max_batch=8)
+    scheduler.start()
+    try:
+        bad = scheduler.submit(1, classes=1, sampler="ddim", steps=5)
+        good = scheduler.submit(2, classes=0, sampler="ddim", steps=5)
+        with pytest.raises(GenerationError, match="NaN or Inf at sampler step 1 of 5"):
+            bad.result(timeout=60)
+        assert len(good.result(timeout=60)) == 2
+    finally:
+        scheduler.stop(grace=5)
+
+
+def test_stop_drains_admitted_work_and_refuses_new(cond_model):
+    scheduler = Scheduler(cond_model, max_batch=4)
+    scheduler.start()
+    job = scheduler.submit(2, sampler="ddpm", steps=60)
+    stopper = threading.Thread(target=scheduler.stop, kwargs={"grace": 30})
+    stopper.start()
+    assert len(job.result(timeout=60)) == 2  # finished within the grace period
+    stopper.join(timeout=60)
+    assert not stopper.is_alive()
