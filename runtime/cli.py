@@ -1,4 +1,4 @@
-"""``ddpm-generate``: a thin click command over ``runtime.load`` and ``runtime.batch.generate_to_dir``."""
+"""``ddpm-generate``: a thin click command over ``runtime.load`` and ``runtime.run.generate_to_dir``."""
 
 from __future__ import annotations
 

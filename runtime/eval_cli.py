@@ -18,14 +18,18 @@ from runtime.evaluate import REFERENCES, evaluate, table
               help="Where the reference IDX files are (Debian's dataset-fashion-mnist puts them here).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @click.option("--seed", type=int, default=0, help="Seed of the real-image and noise reference samples.")
-def main(folder: str, reference: str, data_root: str, as_json: bool, seed: int) -> None:
+@click.option("--allow-incomplete", is_flag=True,
+              help="Score an unfinished run (fewer images than its run.json's n) instead of refusing it; the table "
+                   "and the JSON say how many images are missing.")
+def main(folder: str, reference: str, data_root: str, as_json: bool, seed: int, allow_incomplete: bool) -> None:
     """Score a ddpm-generate FOLDER: FCD and KID on the classifier's features, predicted-class histogram and
     (for conditional runs) how often the classifier agrees with the requested class — beside the floor (real
-    train vs real test) and the ceiling (Gaussian noise) at the same sample count."""
+    train vs real test) and the ceiling (Gaussian noise) at the same sample count. An unfinished run is refused
+    (see --allow-incomplete)."""
     from pathlib import Path
 
     try:
-        result = evaluate(Path(folder), Path(data_root), seed=seed)
+        result = evaluate(Path(folder), Path(data_root), seed=seed, allow_incomplete=allow_incomplete)
     except (EvalError, IdxError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else table(result))

@@ -9,7 +9,6 @@ averaged over subsets.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import EvalError
+from runtime.generated import load_generated
 from runtime.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
-from runtime.output import read_png
 
 CLASSIFIER = "fashion_mnist_classifier.onnx"
 REFERENCES = ("fashion-mnist",)
@@ -83,27 +82,6 @@ class Scores:
     conditional_accuracy: float | None = None
 
 
-def load_generated(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (N, H, W, C) uint8 of a ddpm-generate folder and the requested classes (from the manifest) if any."""
-    if not folder.is_dir():
-        raise EvalError(f"{folder} is not a folder")
-    manifest = folder / "manifest.jsonl"
-    records = [json.loads(line) for line in manifest.read_text().splitlines()] if manifest.is_file() else None
-    if (folder / "samples.npz").is_file():
-        images = np.load(folder / "samples.npz")["arr_0"]
-    elif records:
-        images = np.stack([read_png(folder / r["file"], 1) for r in records])
-    else:
-        files = sorted(p for p in folder.glob("*.png") if p.stem.isdigit())
-        if not files:
-            raise EvalError(f"{folder} holds no generated images (no samples.npz, manifest.jsonl or NNNNNN.png)")
-        images = np.stack([read_png(p, 1) for p in files])
-    classes = None
-    if records and all(r.get("class") is not None for r in records):
-        classes = np.array([r["class"] for r in records], dtype=np.int64)
-    return images, classes
-
-
 def load_reference(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Real FashionMNIST, padded to 32×32 like the training data: (N, 32, 32, 1) uint8 and labels."""
     found = find_split([root, root / "FashionMNIST" / "raw"], train)
@@ -114,10 +92,19 @@ def load_reference(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     return pad_to_32(images)[..., None], labels.astype(np.int64)
 
 
-def evaluate(folder: Path, data_root: Path, *, seed: int = 0, threads: int | None = None) -> dict:
-    """Scores of the generated images and of the two reference points, all at the generated sample count."""
-    images, classes = load_generated(folder)
+def evaluate(folder: Path, data_root: Path, *, seed: int = 0, threads: int | None = None,
+             allow_incomplete: bool = False) -> dict:
+    """Scores of the generated images and of the two reference points, all at the generated sample count.
+
+    An unfinished run (fewer images than run.json's n) is refused unless ``allow_incomplete``; then the result's
+    ``incomplete`` says how many are missing (it is None for a finished run or a folder without run.json)."""
+    generated = load_generated(folder)
+    images, classes, missing = generated.images, generated.classes, generated.missing
     n = len(images)
+    if missing and not allow_incomplete:
+        raise EvalError(f"{folder} holds an unfinished run: {n} of {generated.expected} images (run.json's n), "
+                        f"{missing} missing; rerun its ddpm-generate command to finish it, or pass --allow-incomplete "
+                        f"to score the {n} there are")
     if n < 10:
         raise EvalError(f"{folder} holds {n} images; the scores need at least 10")
     extract = FeatureExtractor(threads)
@@ -137,12 +124,18 @@ def evaluate(folder: Path, data_root: Path, *, seed: int = 0, threads: int | Non
 
     rows = [score("generated", images, classes), score("floor: real train vs test", real),
             score("ceiling: Gaussian noise", noise)]
-    return {"folder": str(folder), "n": n, "reference": "fashion-mnist test set (10000 images)",
+    return {"folder": str(folder), "n": n,
+            "incomplete": {"expected_n": generated.expected, "missing": missing} if missing else None,
+            "reference": "fashion-mnist test set (10000 images)",
             "classes": FASHION_MNIST_CLASSES, "rows": [asdict(r) for r in rows]}
 
 
 def table(result: dict) -> str:
     lines = [f"{'':28s} {'n':>6s} {'FCD':>10s} {'KID':>10s} {'cond. acc.':>10s}"]
+    if result.get("incomplete"):
+        missing, expected = result["incomplete"]["missing"], result["incomplete"]["expected_n"]
+        lines.insert(0, f"INCOMPLETE RUN: {result['n']} of {expected} images ({missing} missing); "
+                        "these are not the scores of the finished run")
     for r in result["rows"]:
         acc = "" if r["conditional_accuracy"] is None else f"{100 * r['conditional_accuracy']:.1f} %"
         lines.append(f"{r['name']:28s} {r['n']:6d} {r['fcd']:10.3f} {r['kid']:10.4f} {acc:>10s}")

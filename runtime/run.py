@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.output import OutputDir, shard_indices
+from runtime.errors import GenerationError, OutputError
+from runtime.output import MAX_IMAGES, OutputDir, shard_indices
 from runtime.pipeline import Pipeline
 from runtime.plan import SamplerName, SamplingPlan, Variance
 
@@ -43,13 +45,20 @@ class RunResult:
     plan: SamplingPlan
     seconds: float
     finalized: list[Path]
+    pending: int = 0  # images of other shards not made yet; the run's last shard writes manifest.jsonl etc.
 
     def summary(self, g: Pipeline, o: RunOptions) -> str:
         rate = self.made / self.seconds if self.seconds > 0 else 0.0
         shard = f" (shard {o.shard[0]}/{o.shard[1]})" if o.shard[1] > 1 else ""
         kept = f", {self.already} already there" if self.already else ""
+        waiting = ""
+        if self.pending:
+            asked = (("manifest.jsonl", True), ("samples.npz", "npz" in o.formats), ("grid.png", o.grid))
+            final = [name for name, wanted in asked if wanted]
+            waiting = (f"; {self.pending} images of other shards still to come (the last shard to finish writes "
+                       f"{', '.join(final)})")
         return (f"{self.made} images in {self.seconds:.1f} s ({rate:.2f} images/s){kept}{shard}; "
-                f"provider {g.provider}; sampler {self.plan.sampler} {self.plan.steps} steps; {o.out}")
+                f"provider {g.provider}; sampler {self.plan.sampler} {self.plan.steps} steps; {o.out}{waiting}")
 
 
 def plan_for(g: Pipeline, o: RunOptions) -> SamplingPlan:
@@ -62,28 +71,37 @@ def plan_for(g: Pipeline, o: RunOptions) -> SamplingPlan:
 
 
 def generate_to_dir(g: Pipeline, o: RunOptions) -> RunResult:
-    """Generate the images of shard ``o.shard`` that ``o.out`` does not hold yet, then finalize if complete."""
+    """Generate the images of shard ``o.shard`` that ``o.out`` does not hold yet, then finalize if complete.
+
+    Bookkeeping is per batch (labels, indices to make): beyond the records of the images already made, its
+    memory does not grow with ``o.n``; one folder takes at most ``MAX_IMAGES`` images. Raises ``OutputError``
+    rather than return while an image of this shard is unrecorded, so a run that returns has its part on disk,
+    and the finished run's files when it completed the run; ``RunResult.pending`` counts the other shards' images.
+    """
     from tqdm import tqdm
 
+    if o.n > MAX_IMAGES:  # before anything is written
+        raise GenerationError(f"-n {o.n} is more than one output folder takes (at most {MAX_IMAGES}); "
+                              "make the images in several runs (other --seed values, other --out folders)")
     plan = plan_for(g, o)
     mine = shard_indices(o.n, *o.shard)
-    all_labels = g.labels(range(o.n), o.classes)  # validates --class before anything is written
+    g.labels([0], o.classes)  # validates --class before anything is written; labels are made batch by batch
     settings = {
         "model_sha256": g.sha256, "n": o.n, "seed": o.seed, **plan.run_settings(),
         "classes": None if o.classes is None else g.class_index(o.classes),  # "7", "Sneaker", "sneaker": one setting
         "image_shape": [g.contract.image_size, g.contract.image_size, g.contract.channels],
     }
     out = OutputDir(o.out, settings, formats=o.formats, overwrite=o.overwrite)
-    done = out.manifest_records()
-    todo = [i for i in mine if i not in done]
+    done = out.recorded()
+    already = sum(1 for i in done if i in mine)
+    todo = (i for i in mine if i not in done)
     manifest = out.root / f"manifest-{o.shard[0]}-of-{o.shard[1]}.jsonl"
     start = time.perf_counter()
-    if todo:
+    if already < len(mine):
         names = g.contract.class_names
-        bar = tqdm(total=len(todo), unit="img", desc="generating", file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(total=len(mine) - already, unit="img", desc="generating", file=sys.stderr, dynamic_ncols=True,
                    smoothing=0.1, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
         steps = len(plan.coefs.timesteps)
-        labels = None if all_labels is None else all_labels[todo]
         finished, steps_done = 0, 0
 
         def step_done(batch: int) -> None:  # exact fractions: b·k/steps is b at the last step, never more
@@ -92,8 +110,14 @@ def generate_to_dir(g: Pipeline, o: RunOptions) -> RunResult:
             bar.update(finished + batch * steps_done / steps - bar.n)
 
         with bar:
-            for idx, y, images in g.generate_batches(todo, plan, seed=o.seed, batch_size=o.batch_size, labels=labels,
-                                                     progress=step_done, fused=o.fused):
+            while chunk := list(itertools.islice(todo, o.batch_size)):
+                try:
+                    [(idx, y, images)] = g.generate_batches(chunk, plan, seed=o.seed, batch_size=len(chunk),
+                                                            labels=g.labels(chunk, o.classes), progress=step_done,
+                                                            fused=o.fused)
+                except MemoryError:
+                    raise GenerationError(f"out of memory for a batch of {len(chunk)} images; use a smaller "
+                                          "--batch-size") from None
                 records = [{
                     "index": i, "seed": o.seed, "class": None if y is None else int(y[k]),
                     "class_name": None if y is None or not names else names[int(y[k])],
@@ -104,6 +128,11 @@ def generate_to_dir(g: Pipeline, o: RunOptions) -> RunResult:
                 bar.n = finished  # the same count, now that the batch is on disk
                 bar.refresh()
     seconds = time.perf_counter() - start
+    records = out.recorded()
+    lost = None if len(records) == o.n else next((i for i in mine if i not in records), None)
+    if lost is not None:  # never report success without this shard's part on disk
+        raise OutputError(f"image {lost} is not on disk with its manifest record at the end of this run (removed "
+                          "meanwhile?); rerun the same command to make it again")
     columns = g.contract.num_classes if g.contract.conditional and o.classes is None else math.ceil(math.sqrt(min(o.n, 100)))
-    finalized = out.finalize(g.contract.channels, o.grid, columns)
-    return RunResult(len(todo), len(mine) - len(todo), plan, seconds, finalized)
+    finalized = out.finalize(g.contract.channels, o.grid, columns, records)
+    return RunResult(len(mine) - already, already, plan, seconds, finalized, pending=o.n - len(records))

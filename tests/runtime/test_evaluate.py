@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import struct
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 from runtime.eval_cli import main
 from runtime.evaluate import FeatureExtractor, classifier_path, frechet_distance, kernel_inception_distance
+from runtime.output import OutputDir, shard_indices
 
 
 def test_frechet_distance_closed_forms():
@@ -124,3 +126,109 @@ def test_bad_input(case, message, tmp_path, reference_root):
         folder, root = tmp_path / "g2", tmp_path / "nowhere"
     r = CliRunner().invoke(main, [str(folder), "--data-root", str(root)])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def write_run(folder: Path, n: int, shards_done: list[int], num_shards: int = 2, formats=("png",)) -> Path:
+    """A ddpm-generate folder written by ``runtime.output`` as a run does: shards ``shards_done`` of ``num_shards``
+    finished (their images and manifest-I-of-N.jsonl); finalized (manifest.jsonl, samples.npz) once all are."""
+    images, labels = garment_like(n, 11)
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+    out = OutputDir(folder, {"n": n, "seed": 0}, formats=formats, overwrite=False)
+    for shard in shards_done:
+        idx = shard_indices(n, shard, num_shards)
+        out.write_images(idx, images[idx.start:idx.stop], [{"index": i, "class": int(labels[i])} for i in idx],
+                         folder / f"manifest-{shard}-of-{num_shards}.jsonl")
+    out.finalize(1, grid=False, grid_columns=8)
+    return folder
+
+
+def assert_one_line_error(r, *messages: str) -> None:
+    """Refused through click (no uncaught exception), on one line that holds every message."""
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    assert all(m in r.output for m in messages), r.output
+
+
+@pytest.mark.parametrize("formats", [("png",), ("npz",)])
+def test_unfinished_run_is_refused_unless_allow_incomplete(formats, reference_root, tmp_path):
+    folder = write_run(tmp_path / "run", 48, shards_done=[0], formats=formats)
+    assert not (folder / "manifest.jsonl").exists()
+
+    def ddpm_eval(*args: str):
+        return CliRunner().invoke(main, [str(folder), "--data-root", str(reference_root), *args])
+
+    assert_one_line_error(ddpm_eval(), "unfinished run: 24 of 48 images", "24 missing", "--allow-incomplete")
+    r = ddpm_eval("--allow-incomplete", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["n"] == result["rows"][0]["n"] == 24 and result["incomplete"] == {"expected_n": 48, "missing": 24}
+    assert result["rows"][0]["conditional_accuracy"] is not None  # the shard manifest's classes
+    r = ddpm_eval("--allow-incomplete")
+    assert r.exit_code == 0 and r.output.startswith("INCOMPLETE RUN: 24 of 48 images (24 missing)"), r.output
+
+    write_run(folder, 48, shards_done=[1], formats=formats)  # the other shard finishes: the run is finalized
+    assert (folder / ("samples.npz" if "npz" in formats else "manifest.jsonl")).is_file()
+    r = ddpm_eval("--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output)
+    assert result["n"] == 48 and result["incomplete"] is None
+    assert "INCOMPLETE" not in ddpm_eval().output
+
+
+def test_unfinished_run_counts_the_images_ddpm_generate_counts_as_done(tmp_path):
+    folder = write_run(tmp_path / "run", 48, shards_done=[0])
+    manifest = folder / "manifest-0-of-2.jsonl"
+    # its last line cut by a crash (image 23 is made again), then a line that is no record, not even UTF-8
+    manifest.write_bytes(manifest.read_bytes()[:-10] + b"\n\xff{\"index\": 40}\n")
+    (folder / "000005.png").unlink()  # recorded, but its file is gone: made again too
+    r = CliRunner().invoke(main, [str(folder), "--data-root", str(tmp_path / "nowhere")])
+    assert_one_line_error(r, "22 of 48 images", "26 missing")
+
+
+def corrupt(folder: Path, case: str) -> None:
+    """Damage a finished 12-image folder of ``write_folder`` as ``case`` says."""
+    png = folder / "000003.png"
+    if case == "mixed-sizes":
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "000005.png")
+    elif case == "corrupt-png":
+        png.write_bytes(b"this is not a PNG file")
+    elif case == "cut-png":  # noise, so that the PNG has a long image-data chunk to cut
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(png)
+        png.write_bytes(png.read_bytes()[:600])
+    elif case == "cut-manifest":
+        (folder / "manifest.jsonl").write_text((folder / "manifest.jsonl").read_text()[:-12])
+    elif case == "missing-file":
+        (folder / "000004.png").unlink()
+    elif case == "bad-class":
+        records = [{**json.loads(line), "class": 7} for line in (folder / "manifest.jsonl").read_text().splitlines()]
+        records[2]["class"] = "Sneaker"
+        (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif case in ("garbage-npz", "cut-npz", "short-npz"):
+        buf = io.BytesIO()
+        np.savez(buf, arr_0=np.zeros((10 if case == "short-npz" else 12, 32, 32, 1), np.uint8))
+        data = {"garbage-npz": b"garbage " * 20, "cut-npz": buf.getvalue()[:300], "short-npz": buf.getvalue()}[case]
+        (folder / "samples.npz").write_bytes(data)
+    elif case == "bad-run-json":
+        (folder / "run.json").write_text('{"n": 1')
+    elif case == "more-than-n":
+        (folder / "run.json").write_text(json.dumps({"n": 10}))
+
+
+@pytest.mark.parametrize("case, messages", [
+    ("mixed-sizes", ("000005.png is 28×28×1", "11 of the 12 images are 32×32×1")),
+    ("corrupt-png", ("000003.png is not an image",)),
+    ("cut-png", ("000003.png cannot be read",)),
+    ("cut-manifest", ("manifest.jsonl:12: not valid JSON",)),
+    ("missing-file", ("manifest.jsonl:5:", "000004.png does not exist")),
+    ("bad-class", ("manifest.jsonl:3: class 'Sneaker' is not a class index",)),
+    ("garbage-npz", ("samples.npz is not an .npz archive",)),
+    ("cut-npz", ("samples.npz is not a readable .npz archive",)),
+    ("short-npz", ("samples.npz holds 10 images but", "manifest.jsonl lists 12")),
+    ("bad-run-json", ("cannot read", "run.json")),
+    ("more-than-n", ("holds 12 images but", "run.json says n = 10")),
+])
+def test_bad_files(case, messages, tmp_path, reference_root):
+    folder = write_folder(tmp_path / "gen", np.zeros((12, 32, 32), np.uint8))
+    corrupt(folder, case)
+    r = CliRunner().invoke(main, [str(folder), "--data-root", str(reference_root)])
+    assert_one_line_error(r, *messages)

@@ -18,9 +18,12 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image
 
+import runtime
 import runtime.output
 from runtime.cli import main
 from runtime.metadata import CONTRACT_KEY, SamplingContract
+
+REPO = Path(runtime.__file__).resolve().parents[1]  # this checkout, for subprocesses
 
 
 def cli(*args: str):
@@ -74,36 +77,96 @@ def test_shards_running_at_once_equal_one_run(cond_onnx, tmp_path):
     assert len(list((tmp_path / "sharded").glob("manifest-*-of-3.jsonl"))) == 3
 
 
-def test_sigkill_then_resume_gives_the_identical_set(slow_onnx, tmp_path):
-    args = [slow_onnx, "-n", 40, "--batch-size", 1, "--sampler", "ddpm", "--provider", "cpu", "--seed", 5]
+# Runs the CLI with one function wrapped to stop the run at a known point: it touches HELD, then sleeps until a
+# signal comes. Interruption tests send their signal there, however fast or slow the machine is.
+HELD_CLI = """
+import os, sys, time
+from pathlib import Path
+
+import runtime
+import runtime.output
+from runtime.cli import main
+
+held, where, k = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+count = 0
+
+
+def hold_at_k():
+    global count
+    count += 1
+    if count == k:
+        held.touch()
+        while True:
+            time.sleep(0.05)
+
+
+if where == "after-batch":  # batch k is on disk (images and manifest lines)
+    write_images = runtime.output.OutputDir.write_images
+
+    def held_write_images(*args, **kwargs):
+        write_images(*args, **kwargs)
+        hold_at_k()
+
+    runtime.output.OutputDir.write_images = held_write_images
+elif where == "before-rename":  # image file k is written under its temporary name, not renamed yet
+    replace = os.replace
+
+    def held_replace(src, dst):
+        if str(dst).endswith(".png"):
+            hold_at_k()
+        return replace(src, dst)
+
+    os.replace = held_replace
+main(sys.argv[4:], prog_name="ddpm-generate")
+"""
+
+
+def held_process(tmp_path: Path, where: str, k: int, *args) -> tuple[subprocess.Popen, Path]:
+    """``ddpm-generate ARGS`` in a subprocess, held at the k-th ``where`` (see HELD_CLI); returns it and its log."""
+    script, held, log = tmp_path / "held_cli.py", tmp_path / f"held-{where}-{k}", tmp_path / f"held-{where}-{k}.log"
+    script.write_text(HELD_CLI)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as f:  # a file, not a pipe, so that progress output can never block the run
+        p = subprocess.Popen([sys.executable, str(script), str(held), where, str(k), *map(str, args)], stdout=f,
+                             stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while not held.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"the run was not held at {where} {k}: {log.read_text()[-2000:]}")
+        time.sleep(0.01)
+    return p, log
+
+
+def test_sigkill_then_resume_gives_the_identical_set(uncond_onnx, tmp_path):
+    args = [uncond_onnx, "-n", 8, "--batch-size", 2, "--steps", 3, "--provider", "cpu", "--seed", 5]
     assert cli(*args, "--out", tmp_path / "whole").exit_code == 0
     out = tmp_path / "killed"
-    p = cli_process(*args, "--out", out)
-    deadline = time.time() + 60
-    while len(list(out.glob("0*.png"))) < 3 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.01)
+    p, _ = held_process(tmp_path, "before-rename", 5, *args, "--out", out)  # batches 1-2 done, image 4 half-written
     p.send_signal(signal.SIGKILL)
     p.wait()
-    made_before = len(list(out.glob("0*.png")))
-    assert 3 <= made_before < 40, "the run should have been killed midway"
+    assert sorted(f.name for f in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(4)]
+    assert len(list(out.glob(".000004.png.tmp-*"))) == 1  # what kill -9 leaves
     r = cli(*args, "--out", out)
     assert r.exit_code == 0, r.output
-    assert "already there" in r.output
-    assert np.array_equal(images_in(out, 40), images_in(tmp_path / "whole", 40))
+    assert "4 images in" in r.output and "4 already there" in r.output, r.output
+    assert np.array_equal(images_in(out, 8), images_in(tmp_path / "whole", 8))
+    assert (out / "manifest.jsonl").read_text() == (tmp_path / "whole" / "manifest.jsonl").read_text()
+    assert not list(out.glob(".*tmp*")), "the killed run's temporary file is removed on resume"
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(slow_onnx, tmp_path):
+def test_ctrl_c_stops_cleanly_and_resumes(uncond_onnx, tmp_path):
     out = tmp_path / "int"
-    args = [slow_onnx, "-n", 40, "--batch-size", 1, "--provider", "cpu", "--out", out]
-    p = cli_process(*args)
-    deadline = time.time() + 60
-    while len(list(out.glob("0*.png"))) < 2 and time.time() < deadline:
-        time.sleep(0.01)
+    args = [uncond_onnx, "-n", 8, "--batch-size", 2, "--steps", 3, "--provider", "cpu", "--out", out]
+    p, log = held_process(tmp_path, "after-batch", 2, *args)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode != 0 and "interrupted; rerun the same command" in err and "Traceback" not in err
-    assert cli(*args).exit_code == 0
-    assert len(list(out.glob("0*.png"))) == 40
+    p.wait(timeout=60)
+    err = log.read_text()
+    assert p.returncode != 0 and "interrupted; rerun the same command" in err and "Traceback" not in err, err
+    assert not list(out.glob(".*tmp*"))
+    r = cli(*args)
+    assert r.exit_code == 0 and "4 images in" in r.output and "4 already there" in r.output, r.output
+    assert len(list(out.glob("0*.png"))) == 8
 
 
 def test_other_settings_are_refused_unless_overwrite(uncond_onnx, tmp_path):
