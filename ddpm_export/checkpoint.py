@@ -1,15 +1,14 @@
 """Safe checkpoint loading: a checkpoint is data, never code.
 
-``torch.load(..., weights_only=True)`` only rebuilds tensors and plain containers; a file that carries a
-pickled callable (a code payload) is refused before anything in it runs. The saved hyperparameters are read
+``training.safe_load`` reads it with ``torch.load(..., weights_only=True)``, which only rebuilds tensors and
+plain containers; a file that carries a pickled callable (a code payload) is refused before anything in it
+runs (``ddpm-train --resume`` refuses it with the same words). The saved hyperparameters are read
 into a ``training.config.ModelConfig``, which rebuilds the U-Net (given the EMA or the raw weights) and states
 the sampling contract.
 """
 
 from __future__ import annotations
 
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,7 @@ import torch
 from ddpm_export.errors import CheckpointError
 from runtime.metadata import Provenance, SamplingContract
 from training.config import REQUIRED_HPARAMS, ModelConfig
+from training.safe_load import explain_load_error, load_data
 from training.unet import UNet, UNetConfig
 
 RAW_PREFIX, EMA_PREFIX = "unet.", "ema.module."
@@ -80,9 +80,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - classify below
-        raise CheckpointError(_explain_load_error(path, e)) from None
+        data = load_data(path)
+    except Exception as e:  # noqa: BLE001 - explain_load_error classifies it
+        raise CheckpointError(explain_load_error(path, e)) from None
     if not isinstance(data, dict) or "state_dict" not in data:
         raise CheckpointError(f"{path} is not a ddpm-train checkpoint (no state_dict)")
     hp = data.get("hyper_parameters")
@@ -98,17 +98,3 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} has unusable hyperparameters: {str(e).splitlines()[0]}") from None
     step = data.get("global_step")
     return Checkpoint(path, dict(hp), data["state_dict"], int(step) if step is not None else None)
-
-
-def _explain_load_error(path: Path, e: Exception) -> str:
-    text = str(e)
-    if isinstance(e, __import__("pickle").UnpicklingError) and "weights_only" in text.lower():
-        found = re.search(r"(?:GLOBAL|global)\s+([\w.]+)", text)
-        what = f" ({found.group(1)})" if found else ""
-        return (f"refusing to load {path}: it contains pickled code or objects{what}, and a checkpoint "
-                "must hold only tensors and plain data")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
-    if is_zip or isinstance(e, zipfile.BadZipFile):
-        return f"{path} is truncated or corrupt (a damaged torch.save archive)"
-    return f"{path} is not a PyTorch checkpoint (expected a torch.save archive)"

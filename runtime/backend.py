@@ -10,6 +10,7 @@ and ``.pt2`` (``runtime.pt2_model``) need torch and are imported only for such a
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, Protocol
@@ -18,7 +19,7 @@ import numpy as np
 
 from runtime.errors import ModelError
 from runtime.metadata import SamplingContract
-from runtime.providers import AUTO_ORDER, CHOICES, PROVIDER_NAMES
+from runtime.providers import AUTO_ORDER, CHOICES, GPU_PROVIDERS, PROVIDER_NAMES, gpu_visible
 
 
 class Backend(Protocol):
@@ -36,13 +37,35 @@ class Backend(Protocol):
 
 
 def model_format(path: Path) -> Literal["onnx", "torchscript", "pt2"]:
-    """ONNX files are protobuf; TorchScript (torch.jit.save) and .pt2 packages are zip archives."""
+    """What a model file is, read from its layout without unpickling anything.
+
+    ONNX files are protobuf; TorchScript (torch.jit.save) and .pt2 packages are zip archives: a .pt2 has an
+    ``archive_format`` entry, a TorchScript archive ``*/constants.pkl`` and ``*/code/``. A torch.save file (a
+    checkpoint: ``*/data.pkl`` and no code, or a bare pickle) or any other zip raises ``ModelError``.
+    """
     from runtime.pt2_model import is_pt2
 
     with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return "onnx"
-    return "pt2" if is_pt2(path) else "torchscript"
+        head = f.read(4)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocols 2-5
+        raise ModelError(f"{path} is not an ONNX, TorchScript or .pt2 model (it is a Python pickle, such as a "
+                         "checkpoint; export checkpoints with ddpm-export)")
+    if head != b"PK\x03\x04":
+        return "onnx"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise ModelError(f"{path} is truncated or corrupt (a damaged zip archive; "
+                         "TorchScript and .pt2 models are zip archives)") from None
+    if is_pt2(path):
+        return "pt2"
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("/data.pkl") for n in names):
+        raise ModelError(f"{path} is not a TorchScript or .pt2 model (it looks like a torch.save checkpoint; "
+                         "export it with ddpm-export)")
+    raise ModelError(f"{path} is not a TorchScript or .pt2 model (a zip archive without TorchScript code)")
 
 
 def start_onnx(path: str | os.PathLike, providers: tuple[str, ...], **session) -> Iterator[tuple[str, object]]:
@@ -61,7 +84,9 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
                  log: Callable[[str], None] = lambda msg: None) -> Backend:
     """The backend for a model file: TorchScript for a .pt archive, else onnxruntime on ``provider``.
 
-    ``auto`` takes the first of tensorrt, cuda, cpu that starts and logs the ones that did not.
+    ``auto`` takes the first of tensorrt, cuda, cpu that starts and, where a GPU is visible
+    (``runtime.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly (onnxruntime
+    logs a failure in several lines); one asked for by name that does not start is one ``ModelError``.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,13 +108,15 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
     for name in AUTO_ORDER if provider == "auto" else (provider,):
         options = provider_options if name == provider or (provider == "auto" and name == "cuda") else None
         ((_, model),) = start_onnx(path, (name,), threads=threads, cpu_arena=cpu_arena, provider_options=options,
-                                   session_options=session_options, quiet=provider == "auto")
+                                   session_options=session_options, quiet=name in GPU_PROVIDERS)
         if isinstance(model, ModelError):
             if name == "cpu" or provider != "auto":
+                if name in GPU_PROVIDERS and not gpu_visible():  # the quiet probe dropped onnxruntime's reason
+                    raise ModelError(f"{model}; no NVIDIA GPU is visible here") from None
                 raise model
             failures.append(PROVIDER_NAMES[name])  # auto: any failure off the CPU means "try the next one"
             continue
-        if failures:
+        if failures and gpu_visible():  # without a GPU, that they did not start is no news
             log(f"provider auto: {', '.join(failures)} did not start here; using {model.provider}")
         return model
     raise AssertionError("unreachable: the CPU provider always starts")

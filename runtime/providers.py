@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -15,3 +19,13 @@ GPU_PROVIDERS = ("cuda", "tensorrt")
 def full_name(provider: str) -> str:
     """``cpu`` → ``CPUExecutionProvider``; a full onnxruntime name is returned as it is."""
     return PROVIDER_NAMES.get(provider, provider)
+
+
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU: its device nodes on Linux, ``nvidia-smi`` on the PATH elsewhere.
+
+    Cheap and torch-free; it decides only whether a GPU provider that did not start is worth mentioning.
+    """
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))  # dxg: WSL2
+    return shutil.which("nvidia-smi") is not None

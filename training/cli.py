@@ -57,7 +57,9 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
 @click.option("--seed", default=0, type=int, help="Random seed for weights, data order and noise.")
 @click.option("--out", "out_dir", default="runs/ddpm", type=click.Path(file_okay=False), help="Run folder: checkpoints/, samples/, logs/.")
-@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Continue from this checkpoint: its model, step, optimizer and EMA state (model flags are taken from it).")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Continue from this checkpoint: its model, step, optimizer and EMA state (model flags are taken from it). "
+                   "A checkpoint saved mid-epoch finishes that epoch on a fresh shuffle of the data: some of the "
+                   "epoch's images come twice, others not until the next epoch.")
 @click.option("--checkpoint-every", default=500, type=click.IntRange(min=1), help="Write checkpoints/last.ckpt every N steps.")
 @click.option("--sample-every", default=0, type=click.IntRange(min=0), help="Write a sample grid every N steps (0: only at the end).")
 @click.option("--sample-steps", default=None, type=click.IntRange(min=1), help="Sampling steps for the grids (default: T; fewer uses a respaced schedule).")

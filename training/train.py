@@ -9,6 +9,7 @@ raise ``TrainError`` (one line).
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -96,11 +97,16 @@ def _config_for_data(o: TrainOptions, data) -> ModelConfig:
 
 
 def _checkpoint_config(path: str) -> ModelConfig:
+    """The model of a checkpoint to resume, read as data only (a file carrying pickled code is refused)."""
+    from training.safe_load import explain_load_error, load_data
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        hparams = ckpt["hyper_parameters"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
-        raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        ckpt = load_data(path)
+    except Exception as e:  # noqa: BLE001 - explain_load_error classifies it
+        raise TrainError(explain_load_error(Path(path), e)) from None
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict):
+        raise TrainError(f"{path} is not a ddpm-train checkpoint (no hyper_parameters)")
     try:
         return ModelConfig.from_hparams(hparams)
     except (ValueError, TypeError) as e:
@@ -152,9 +158,12 @@ def train(o: TrainOptions) -> Path:
     )
     if o.resume:
         print(f"resuming from {o.resume}", file=sys.stderr)
-    trainer.fit(model, loader, ckpt_path=o.resume)
+    with warnings.catch_warnings():
+        # A mid-epoch checkpoint finishes its epoch on a fresh shuffle (not resumable); --resume's help says so.
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(model, loader, ckpt_path=o.resume)
     last = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(last)  # the newest state, also after an interrupt
+    trainer.save_checkpoint(last, weights_only=False)  # the newest full state, also after an interrupt
     if trainer.interrupted:
         print(f"interrupted at step {trainer.global_step}", file=sys.stderr)
     print(f"trained to step {trainer.global_step}; last checkpoint: {last}", file=sys.stderr)

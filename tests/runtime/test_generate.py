@@ -64,12 +64,18 @@ def test_classes_by_name_and_index(cond_onnx):
         g.labels([0], 3)  # 3 is the null label, not a class
 
 
-def test_provider_auto_reports_what_ran(uncond_onnx):
+@pytest.mark.parametrize("gpu", [False, True])
+def test_provider_auto_reports_what_ran(uncond_onnx, monkeypatch, gpu):
+    """GPU providers that did not start are news only where a GPU is visible (``gpu_visible``, patched here)."""
+    import runtime.backend
+
+    monkeypatch.setattr(runtime.backend, "gpu_visible", lambda: gpu, raising=False)
     messages = []
     g = runtime.load(uncond_onnx, "auto", log=messages.append)
     assert g.provider in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
     if g.provider == "CPUExecutionProvider":
-        assert any("did not start" in m and "CPUExecutionProvider" in m for m in messages)
+        reported = [m for m in messages if "did not start" in m and "CPUExecutionProvider" in m]
+        assert len(reported) == int(gpu), messages
 
 
 @pytest.mark.gpu

@@ -17,6 +17,11 @@ TINY = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1"
         "--batch-size", "8", "--sample-steps", "4", "--timesteps", "100"]
 
 
+# What every run (or every mid-epoch resume) used to print from Lightning; --resume's help explains the data order.
+NOISE = ("`validation_step` but have no `val_dataloader`", "dataloader is not resumable",
+         "`weights_only` was not set")
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, timeout=300)
 
@@ -26,6 +31,7 @@ def test_train_then_resume(fashion_root: Path, tmp_path: Path):
     r = run_cli("--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--max-steps", "5",
                 "--conditional", "--out", str(out), *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert [w for w in NOISE if w in r.stderr] == [], r.stderr[-2000:]
     last = out / "checkpoints" / "last.ckpt"
     assert r.stdout.strip().splitlines()[-1] == str(last)
     assert Image.open(out / "samples" / "last.png").size[0] > 32  # a grid, not one image
@@ -37,6 +43,7 @@ def test_train_then_resume(fashion_root: Path, tmp_path: Path):
     r = run_cli("--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--max-steps", "8",
                 "--out", str(out), "--resume", str(last), *TINY)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert [w for w in NOISE if w in r.stderr] == [], r.stderr[-2000:]  # step 5 of 8 per epoch: a mid-epoch resume
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 8
     assert int(resumed["state_dict"]["ema.n_averaged"]) == 8  # EMA state carried over, not restarted

@@ -1,0 +1,95 @@
+"""Messages about files that are not what a command takes: real torch files given to ddpm-generate, and
+checkpoints that ddpm-train --resume refuses (never with torch's advice to load them with weights_only=False)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import runtime
+from runtime.backend import model_format
+
+
+class Payload:
+    """Unpickling this would run ``touch <marker>``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # handled, no traceback
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+def test_generate_names_a_torch_save_checkpoint(tmp_path: Path):
+    from runtime.cli import main
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"unet.w": torch.zeros(3)}, "hyper_parameters": {"lr": 1e-3}}, evil)
+    line = one_error_line(CliRunner().invoke(main, [str(evil), "-n", "1", "--out", str(tmp_path / "out")]))
+    assert "evil.pt is not a TorchScript or .pt2 model (it looks like a torch.save checkpoint; export it with " \
+           "ddpm-export)" in line, line
+    assert "constants.pkl" not in line and "corrupted" not in line
+
+
+def test_a_torchscript_archive_is_still_torchscript(tmp_path: Path):
+    path = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    assert model_format(path) == "torchscript"
+    with pytest.raises(runtime.ModelError, match="carries no sampling contract"):  # loaded, then checked
+        runtime.load(path, "cpu")
+
+
+def resume(tmp_path: Path, fashion_root: Path, ckpt: Path):
+    from training.cli import main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, ["--dataset", "fashion-mnist", "--data-root", str(fashion_root),
+                                           "--out", str(tmp_path / "run"), "--resume", str(ckpt)])
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+    assert "weights_only" not in result.output and "arbitrary code" not in result.output, result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    return one_error_line(result)
+
+
+def test_resume_refuses_pickled_code_and_never_runs_it(tmp_path: Path, fashion_root: Path):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"unet.w": torch.zeros(1)}, "hyper_parameters": {"lr": 1e-3, "extra": Payload(marker)}},
+               evil)
+    line = resume(tmp_path, fashion_root, evil)
+    assert f"refusing to load {evil}: it contains pickled code or objects" in line, line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind, message", [("pickle", "is not a PyTorch checkpoint"),
+                                           ("nohparams", "is not a ddpm-train checkpoint (no hyper_parameters)")])
+def test_resume_says_what_the_file_is(tmp_path: Path, fashion_root: Path, kind, message):
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"state_dict": {}}))
+    else:
+        torch.save({"state_dict": {"unet.w": torch.zeros(1)}}, path)
+    line = resume(tmp_path, fashion_root, path)
+    assert message in line, line
+
+
+def test_resume_help_says_what_happens_to_the_data_order():
+    from training.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["--help"]).output.split())
+    assert "mid-epoch" in text and "fresh shuffle" in text
