@@ -32,6 +32,7 @@ DEFAULT_SAMPLER: SamplerName = "ddpm"
 DEFAULT_DDIM_STEPS = 50
 DEFAULT_ETA = 0.0
 DEFAULT_GUIDANCE = 1.0  # w = 1: the conditional prediction alone
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the samplers compute in float32
 
 
 # -- per-step coefficients ------------------------------------------------------------------------------------
@@ -128,8 +129,8 @@ def eta_problem(eta: object) -> str | None:
 
 
 def guidance_problem(guidance: object, conditional: bool) -> str | None:
-    if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or not math.isfinite(guidance):
-        return f"guidance must be a finite number, got {guidance!r}"
+    if not isinstance(guidance, numbers.Real) or isinstance(guidance, bool) or not abs(guidance) <= FLOAT32_MAX:
+        return f"guidance must be a finite number (in float32), got {guidance!r}"
     if guidance != DEFAULT_GUIDANCE and not conditional:
         return "guidance needs a class-conditional model; this one is unconditional"
     return None

@@ -57,6 +57,7 @@ def test_explicit_settings_give_the_same_coefficients_with_or_without_recommenda
     (dict(sampler="ddim", eta=float("nan")), "eta must be a number between 0 and 1"),
     (dict(guidance=float("nan")), "guidance must be a finite number"),
     (dict(guidance=float("inf")), "guidance must be a finite number"),
+    (dict(guidance=1e300), "guidance must be a finite number \\(in float32\\)"),
     (dict(variance="learned"), "unknown variance"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):

@@ -1,0 +1,245 @@
+"""The HTTP app over a real Scheduler: images equal offline generation, requests of any settings share a batch,
+cancellation (deadline, client gone) frees the batch, 429/413/422/503, NaN confined to its request, metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.serve.helpers import SERVE_MODULES
+
+for _module in SERVE_MODULES:
+    pytest.importorskip(_module, reason="needs the serve extra: pip install -e '.[serve,dev]'")
+
+import runtime  # noqa: E402
+from serve.app import begin_shutdown, create_app  # noqa: E402
+from serve.scheduler import Scheduler  # noqa: E402
+from tests.serve.helpers import CLASS_NAMES, assert_images_close, decode, wait_until  # noqa: E402
+
+
+def offline(model, n: int, **settings) -> np.ndarray:
+    return runtime.load(model, "cpu", threads=1, log=lambda m: None).generate(n, **settings)
+
+
+def in_flight(scheduler) -> int:
+    return scheduler.stats()["images_in_flight"]
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_images_and_metadata_equal_offline_generation(serving, long_cond_onnx, batching):
+    client, _, _ = serving(long_cond_onnx, batching=batching)
+    settings = dict(sampler="ddpm", steps=30, guidance=2.0, seed=7, start_index=2)
+    r = client.post("/v1/images", json={"n": 4, **settings})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_images_close(decode(body), offline(long_cond_onnx, 4, **settings))
+    g = runtime.load(long_cond_onnx, "cpu", log=lambda m: None)
+    assert body["model_sha256"] == g.sha256
+    assert body["settings"] == g.plan("ddpm", 30, None, 2.0).run_settings()
+    assert [(i["index"], i["seed"], i["class"], i["class_name"]) for i in body["images"]] == [
+        (k, 7, k % 3, CLASS_NAMES[k % 3]) for k in range(2, 6)]
+
+    # nothing given: the model's recommendations (DDIM-20, w = 1.5), exactly as runtime.load(...).generate takes them
+    r = client.post("/v1/images", json={"n": 2, "class": "Beta"})
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"] == g.plan().run_settings() and r.json()["settings"]["sampler"] == "ddim"
+    assert {i["class"] for i in r.json()["images"]} == {1}
+    assert_images_close(decode(r.json()), offline(long_cond_onnx, 2, classes="beta"))
+
+    # npz: the same images under arr_0, the metadata as JSON under meta
+    r = client.post("/v1/images", json={"n": 4, **settings, "format": "npz"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    npz = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert npz["arr_0"].shape == (4, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+    assert_images_close(npz["arr_0"], decode(body), levels=0)
+    meta = json.loads(str(npz["meta"]))
+    assert meta["settings"] == body["settings"] and meta["images"][0] == {k: v for k, v in body["images"][0].items()
+                                                                          if k != "png_base64"}
+
+
+def test_requests_with_different_settings_share_one_batch(serving, long_cond_onnx):
+    """A long guided DDPM-1000 request runs; a DDIM (eta > 0) and a clipped, respaced DDPM request join its batch,
+    overtake it, and all three equal offline generation."""
+    client, scheduler, _ = serving(long_cond_onnx)
+    requests = {
+        "long": dict(n=16, sampler="ddpm", guidance=2.0, seed=1),
+        "ddim": dict(n=3, sampler="ddim", steps=20, eta=0.5, guidance=1.0, seed=2, start_index=5),
+        "clip": dict(n=4, sampler="ddpm", steps=50, guidance=1.0, clip_denoised=True, variance="beta", seed=3),
+    }
+    finished = []
+
+    def post(name):
+        r = client.post("/v1/images", json={**requests[name], "class": 1 if name == "ddim" else None})
+        finished.append(name)
+        return r
+
+    with ThreadPoolExecutor(3) as pool:
+        long = pool.submit(post, "long")
+        wait_until(lambda: in_flight(scheduler) > 0, what="the long request in the batch")
+        short = [pool.submit(post, name) for name in ("ddim", "clip")]
+        responses = {"long": long.result(), "ddim": short[0].result(), "clip": short[1].result()}
+    assert finished[-1] == "long", f"the short requests did not overtake the long one: {finished}"
+    for name, r in responses.items():
+        assert r.status_code == 200, (name, r.text)
+        settings = {k: v for k, v in requests[name].items() if k != "n"}
+        want = offline(long_cond_onnx, requests[name]["n"], classes=1 if name == "ddim" else None, **settings)
+        assert_images_close(decode(r.json()), want)
+    fills = scheduler.stats()["batch_fill"]
+    assert max(fills) > 2 * 16, f"no predictor call held rows of more than one request: {sorted(set(fills))}"
+
+
+def test_a_request_past_its_deadline_is_cancelled_and_leaves_the_batch(serving, slow_onnx):
+    client, scheduler, _ = serving(slow_onnx, deadline_s=0.3)
+    r = client.post("/v1/images", json={"n": 64, "sampler": "ddpm"})  # DDPM-1000 of 64 images: seconds
+    assert r.status_code == 504 and "deadline of 0.3 s" in r.json()["detail"]
+    wait_until(lambda: in_flight(scheduler) == 0 and scheduler.stats()["queue_depth"] == 0, timeout=2,
+               what="the cancelled images to leave the batch")
+    assert scheduler.stats()["images_done"] == 0
+    r = client.post("/v1/images", json={"n": 1, "sampler": "ddim", "steps": 5})  # the server goes on
+    assert r.status_code == 200, r.text
+
+
+def test_a_client_that_disconnects_cancels_its_images(slow_onnx):
+    """A real server (uvicorn, in a thread): closing the socket mid-request drops the request's images."""
+    import uvicorn
+
+    pipeline = runtime.load(slow_onnx, "cpu", threads=1, log=lambda m: None)
+    scheduler = Scheduler(pipeline)
+    app = create_app(scheduler, pipeline, api_key=None, max_images=64, deadline_s=60, grace_s=5)
+    listener = socket.create_server(("127.0.0.1", 0))  # bound here: no race for the port
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, what="uvicorn to start")
+        body = json.dumps({"n": 64, "sampler": "ddpm"}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: in_flight(scheduler) == 64, what="the request in the batch")
+        wait_until(lambda: in_flight(scheduler) == 0 and scheduler.stats()["queue_depth"] == 0, timeout=2,
+                   what="the disconnected request's images to leave the batch")
+        assert scheduler.stats()["images_done"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.close()
+    assert not thread.is_alive()
+
+
+def test_a_full_queue_answers_429_with_retry_after(serving, slow_onnx):
+    client, scheduler, _ = serving(slow_onnx, queue_limit=64)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/images", json={"n": 64, "sampler": "ddpm"})  # about 2 s
+        wait_until(lambda: in_flight(scheduler) == 64, what="the first request in the batch")
+        r = client.post("/v1/images", json={"n": 1})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+        assert "limit 64" in r.json()["detail"]
+        assert first.result().status_code == 200
+    assert client.post("/v1/images", json={"n": 1, "sampler": "ddim", "steps": 5}).status_code == 200
+
+
+def test_nan_fails_only_its_own_request(serving, nan_onnx):
+    """Class 2's images come out NaN: that request gets 500, the request beside it in the batch is unaffected."""
+    client, scheduler, _ = serving(nan_onnx)
+    good_settings = dict(sampler="ddpm", seed=4)
+    with ThreadPoolExecutor(1) as pool:
+        good = pool.submit(client.post, "/v1/images", json={"n": 32, "class": 0, **good_settings})
+        wait_until(lambda: in_flight(scheduler) > 0, what="the good request in the batch")
+        bad = client.post("/v1/images", json={"n": 2, "class": 2, "sampler": "ddim", "steps": 10})
+        good = good.result()
+    assert bad.status_code == 500
+    assert "NaN or Inf" in bad.json()["detail"] and "\n" not in bad.json()["detail"]
+    assert 32 + 2 in scheduler.stats()["batch_fill"], "the two requests never shared a predictor call"
+    assert good.status_code == 200, good.text
+    assert_images_close(decode(good.json()), offline(nan_onnx, 32, classes=0, **good_settings))
+
+
+BAD_REQUESTS = [  # body -> what the one-line reason says
+    ({"n": 0}, "n: Input should be greater than or equal to 1"),
+    ({"n": 65}, "n: Input should be less than or equal to 64"),
+    ({"n": "3"}, "n: Input should be a valid integer"),
+    ({"sampler": "euler"}, "sampler: Input should be 'ddpm' or 'ddim'"),
+    ({"steps": 5000}, "steps must be between 1 and T = 1000, got 5000"),
+    ({"eta": 2.0, "sampler": "ddim"}, "eta must be between 0 and 1, got 2.0"),
+    ({"class": "delta"}, "unknown class 'delta' (this model knows: alpha, beta, gamma)"),
+    ({"class": 3}, "class 3 is out of range (this model has classes 0..2)"),
+    ({"class": True}, "class: must be a class index or name, got true"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"format": "jpeg"}, "format: Input should be 'png' or 'npz'"),
+    ({"model": "/etc/passwd"}, "model: Extra inputs are not permitted"),
+    ({"variance": "sigma"}, "variance: Input should be 'beta' or 'beta_tilde'"),
+]
+
+
+def test_bad_requests_get_one_line_reasons_and_never_reach_the_batch(serving, long_cond_onnx, uncond_onnx):
+    client, scheduler, _ = serving(long_cond_onnx, max_body_bytes=512)
+    for body, reason in BAD_REQUESTS:
+        r = client.post("/v1/images", json=body)
+        detail = r.json()["detail"]
+        assert r.status_code == 422 and detail.startswith(reason) and "\n" not in detail, (body, r.text)
+    for raw, reason in ((b'{"guidance": NaN}', "guidance must be a finite number (in float32), got nan"),
+                        (b'{"n": ', "the body is not valid JSON (Expecting value)")):
+        r = client.post("/v1/images", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json() == {"detail": reason}, (raw, r.text)
+    big = json.dumps({"n": 1, "pad": "x" * 600}).encode()
+    r = client.post("/v1/images", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json() == {"detail": "the request body is larger than 512 bytes"}
+    chunked = client.post("/v1/images", content=iter([big[:300], big[300:]]),  # no Content-Length
+                          headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413
+    assert scheduler.stats()["predictor_calls"] == 0 and scheduler.stats()["images_done"] == 0
+
+    client, _, _ = serving(uncond_onnx)
+    r = client.post("/v1/images", json={"guidance": 2})
+    assert r.status_code == 422
+    assert r.json() == {"detail": "guidance needs a class-conditional model; this one is unconditional"}
+    r = client.post("/v1/images", json={"class": 1})
+    assert r.status_code == 422 and r.json() == {"detail": "this model is unconditional: it takes no class"}
+
+
+def test_api_key_guards_everything_but_healthz(serving, uncond_onnx):
+    client, _, _ = serving(uncond_onnx, api_key="s3cret")
+    body = {"n": 1, "sampler": "ddim", "steps": 3}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cre"}, {"Authorization": "s3cret"}):
+        r = client.post("/v1/images", json=body, headers=headers)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", (headers, r.text)
+        for path in ("/v1/model", "/metrics", "/docs", "/openapi.json"):
+            assert client.get(path, headers=headers).status_code == 401, (path, headers)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    for headers in ({"Authorization": "Bearer s3cret"}, {"X-API-Key": "s3cret"}):
+        assert client.post("/v1/images", json=body, headers=headers).status_code == 200
+        assert client.get("/v1/model", headers=headers).status_code == 200
+
+
+def test_model_metrics_health_and_stopping(serving, long_cond_onnx):
+    client, _, app = serving(long_cond_onnx, max_images=16)
+    g = runtime.load(long_cond_onnx, "cpu", log=lambda m: None)
+    model = client.get("/v1/model").json()
+    assert model["contract"] == g.contract.to_dict() and model["model_sha256"] == g.sha256
+    assert model["provider"] == "CPUExecutionProvider" and model["max_images"] == 16
+    assert model["recommended_settings"] == g.plan().run_settings()
+
+    assert client.post("/v1/images", json={"n": 2, "sampler": "ddim", "steps": 5, "guidance": 1}).status_code == 200
+    assert client.post("/v1/images", json={"n": 0}).status_code == 422
+    text = client.get("/metrics").text
+    for line in ("ddpm_serve_images_total 2.0", "ddpm_serve_queue_depth 0.0", "ddpm_serve_images_in_flight 0.0",
+                 "ddpm_serve_predictor_calls_total 5.0", "ddpm_serve_batch_fill_count 5.0",
+                 'ddpm_serve_batch_fill_bucket{le="2.0"} 5.0', 'ddpm_serve_request_seconds_count{status="200"} 1.0',
+                 'ddpm_serve_requests_total{status="422"} 1.0'):
+        assert line in text, line
+    assert "python_gc_objects_collected_total" not in text  # the app's own registry, not the global one
+
+    assert client.get("/healthz").json() == {"status": "ok"}
+    begin_shutdown(app)  # what SIGTERM does in ddpm-serve
+    r = client.post("/v1/images", json={"n": 1})
+    assert r.status_code == 503 and r.headers["Retry-After"] and r.json() == {"detail": "the server is stopping"}
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json() == {"status": "stopping"}
