@@ -1,8 +1,11 @@
 """Continuous batching: one loop owns the model; every image in flight, from any request, advances one step per
 predictor call, at its own timestep, with its own plan, class and guidance.
 
-Each tick the loop stacks the images in flight (up to ``max_batch``) into one predictor call with per-image ``t``
-and labels; the guided images are doubled in the same call with the null class. Then every image takes its own
+Each tick the loop stacks up to ``max_batch`` live images into one predictor call with per-image ``t`` and labels;
+the guided images are doubled in the same call with the null class. Which images: shortest remaining work first —
+the images of the request with the fewest steps left to make (ties: the older request) —, so a short request
+overtakes a long one at the next tick instead of waiting for it; an image that sits out a tick keeps its state
+and goes on later, unchanged. Then every image takes its own
 step with its own plan's coefficients (``runtime.samplers.update`` with per-image coefficient arrays), its own
 guidance (``runtime.samplers.guided_eps``) and its own noise stream (``runtime.noise``): an image comes out as
 ``runtime.load(model).generate`` makes it. New requests join at the next tick; finished images leave at once.
@@ -110,7 +113,7 @@ class Scheduler:
     validates the settings with the pipeline's plan (``SettingsError``, one line; None takes the model's
     recommendation, as ``Pipeline.generate`` does) and raises ``QueueFull`` beyond ``queue_limit`` images waiting
     or in flight, ``Cancelled`` once stopping. ``max_batch``: images per predictor call (guided ones count once
-    but make two rows). ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls,
+    but make two rows); on a CPU a few dozen rows per call are fastest, a GPU wants thousands. ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls,
     batch_fill (rows per recent call), latencies (seconds of recent requests).
     """
 
@@ -121,9 +124,9 @@ class Scheduler:
         self.pipeline, self.max_batch, self.queue_limit, self.batching = pipeline, max_batch, queue_limit, batching
         c = pipeline.contract
         self.shape = (c.channels, c.image_size, c.image_size)
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._admitted = 0  # images of the head job already in flight
-        self._flight: list[_Image] = []
+        self._waiting: collections.deque[Job] = collections.deque()  # submitted, not yet turned into images
+        self._pool: list[_Image] = []  # live images of admitted requests
+        self._flight: list[_Image] = []  # the images of the current (or last) predictor call
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -149,11 +152,11 @@ class Scheduler:
         return job
 
     def _pending_images(self) -> int:
-        return sum(j.n for j in self._waiting) - self._admitted + len(self._flight)
+        return sum(j.n for j in self._waiting) + len(self._pool)
 
     def stats(self) -> dict:
         with self._cond:
-            return {"queue_depth": sum(j.n for j in self._waiting) - self._admitted,
+            return {"queue_depth": self._pending_images() - len(self._flight),
                     "images_in_flight": len(self._flight), "images_done": self.images_done,
                     "requests_done": self.requests_done, "predictor_calls": self.predictor_calls,
                     "batch_fill": list(self.batch_fill), "latencies": list(self.latencies)}
@@ -169,9 +172,9 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            while (self._waiting or self._flight) and time.monotonic() < deadline:
+            while (self._waiting or self._pool) and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
-            for job in [*self._waiting, *{im.job for im in self._flight}]:
+            for job in [*self._waiting, *{im.job for im in self._pool}]:
                 job.cancel()
             self._cond.notify_all()
         if self._thread is not None:
@@ -183,7 +186,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if self.batching:
                     self._admit()
-                while not self._flight and not self._waiting:
+                while not self._pool and not self._waiting:
                     if self._stopping:
                         return
                     self._cond.wait(timeout=0.5)
@@ -192,7 +195,7 @@ class Scheduler:
                         self._admit()
                 job = None if self.batching else (self._waiting[0] if self._waiting else None)
             if self.batching:
-                if self._flight:
+                if self._pool:
                     self._tick()
             elif job is not None:
                 self._run_alone(job)
@@ -200,31 +203,35 @@ class Scheduler:
                 self._cond.notify_all()
 
     def _admit(self) -> None:
-        """Images of waiting requests join, oldest first, up to ``max_batch`` in flight (called under the lock)."""
-        while self._waiting and len(self._flight) < self.max_batch:
-            job = self._waiting[0]
-            take = min(job.n - self._admitted, self.max_batch - len(self._flight))
-            self._flight += [_Image(job, k, self.shape) for k in range(self._admitted, self._admitted + take)]
-            self._admitted += take
-            if self._admitted == job.n:
-                self._waiting.popleft()
-                self._admitted = 0
+        """Waiting requests become live images (x_T drawn), to be picked by ``_select`` (called under the lock)."""
+        while self._waiting:
+            job = self._waiting.popleft()
+            self._pool += [_Image(job, k, self.shape) for k in range(job.n)]
+
+    def _select(self) -> list[_Image]:
+        """Up to ``max_batch`` live images, shortest remaining work first (called under the lock)."""
+        if len(self._pool) <= self.max_batch:
+            return list(self._pool)
+        left: dict[Job, int] = collections.Counter()
+        for im in self._pool:
+            left[im.job] += im.i + 1
+        return sorted(self._pool, key=lambda im: (left[im.job], im.job.submitted, im.k))[:self.max_batch]
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave: their images stop, the caller gets ``Cancelled`` (called under the lock)."""
-        gone = {j for j in self._waiting if j.cancelled} | {im.job for im in self._flight if im.job.cancelled}
+        gone = {j for j in self._waiting if j.cancelled} | {im.job for im in self._pool if im.job.cancelled}
         if not gone:
             return
-        if self._waiting and self._waiting[0] in gone:
-            self._admitted = 0
         self._waiting = collections.deque(j for j in self._waiting if j not in gone)
+        self._pool = [im for im in self._pool if im.job not in gone]
         self._flight = [im for im in self._flight if im.job not in gone]
         for job in gone:
             job._finish(Cancelled("the request was cancelled"))
 
     def _tick(self) -> None:
-        """One predictor call for every image in flight, then one step each."""
-        flight = list(self._flight)
+        """One predictor call for the selected images, then one step each."""
+        with self._cond:
+            self._flight = flight = self._select()
         contract = self.pipeline.contract
         x = np.stack([im.x for im in flight])
         t = np.array([im.timesteps[im.i] for im in flight], dtype=np.int64)
@@ -270,6 +277,7 @@ class Scheduler:
                     self.images_done += 1
                     if job.remaining == 0:
                         self._complete(job)
+            self._pool = [im for im in self._pool if im.i >= 0 and not im.job.done]
             self._flight = [im for im in self._flight if im.i >= 0 and not im.job.done]
             self._drop_cancelled()
 

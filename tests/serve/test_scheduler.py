@@ -159,3 +159,20 @@ def test_stop_drains_admitted_work_and_refuses_new(cond_model):
     assert len(job.result(timeout=60)) == 2  # finished within the grace period
     stopper.join(timeout=60)
     assert not stopper.is_alive()
+
+
+def test_with_a_full_batch_a_short_request_takes_a_long_ones_slot_and_both_are_right(cond_model):
+    scheduler = Scheduler(cond_model, max_batch=2)  # the long request alone fills the batch
+    long = scheduler.submit(4, sampler="ddpm", steps=100, seed=5)
+    short = scheduler.submit(1, sampler="ddim", steps=3, seed=6)
+    scheduler.start()
+    try:
+        first = short.result(timeout=60)
+        assert not long.done  # it overtook: shortest remaining work first
+        assert scheduler.stats()["batch_fill"][:3] == [2, 2, 2]  # never more than max_batch images per call
+        rest = long.result(timeout=60)  # paused images resume unchanged
+    finally:
+        scheduler.stop(grace=5)
+    assert np.abs(first[0].image.astype(int) - offline(cond_model, 1, sampler="ddim", steps=3, seed=6)[0]).max() <= LEVELS
+    expected = offline(cond_model, 4, sampler="ddpm", steps=100, seed=5)
+    assert np.abs(np.stack([im.image for im in rest]).astype(int) - expected).max() <= LEVELS
