@@ -80,7 +80,7 @@ def test_pt2_bad_requests_are_one_line_errors(cond_rgb_ckpt, cond_pt2, fresh_cop
         runtime.load(cond_pt2[0], "cuda")
     broken = tmp_path / "broken.pt2"
     broken.write_bytes(cond_pt2[0].read_bytes()[:5000])
-    with pytest.raises(ModelError, match="cannot load"):
+    with pytest.raises(ModelError, match="truncated or corrupt"):
         runtime.load(broken, "cpu")
 
 
