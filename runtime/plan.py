@@ -11,7 +11,6 @@ DDPM's σ² is the contract's variance at full T and β̃ when respaced (Improve
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args

@@ -13,14 +13,7 @@ from click.testing import CliRunner
 
 import runtime
 from runtime.cli import main
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception  # handled, no traceback
-    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    return errors[0]
+from tests.cli_checks import one_error_line
 
 
 def test_a_plain_pickle_is_named_as_one(tmp_path: Path):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import runtime
 from runtime.backend import model_format
+from tests.cli_checks import one_error_line
 
 
 class Payload:
@@ -24,14 +25,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code != 0
-    assert isinstance(result.exception, SystemExit), result.exception  # handled, no traceback
-    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    return errors[0]
 
 
 def test_generate_names_a_torch_save_checkpoint(tmp_path: Path):
