@@ -202,8 +202,8 @@ def plot(results: dict, path: Path) -> None:
 @click.option("--workloads", default="uniform,mixed", help="uniform and/or mixed.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=30.0, help="Duration of each cell.")
 @click.option("--long-share", type=click.FloatRange(0, 1), default=0.05, help="Mixed: share of long requests.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16,
-              help="The server's --max-batch (images per predictor call; 16 images = 32 rows at guidance 1.5, about "
+@click.option("--max-batch", type=click.IntRange(min=1), default=8,
+              help="The server's --max-batch (images per predictor call; 8 images = 16 rows at guidance 1.5, "
                    "onnxruntime's best batch on a 2-core CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count(), help="The server's --threads.")
 @click.option("--seed", type=int, default=0, help="Seed of the clients' request sequences.")

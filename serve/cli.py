@@ -14,6 +14,8 @@ from runtime.errors import ModelError
 from runtime.providers import CHOICES
 
 API_KEY_ENV = "DDPM_SERVE_API_KEY"
+CPU_MAX_BATCH = 8  # images per call on the CPU provider: the best of the load test on a 2-core CPU (README)
+GPU_MAX_BATCH = 256  # elsewhere: not measured here (no GPU was available)
 
 
 def is_loopback(host: str) -> bool:
@@ -50,8 +52,9 @@ def read_api_key(path: str | None) -> str | None:
               help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=256,
-              help="Images per predictor call, over all requests (a guided image makes two rows).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Images per predictor call, over all requests (a guided image makes two rows). Default: 8 on the "
+                   "CPU provider (onnxruntime's best batch on a small CPU; see README), 256 elsewhere.")
 @click.option("--max-images", type=click.IntRange(min=1), default=64, help="Most images one request may ask for.")
 @click.option("--queue-limit", type=click.IntRange(min=1), default=1024,
               help="Most images queued or in flight; beyond it requests get 429 with Retry-After.")
@@ -94,6 +97,8 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
         sha256 = pipeline.sha256
     except ModelError as e:
         raise click.ClickException(str(e)) from None
+    if max_batch is None:
+        max_batch = CPU_MAX_BATCH if pipeline.provider == "CPUExecutionProvider" else GPU_MAX_BATCH
     scheduler = Scheduler(pipeline, max_batch=max_batch, queue_limit=queue_limit, batching=not no_batching)
     app = create_app(scheduler, pipeline, api_key=api_key, max_images=max_images, deadline_s=deadline, grace_s=grace)
 

@@ -84,7 +84,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(slow_onnx, grace, n
     grace period ends. Either way the process exits 0."""
     key = {"X-API-Key": "k"}
     env = {**os.environ, API_KEY_ENV: "k", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", slow_onnx, "--port", "0", "--threads", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", slow_onnx, "--port", "0", "--threads", "1", "--max-batch", "64",
                              "--grace", str(grace)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     err_lines: list[str] = []
