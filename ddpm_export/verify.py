@@ -22,7 +22,7 @@ from runtime.metadata import SamplingContract
 from runtime.plan import make_plan
 from runtime.samplers import array_predictor, sample
 from runtime.tolerances import TOLERANCES, Tolerance
-from runtime.torchscript_model import call_torch
+from runtime.torch_backend import call_torch
 
 NumpyNet = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]  # e.g. a backend's predict_eps
 

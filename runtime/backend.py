@@ -124,13 +124,13 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
 
 def _torch_device(provider: str) -> str:
     """The torch device for ``--provider``: cuda where asked for (or auto and available), else cpu."""
-    from runtime.torchscript_model import _torch
+    from runtime.torch_backend import require_torch
 
     if provider not in ("auto", "cuda"):
         if provider == "tensorrt":
             raise ModelError("provider tensorrt runs .onnx models only; use cuda or cpu for torch models")
         return "cpu"
-    if _torch().cuda.is_available():
+    if require_torch().cuda.is_available():
         return "cuda"
     if provider == "cuda":
         raise ModelError("provider cuda: torch sees no CUDA device")

@@ -9,11 +9,10 @@ import os
 import zipfile
 from pathlib import Path
 
-import numpy as np
 
 from runtime.errors import ContractError, ModelError
 from runtime.metadata import CONTRACT_FILE, SamplingContract
-from runtime.torchscript_model import _torch
+from runtime.torch_backend import TorchBackend, require_torch
 
 TARGET_FILE = "ddpm_pt2.json"  # extra file: {"device": "cpu"|"cuda", "precision": "fp32"|"bf16"|"fp16", ...}
 
@@ -27,11 +26,11 @@ def is_pt2(path: str | os.PathLike) -> bool:
         return False
 
 
-class Pt2Model:
+class Pt2Model(TorchBackend):
     """``predict_eps(x, t, y=None) -> ε`` through an AOTInductor-compiled package on the device it was built for."""
 
     def __init__(self, path: str | os.PathLike, device: str | None = None) -> None:
-        torch = _torch()
+        torch = require_torch()
         from torch.export.pt2_archive._package import load_pt2
 
         self.path = Path(path)
@@ -59,23 +58,10 @@ class Pt2Model:
         finally:
             quiet.setLevel(level)
         self.provider = f"pt2:{self.device}:{self.precision}"
-        self.prefers_device_loop = self.device == "cuda"
 
     def net(self, x, t, y=None):
         """The compiled U-Net on torch tensors of its device."""
         return self.runner(x, t) if y is None else self.runner(x, t, y)
-
-    def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
-        """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
-        from runtime.torchscript_model import call_torch
-
-        return call_torch(self.net, self.device, x, t, y)
-
-    def device_loop(self, plan, y: np.ndarray | None):
-        """The sampler loop on this package's device (``runtime.torch_loop``)."""
-        from runtime.torch_loop import device_loop
-
-        return device_loop(self.net, self.device, plan, y, self.contract.null_class)
 
 
 def _first_line(e: Exception) -> str:

@@ -60,6 +60,7 @@ class Job:
     def __init__(self, n: int, seed: int, start_index: int, plan: SamplingPlan, labels: np.ndarray | None) -> None:
         self.n, self.seed, self.plan, self.labels = n, seed, plan, labels
         self.indices = list(range(start_index, start_index + n))
+        self.table = plan.coefs.table()  # (K, 6) float32: the same float32 values the offline loop multiplies by
         self.results: list[ImageResult | None] = [None] * n
         self.remaining = n
         self.cancelled = False
@@ -96,7 +97,7 @@ class _Image:
     def __init__(self, job: Job, k: int, shape: tuple[int, int, int]) -> None:
         coefs = job.plan.coefs
         self.job, self.k = job, k
-        self.table = coefs.table()  # (K, 6) float32: the same float32 values the offline loop multiplies by
+        self.table = job.table
         self.timesteps = coefs.timesteps
         self.clip = coefs.clip
         self.label = None if job.labels is None else int(job.labels[k])

@@ -1,0 +1,54 @@
+"""What the torch backends (TorchScript, .pt2) share: importing torch on demand, numpy in and out, and the device loop.
+
+A subclass sets ``contract``, ``device`` and ``net(x, t, y=None)`` (torch tensors on ``device``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.errors import ModelError
+
+
+def require_torch():
+    """``torch``, or a one-line ``ModelError`` saying how to get it."""
+    try:
+        import torch
+    except ImportError:
+        raise ModelError("TorchScript and .pt2 models need torch: pip install 'ddpm-toolkit[train]' "
+                         "(or use the .onnx export, which needs only onnxruntime)") from None
+    return torch
+
+
+def call_torch(module, device: str, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    """``module(x, t[, y])`` for a torch module (eager, TorchScript or compiled) with numpy in and out, no grad."""
+    torch = require_torch()
+    args = [torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.ascontiguousarray(t, np.int64))]
+    if y is not None:
+        args.append(torch.from_numpy(np.ascontiguousarray(y, np.int64)))
+    with torch.inference_mode():
+        return module(*[a.to(device) for a in args]).float().cpu().numpy()
+
+
+class TorchBackend:
+    """``predict_eps`` on host arrays and ``device_loop`` on the device, around the subclass's ``net``."""
+
+    device: str
+
+    def net(self, x, t, y=None):
+        raise NotImplementedError
+
+    @property
+    def prefers_device_loop(self) -> bool:
+        """On a GPU the loop stays on the device by default."""
+        return self.device != "cpu"
+
+    def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
+        return call_torch(self.net, self.device, x, t, y)
+
+    def device_loop(self, plan, y: np.ndarray | None):
+        """The sampler loop on this backend's device (``runtime.torch_loop``)."""
+        from runtime.torch_loop import device_loop
+
+        return device_loop(self.net, self.device, plan, y, self.contract.null_class)
