@@ -6,7 +6,9 @@ concurrency runs that many client threads for ``--seconds``, each sending its ne
 returned. Workloads:
 
 - ``uniform``: every request is DDIM-20, n = 1;
-- ``mixed``: mostly DDIM-20, n = 1 ("short"), and with probability ``--long-share`` a DDPM-1000, n = 16 ("long").
+- ``mixed``: mostly DDIM-20, n = 1 ("short"), and with probability ``--long-share`` a DDPM-1000, n = 16 ("long");
+- ``mixed-dpmpp``: as ``mixed``, with the short requests half DDIM-20 and half DPM-Solver++(2M)-15, n = 1, so one
+  predictor call mixes DDPM, DDIM and multistep images.
 
 Both at guidance 1.5 (the bundled model's recommendation). Reported per cell: images/s of completed requests, and
 p50/p95/p99 latency of the short requests. A request still running when the time is up counts with its elapsed
@@ -32,6 +34,8 @@ import numpy as np
 
 SHORT = {"n": 1, "sampler": "ddim", "steps": 20, "eta": 0.0, "guidance": 1.5}
 LONG = {"n": 16, "sampler": "ddpm", "steps": 1000, "guidance": 1.5}
+DPMPP_SHORT = {"n": 1, "sampler": "dpmpp-2m", "steps": 15, "guidance": 1.5}
+SHORTS = {"uniform": [SHORT], "mixed": [SHORT], "mixed-dpmpp": [SHORT, DPMPP_SHORT]}  # workload -> short requests
 
 
 def free_port() -> int:
@@ -83,8 +87,8 @@ def run_cell(url: str, workload: str, clients: int, seconds: float, long_share: 
         rng = random.Random(seed * 1000 + k)
         with httpx.Client(timeout=None) as http:
             while time.monotonic() < stop_at:
-                kind = "long" if workload == "mixed" and rng.random() < long_share else "short"
-                body = {**(LONG if kind == "long" else SHORT), "seed": rng.randrange(1 << 30)}
+                kind = "long" if workload != "uniform" and rng.random() < long_share else "short"
+                body = {**(LONG if kind == "long" else rng.choice(SHORTS[workload])), "seed": rng.randrange(1 << 30)}
                 start = time.monotonic()
                 running[k] = (kind, start)
                 try:
@@ -132,7 +136,8 @@ def summarise(cell: dict, seconds: float) -> dict:
 def markdown(results: dict) -> str:
     lines = [f"# ddpm-serve load test — {results['model']}", "",
              f"Machine: {results['machine']}; server threads {results['threads']}, max batch {results['max_batch']}; "
-             f"{results['seconds']:.0f} s per cell; short = DDIM-20 n = 1, long = DDPM-1000 n = 16, guidance 1.5; "
+             f"{results['seconds']:.0f} s per cell; short = DDIM-20 n = 1 (mixed-dpmpp: half of them DPM-Solver++(2M)-15), "
+             "long = DDPM-1000 n = 16, guidance 1.5; "
              f"mixed: {100 * results['long_share']:.0f} % of requests long. Latency percentiles are of the short "
              "requests; ≥ marks a percentile reached by requests still running at the end (their elapsed time "
              "is a lower bound).", "",
@@ -154,14 +159,15 @@ def markdown(results: dict) -> str:
 def targets(cells: list[dict]) -> list[dict]:
     by = {(c["workload"], c["clients"], c["mode"]): c["summary"] for c in cells}
     out = []
-    for clients in sorted({c["clients"] for c in cells}):
-        b, n = by.get(("mixed", clients, "batching")), by.get(("mixed", clients, "one-at-a-time"))
-        if b and n:
-            ratio = n["p95"] / b["p95"]
-            bound = "≥ " if n["p95_lower_bound"] else ""
-            out.append({"target": f"mixed, {clients} clients: short p95 ≥ 10× lower with batching",
-                        "measured": f"{bound}{ratio:.1f}×", "met": ratio >= 10})
-    for workload in ("uniform", "mixed"):
+    for workload in [w for w in SHORTS if w != "uniform"]:
+        for clients in sorted({c["clients"] for c in cells}):
+            b, n = by.get((workload, clients, "batching")), by.get((workload, clients, "one-at-a-time"))
+            if b and n:
+                ratio = n["p95"] / b["p95"]
+                bound = "≥ " if n["p95_lower_bound"] else ""
+                out.append({"target": f"{workload}, {clients} clients: short p95 ≥ 10× lower with batching",
+                            "measured": f"{bound}{ratio:.1f}×", "met": ratio >= 10})
+    for workload in SHORTS:
         for clients in sorted({c["clients"] for c in cells}):
             b, n = by.get((workload, clients, "batching")), by.get((workload, clients, "one-at-a-time"))
             if b and n:
@@ -180,7 +186,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, label) in zip(axes, (("images_per_s", "images/s"), ("p95", "short-request p95 latency (s)"))):
-        for workload in ("uniform", "mixed"):
+        for workload in SHORTS:
             for mode, style in (("batching", "-o"), ("one-at-a-time", "--s")):
                 cells = [c for c in results["cells"] if c["workload"] == workload and c["mode"] == mode]
                 ax.plot([c["clients"] for c in cells], [c["summary"][key] for c in cells], style,
@@ -199,7 +205,7 @@ def plot(results: dict, path: Path) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--model", default=None, help="Model file for the server (default: the bundled model).")
 @click.option("--clients", default="1,4,16,64", help="Comma-separated concurrency levels.")
-@click.option("--workloads", default="uniform,mixed", help="uniform and/or mixed.")
+@click.option("--workloads", default="uniform,mixed", help="Comma-separated: uniform, mixed, mixed-dpmpp.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=30.0, help="Duration of each cell.")
 @click.option("--long-share", type=click.FloatRange(0, 1), default=0.05, help="Mixed: share of long requests.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8,

@@ -48,11 +48,11 @@ def torch_backend(name: str, model_dir: Path, threads: int):
     torch.set_num_threads(threads)
     device = "cuda" if "cuda" in name else "cpu"
     if name == "torchscript":
-        from runtime.torchscript_model import TorchScriptModel
+        from runtime.backends.torchscript_model import TorchScriptModel
 
         net = TorchScriptModel(model_dir / "model.pt").module
     elif name in PT2_FILES:
-        from runtime.pt2_model import Pt2Model
+        from runtime.backends.pt2_model import Pt2Model
 
         net = Pt2Model(model_dir / PT2_FILES[name]).net
     else:
@@ -76,7 +76,7 @@ def torch_backend(name: str, model_dir: Path, threads: int):
 
 
 def onnx_backend(name: str, model_dir: Path, threads: int):
-    from runtime.onnx_model import OnnxModel
+    from runtime.backends.onnx_model import OnnxModel
 
     provider = {"onnx-cpu": "cpu", "onnx-cuda": "cuda", "onnx-cuda-fused": "cuda", "onnx-tensorrt": "tensorrt"}[name]
     return OnnxModel(model_dir / "model.onnx", provider, threads=threads)
@@ -85,12 +85,12 @@ def onnx_backend(name: str, model_dir: Path, threads: int):
 def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, repeats: int, loop_steps: int,
             e2e_n: int) -> list[dict]:
     import runtime
-    from runtime.noise import NoiseStreams
-    from runtime.samplers import sample
+    from runtime.sampling.noise import NoiseStreams
+    from runtime.sampling.samplers import sample
 
     contract_model = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     c = contract_model.contract
-    plan = contract_model.plan("ddpm", loop_steps)
+    plan = contract_model.plan(sampler="ddpm", steps=loop_steps)
     is_onnx = name.startswith("onnx")
     if is_onnx:
         model = onnx_backend(name, model_dir, threads)
@@ -174,12 +174,14 @@ def end_to_end(model_dir: Path, threads: int, n: int, steps: int) -> dict:
     import tempfile
 
     import runtime
-    from runtime.run import RunOptions, generate_to_dir
+    from runtime.generation.run import RunOptions, generate_to_dir
+    from runtime.sampling.settings import RunSettings
 
     g = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        generate_to_dir(g, RunOptions(n=n, out=tmp, batch_size=n, sampler="ddim", steps=steps, guidance=1.0))
+        generate_to_dir(g, RunOptions(n=n, out=tmp, batch_size=n,
+                                      settings=RunSettings(sampler="ddim", steps=steps, guidance=1.0)))
         seconds = time.perf_counter() - start
     return {"backend": "onnx-cpu", "end_to_end": True, "n": n, "batch_size": n, "sampler": "ddim", "steps": steps,
             "seconds": seconds, "images_per_s": n / seconds, "threads": threads}

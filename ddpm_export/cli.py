@@ -27,14 +27,15 @@ FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), 
               help="Also write <stem>.fp16.onnx for GPU execution (GroupNorm, softmax and the timestep embedding stay "
                    "fp32); verified on the CUDA provider, and reported as skipped where that cannot run.")
 @click.option("--verify/--no-verify", default=True,
-              help="Check the exported model against the eager U-Net (per-call ε and a short sampling trajectory); "
+              help="Check the exported model against the eager U-Net (per-call ε and two short sampling trajectories, DDPM and DPM-Solver++(2M)); "
                    "a failure exits non-zero and writes no artifact.")
 @click.option("--optimize", is_flag=True,
               help="Also write <stem>.opt.onnx, optimized by onnxruntime (extended level) for the CPU provider.")
 @click.option("--run-defaults", "run_defaults", default=None, metavar="KEY=VALUE,...",
               help="Run settings the model recommends, stored in its contract and used by ddpm-generate and "
                    "runtime.load where they are not given: e.g. sampler=ddim,steps=50,guidance=1.5 "
-                   "(keys: sampler, steps, eta, guidance). Default: none (the runtime's defaults).")
+                   "(keys: the run settings: sampler, steps, eta, guidance, guidance_interval=LO:HI, clip_denoised, "
+                   "variance). Default: none (the runtime's defaults).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help=".pt2: the device the package is compiled for (and verified on).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",

@@ -24,13 +24,14 @@ from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_sum
 from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER, Device, Precision, export_pt2
 from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER, export_torchscript, save_torchscript
 from ddpm_export.verify import VerificationReport, torch_net, verify_backend
-from runtime.backend import start_onnx
-from runtime.files import atomic_path, atomic_write
+from runtime.backends.backend import start_onnx
+from runtime.generation.files import atomic_path, atomic_write
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
-from runtime.onnx_model import MIN_OPSET, OnnxModel
-from runtime.providers import PROVIDER_NAMES
+from runtime.backends.onnx_model import OnnxModel
+from runtime.backends.step_graph import MIN_OPSET
+from runtime.backends.providers import PROVIDER_NAMES
 from runtime.tolerances import TOLERANCES
-from runtime.torchscript_model import TorchScriptModel
+from runtime.backends.torchscript_model import TorchScriptModel
 
 Format = Literal["onnx", "torchscript", "pt2"]
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
@@ -262,7 +263,7 @@ def _export_torchscript(ckpt: Checkpoint, net, contract: SamplingContract, refer
 
 def _export_pt2(net, contract: SamplingContract, reference, path: Path, o: ExportOptions) -> Artifact:
     """torch.export + AOTInductor for ``o.device`` at ``o.dtype``; verified on that device by loading the file."""
-    from runtime.pt2_model import Pt2Model
+    from runtime.backends.pt2_model import Pt2Model
 
     o.log(f"exporting .pt2 (torch.export + AOTInductor for {o.device}, {o.dtype}; compiling takes a while) ...")
     import torch

@@ -19,7 +19,7 @@ from ddpm_export.errors import OnnxExportError
 from runtime.metadata import CONTRACT_KEY, SamplingContract
 from training.eval_mode import eval_mode
 
-DEFAULT_OPSET = 18  # at least runtime.onnx_model.MIN_OPSET
+DEFAULT_OPSET = 18  # at least runtime.backends.step_graph.MIN_OPSET
 EXPORT_BATCH = 2  # example batch for export: > 1 so the batch dimension is not specialised to 1
 
 

@@ -20,7 +20,7 @@ import torch
 from ddpm_export.errors import ExportError
 from ddpm_export.onnx_export import example_inputs
 from runtime.metadata import CONTRACT_FILE, SamplingContract
-from runtime.pt2_model import TARGET_FILE
+from runtime.backends.pt2_model import TARGET_FILE
 from training.eval_mode import eval_mode
 
 EXPORTER = "torch._inductor.aot_compile (AOTInductor)"

@@ -14,26 +14,15 @@ import click
 import onnx
 
 from runtime.errors import ContractError
-from runtime.files import atomic_path
+from runtime.generation.files import atomic_path
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 
-_TYPES = {"sampler": str, "steps": int, "eta": float, "guidance": float}
-
-
 def parse_run_defaults(text: str | None) -> RunDefaults | None:
-    """``"sampler=ddim,steps=50,guidance=1.5"`` → ``RunDefaults``; ``""``/``"none"`` → None. ValueError if malformed."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return None
-    values = {}
-    for item in text.split(","):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        if not sep or key not in _TYPES:
-            raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(_TYPES)}, got {item.strip()!r}")
-        try:
-            values[key] = _TYPES[key](value)
-        except ValueError:
-            raise ValueError(f"{key} needs a{'n integer' if _TYPES[key] is int else ' number'}, got {value!r}") from None
-    return RunDefaults(**values)
+    """``"sampler=ddim,steps=50,guidance=1.5"`` → ``RunDefaults``; ``""``/``"none"`` → None. ValueError if malformed.
+
+    Keys: the run settings (``runtime.sampling.settings.RunSettings``); the interval is ``guidance_interval=LO:HI``.
+    """
+    return RunDefaults.parse(text)
 
 
 def set_run_defaults(path: str | Path, run_defaults: RunDefaults | None) -> SamplingContract:
@@ -57,8 +46,10 @@ def set_run_defaults(path: str | Path, run_defaults: RunDefaults | None) -> Samp
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("settings")
 def main(model: str, settings: str) -> None:
-    """Set the run settings MODEL (.onnx) recommends, e.g. SETTINGS = sampler=ddim,steps=50,guidance=1.5
-    (keys: sampler, steps, eta, guidance; 'none' removes them). ddpm-generate uses them where options are absent."""
+    """Set the run settings MODEL (.onnx) recommends, e.g. SETTINGS = sampler=dpmpp-2m,steps=15,guidance=1.5
+    (keys: the run settings, as ddpm-generate's options with _ for -: sampler, steps, eta, guidance,
+    guidance_interval=LO:HI, clip_denoised, variance; 'none' removes them). ddpm-generate uses them where options
+    are absent."""
     try:
         contract = set_run_defaults(model, parse_run_defaults(settings))
     except (ValueError, OSError) as e:

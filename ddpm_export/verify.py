@@ -4,8 +4,9 @@ Two checks, both over numpy nets ``net(x: (B,C,H,W) float32, t: (B,) int64, y: (
 
 * ``check_eps`` — per call, at t ∈ {0, T/2, T−1} and random t, batch sizes 1 and 5 (labels including the
   null label for conditional models): |ε_exported − ε_eager| ≤ atol + rtol·|ε_eager| everywhere;
-* ``check_trajectory`` — a short respaced Algorithm-2 run (4 images, 20 steps) through both with identical
-  injected noise; the final uint8 images may differ by at most ``max_levels``.
+* ``check_trajectory`` — a short respaced Algorithm-2 run (4 images, 20 steps), and a DPM-Solver++(2M) run of
+  10 steps (which carries the solver state), through both with identical injected noise; the final uint8 images
+  may differ by at most ``max_levels``.
 
 Tolerances come from ``runtime.tolerances.TOLERANCES``; reports carry the largest difference and where it occurred.
 """
@@ -17,12 +18,12 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.images import to_uint8
+from runtime.generation.images import to_uint8
 from runtime.metadata import SamplingContract
-from runtime.plan import make_plan
-from runtime.samplers import array_predictor, sample
+from runtime.sampling.plan import make_plan
+from runtime.sampling.samplers import array_predictor, sample
 from runtime.tolerances import TOLERANCES, Tolerance
-from runtime.torch_backend import call_torch
+from runtime.backends.torch_backend import call_torch
 
 NumpyNet = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]  # e.g. a backend's predict_eps
 
@@ -44,6 +45,7 @@ class TrajectoryCheck:
     max_level_diff: int
     pixels_differing: int
     worst_index: list[int]
+    sampler: str = "ddpm"
 
 
 @dataclass
@@ -53,7 +55,8 @@ class BackendResult:
     backend: str
     passed: bool
     eps: EpsCheck | None = None
-    trajectory: TrajectoryCheck | None = None
+    trajectory: TrajectoryCheck | None = None  # DDPM (σ² = β̃), 20 steps
+    multistep: TrajectoryCheck | None = None  # DPM-Solver++(2M), 10 steps: the solver state through the backend
     settings: dict | None = None  # the backend settings each check ran with, where they differ per check
 
     def summary(self) -> str:
@@ -62,6 +65,8 @@ class BackendResult:
             parts.append(f"max |Δε| {self.eps.max_abs_diff:.2e} over {self.eps.calls} calls")
         if self.trajectory is not None:
             parts.append(f"trajectory max Δ {self.trajectory.max_level_diff} uint8 levels")
+        if self.multistep is not None:
+            parts.append(f"{self.multistep.sampler} trajectory max Δ {self.multistep.max_level_diff}")
         return f"{self.backend}: {'ok' if self.passed else 'FAILED'} ({', '.join(parts)})"
 
 
@@ -130,25 +135,27 @@ def check_eps(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContra
 
 
 def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract, tol: Tolerance, *,
-                     n: int = 4, steps: int = 20, guidance: float | None = None, seed: int = 0) -> TrajectoryCheck:
-    """Final uint8 images of a respaced Algorithm-2 run (σ² = β̃) through both nets with identical injected noise."""
+                     n: int = 4, steps: int = 20, guidance: float | None = None, seed: int = 0,
+                     sampler: str = "ddpm") -> TrajectoryCheck:
+    """Final uint8 images of a respaced run through both nets with identical injected noise: Algorithm 2 (σ² = β̃)
+    by default, or another ``sampler``."""
     w = guidance if guidance is not None else (2.0 if contract.conditional else 1.0)
-    plan = make_plan(contract, "ddpm", min(steps, contract.schedule.timesteps), None, w, variance="beta_tilde",
-                     model_defaults=False)
+    plan = make_plan(contract, sampler=sampler, steps=min(steps, contract.schedule.timesteps), guidance=w,
+                     variance="beta_tilde" if sampler == "ddpm" else None, model_defaults=False)
     rng = np.random.default_rng(seed)
     shape = (n, contract.channels, contract.image_size, contract.image_size)
     x_T = rng.standard_normal(shape).astype(np.float32)
     noise = rng.standard_normal((plan.steps, *shape)).astype(np.float32)
     y = (np.arange(n) % contract.num_classes).astype(np.int64) if contract.conditional else None
     images = [
-        to_uint8(sample(array_predictor(net, y, guidance=w, null_class=contract.null_class), x_T, plan.coefs,
+        to_uint8(sample(array_predictor(net, y, null_class=contract.null_class), x_T, plan.coefs,
                         lambda i: noise[i]))
         for net in (reference, candidate)
     ]
     diff = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
     return TrajectoryCheck(bool(diff.max() <= tol.max_levels), n, plan.steps, w, int(diff.max()),
-                           int((diff > 0).sum()), [int(v) for v in worst])
+                           int((diff > 0).sum()), [int(v) for v in worst], sampler)
 
 
 def verify_backend(name: str, reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract,
@@ -162,7 +169,8 @@ def verify_backend(name: str, reference: NumpyNet, candidate: NumpyNet, contract
     tol = TOLERANCES[precision]
     eps = check_eps(reference, candidate, contract, tol) if per_call and tol.atol is not None else None
     traj = check_trajectory(reference, trajectory_candidate or candidate, contract, tol)
-    return BackendResult(name, (eps is None or eps.passed) and traj.passed, eps, traj, settings)
+    multi = check_trajectory(reference, trajectory_candidate or candidate, contract, tol, steps=10, sampler="dpmpp-2m")
+    return BackendResult(name, (eps is None or eps.passed) and traj.passed and multi.passed, eps, traj, multi, settings)
 
 
 def torch_net(module, device: str = "cpu") -> NumpyNet:

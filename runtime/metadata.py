@@ -3,8 +3,9 @@
 One versioned dataclass with a strict JSON round trip. It travels inside every exported model (ONNX
 ``metadata_props``, TorchScript extra files) under the key ``CONTRACT_KEY``. Reading a contract with a
 missing or unknown field, an unknown value or a newer schema version raises ``ContractError`` naming
-the field. Schema 2 added ``run_defaults`` (the run settings a model recommends); schema 1 contracts read
-as having none.
+the field. Schema 2 added ``run_defaults`` (the run settings a model recommends: sampler, steps, eta, guidance);
+schema 3 lets it hold every run setting (``runtime.sampling.settings.RunSettings``). Older contracts read as the current
+schema: schema 1 as having no recommendations, schema 2's recommendations with the later settings not given.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, Literal
 import numpy as np
 
 from runtime.errors import ContractError
-from runtime.plan import SamplerName, VARIANCES, eta_problem, guidance_problem, sampler_problem, steps_problem
-from runtime.schedule import MAX_TIMESTEPS, SCHEDULE_NAMES, NoiseSchedule, default_params, make_betas
+from runtime.sampling.schedule import MAX_TIMESTEPS, SCHEDULE_NAMES, NoiseSchedule, default_params, make_betas
+from runtime.sampling.settings import VARIANCES, RunSettings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+SCHEMA_2_RUN_DEFAULTS = ("sampler", "steps", "eta", "guidance")  # what run_defaults held before schema 3
 CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
 CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
 PREDICTION_TYPES = ("epsilon",)
@@ -62,17 +64,7 @@ class Provenance:
     exporter_version: str | None = None
 
 
-@dataclass(frozen=True)
-class RunDefaults:
-    """Run settings the model recommends, used where a run leaves them unset (``runtime.plan.make_plan``).
-
-    ``steps`` and ``eta`` apply to the recommended ``sampler`` only; ``None`` leaves the runtime's default.
-    """
-
-    sampler: SamplerName | None = None
-    steps: int | None = None
-    eta: float | None = None
-    guidance: float | None = None
+RunDefaults = RunSettings  # the run settings a model recommends: the same type a run gives (None: no recommendation)
 
 
 @dataclass(frozen=True)
@@ -138,6 +130,13 @@ class SamplingContract:
             )
         if version == 1:  # schema 1 had no run_defaults
             data = {**data, "run_defaults": data.get("run_defaults")}
+        if version < 3 and isinstance(data.get("run_defaults"), dict):  # only four settings could be recommended
+            rd = data["run_defaults"]
+            extra = sorted(set(rd) - set(SCHEMA_2_RUN_DEFAULTS))
+            if extra:
+                raise ContractError(f"contract field 'run_defaults.{extra[0]}': unknown field (in a schema {version} contract)")
+            data = {**data, "run_defaults": {name: rd.get(name) for name in RunSettings.__dataclass_fields__}}
+        data = {**data, "schema_version": SCHEMA_VERSION}  # read as the current schema
         kw = _fields(cls, data, "")
         kw["schedule"] = ScheduleSpec(**_fields(ScheduleSpec, kw["schedule"], "schedule."))
         kw["provenance"] = Provenance(**_fields(Provenance, kw["provenance"], "provenance."))
@@ -250,11 +249,8 @@ def _validate(c: SamplingContract) -> None:
     r = c.run_defaults
     if r is not None:
         _check(isinstance(r, RunDefaults), "run_defaults", "expected an object")
-        for name, problem in (("sampler", r.sampler is not None and sampler_problem(r.sampler)),
-                              ("steps", r.steps is not None and steps_problem(r.steps, s.timesteps)),
-                              ("eta", r.eta is not None and eta_problem(r.eta)),
-                              ("guidance", r.guidance is not None and guidance_problem(r.guidance, c.conditional))):
-            _check(not problem, f"run_defaults.{name}", str(problem))
+        for name, problem in r.problems(s.timesteps, c.conditional):
+            _check(False, f"run_defaults.{name}", problem)
     p = c.provenance
     _check(p.training_steps is None or (_is_int(p.training_steps) and p.training_steps >= 0),
            "provenance.training_steps", f"expected a non-negative integer, got {p.training_steps!r}")

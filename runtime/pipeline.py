@@ -14,15 +14,16 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.backend import Backend, load_backend
+from runtime.backends.backend import Backend, load_backend
 from runtime.bundled import resolve
-from runtime.classes import Classes, class_index, labels
+from runtime.generation.classes import Classes, class_index, labels
 from runtime.errors import GenerationError
-from runtime.files import sha256_file
-from runtime.images import to_uint8
-from runtime.noise import NoiseStreams
-from runtime.plan import SamplerName, SamplingPlan, Variance, make_plan
-from runtime.samplers import array_predictor, sample
+from runtime.generation.files import sha256_file
+from runtime.generation.images import to_uint8
+from runtime.sampling.noise import NoiseStreams
+from runtime.sampling.plan import SamplingPlan, make_plan
+from runtime.sampling.samplers import array_predictor, sample
+from runtime.sampling.settings import RunSettings
 
 
 class Pipeline:
@@ -44,30 +45,27 @@ class Pipeline:
             self._sha256 = sha256_file(self.path)
         return self._sha256
 
-    def plan(self, sampler: SamplerName | None = None, steps: int | None = None, eta: float | None = None,
-             guidance: float | None = None, clip_denoised: bool = False, variance: Variance | None = None, *,
-             model_defaults: bool = True) -> SamplingPlan:
-        """``runtime.plan.make_plan`` for this model: settings left as None take the model's recommendations
-        (unless ``model_defaults`` is False), then the runtime's defaults."""
-        return make_plan(self.contract, sampler, steps, eta, guidance, clip_denoised, variance,
-                         model_defaults=model_defaults, schedule=self._schedule)
+    def plan(self, settings: RunSettings | None = None, *, model_defaults: bool = True, **given) -> SamplingPlan:
+        """``runtime.sampling.plan.make_plan`` for this model: ``settings`` and keyword run settings (``sampler=``,
+        ``steps=``, ``eta=``, ``guidance=``, ``guidance_interval=``, ``clip_denoised=``, ``variance=``: the fields
+        of ``runtime.sampling.settings.RunSettings``); those left None take the model's recommendations (unless
+        ``model_defaults`` is False), then the runtime's defaults."""
+        return make_plan(self.contract, settings, model_defaults=model_defaults, schedule=self._schedule, **given)
 
     def labels(self, indices: Sequence[int], classes: Classes) -> np.ndarray | None:
-        """(B,) int64 labels of the images ``indices`` (see ``runtime.classes.labels``)."""
+        """(B,) int64 labels of the images ``indices`` (see ``runtime.generation.classes.labels``)."""
         return labels(self.contract, indices, classes)
 
     def class_index(self, value: int | str) -> int:
         return class_index(self.contract, value)
 
-    def generate(self, n: int, *, seed: int = 0, batch_size: int = 64, sampler: SamplerName | None = None,
-                 steps: int | None = None, eta: float | None = None, classes: Classes = None,
-                 guidance: float | None = None, start_index: int = 0, clip_denoised: bool = False,
-                 variance: Variance | None = None, fused: bool | None = None,
-                 model_defaults: bool = True) -> np.ndarray:
-        """Images ``start_index … start_index+n−1``: (n, H, W, C) uint8. Settings as for ``plan``."""
+    def generate(self, n: int, *, seed: int = 0, batch_size: int = 64, classes: Classes = None, start_index: int = 0,
+                 fused: bool | None = None, model_defaults: bool = True, settings: RunSettings | None = None,
+                 **given) -> np.ndarray:
+        """Images ``start_index … start_index+n−1``: (n, H, W, C) uint8. Run settings as for ``plan``."""
         if n < 1:
             raise GenerationError(f"n must be positive, got {n}")
-        plan = self.plan(sampler, steps, eta, guidance, clip_denoised, variance, model_defaults=model_defaults)
+        plan = self.plan(settings, model_defaults=model_defaults, **given)
         indices = list(range(start_index, start_index + n))
         batches = self.generate_batches(indices, plan, seed=seed, batch_size=batch_size,
                                         labels=self.labels(indices, classes), fused=fused)
@@ -108,7 +106,7 @@ class Pipeline:
                 if loop is not None:
                     x0 = loop(x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
                 else:
-                    predict = array_predictor(backend.predict_eps, y, guidance=plan.guidance, null_class=c.null_class)
+                    predict = array_predictor(backend.predict_eps, y, null_class=c.null_class)
                     x0 = sample(predict, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
             yield batch, y, to_uint8(x0)
 

@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import time
+import typing
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -21,13 +22,14 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from runtime.errors import GenerationError
-from runtime.output import png_bytes
+from runtime.generation.output import png_bytes
 from runtime.pipeline import Pipeline
+from runtime.sampling.settings import NAMES, SETTINGS, RunSettings
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.scheduler import Cancelled, ImageResult, QueueFull, Scheduler
 
@@ -52,6 +54,20 @@ def _one_line(errors) -> str:
             loc = []
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return "; ".join(dict.fromkeys(parts)) or "invalid request"
+
+
+def settings_fields() -> dict[str, tuple]:
+    """The request's run-settings fields, derived from ``RunSettings``: its types, default None (the model's
+    recommendation, else the runtime's default) and help. The interval is a JSON array of two integers."""
+    hints = typing.get_type_hints(RunSettings)
+    out = {}
+    for f in SETTINGS:
+        kind = hints[f.name]
+        extra = {"ge": 1} if f.name == "steps" else {}
+        if typing.get_origin(typing.get_args(kind)[0]) is tuple:
+            kind, extra = list[int] | None, {"min_length": 2, "max_length": 2}
+        out[f.name] = (kind, Field(None, description=f.metadata["help"], **extra))
+    return out
 
 
 def _error(status: int, detail: str, retry_after: int | None = None) -> JSONResponse:
@@ -196,18 +212,8 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         n: int = Field(1, ge=1, le=max_images, description="Number of images: start_index … start_index+n−1.")
         classes: int | str | None = Field(None, alias="class", description="Class index or case-insensitive name "
                                           "for every image; default: classes cycle over the image indices.")
-        guidance: float | None = Field(None, description="Classifier-free guidance scale w (1: conditional only).")
-        sampler: Literal["ddpm", "ddim"] | None = Field(None, description="ddpm (Algorithm 2, respaced when "
-                                                        "steps < T) or ddim; default: the model's recommendation, "
-                                                        "else ddpm.")
-        steps: int | None = Field(None, ge=1, description="Sampling steps (1 … T); default: the model's "
-                                  "recommendation for this sampler, else T for ddpm, 50 for ddim.")
-        eta: float | None = Field(None, description="DDIM noise scale in [0, 1].")
         seed: int = Field(0, ge=0, le=MAX_INDEX, description="Image k depends only on (seed, k) and the settings.")
         start_index: int = Field(0, ge=0, le=MAX_INDEX, description="Index of the first image.")
-        clip_denoised: bool = Field(False, description="Clip the predicted x0 to [-1, 1] in each step.")
-        variance: Literal["beta", "beta_tilde"] | None = Field(None, description="DDPM sigma^2 (default: the "
-                                                               "contract's at full T, beta_tilde when respaced).")
         format: Literal["png", "npz"] = Field("png", description="png: JSON with base64 PNGs; npz: binary npz.")
 
         @field_validator("classes", mode="before")
@@ -217,6 +223,9 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                 raise PydanticCustomError("class_type", "must be a class index or name, got {value}",
                                          {"value": json.dumps(v, default=str)})
             return v
+
+    ImagesRequest = create_model("ImagesRequest", __base__=ImagesRequest, __doc__=ImagesRequest.__doc__,
+                                 **settings_fields())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -249,8 +258,8 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
     async def images(body: ImagesRequest, request: Request) -> Response:
         """Generate ``n`` images with the given settings; they join the running batch at once.
 
-        Response (``format`` png): ``{"model_sha256", "provider", "settings": {sampler, steps, eta, guidance,
-        clip_denoised, variance}, "images": [{"index", "seed", "class", "class_name", "png_base64"}]}`` in index
+        Response (``format`` png): ``{"model_sha256", "provider", "settings": {the run settings as run.json records
+        them}, "images": [{"index", "seed", "class", "class_name", "png_base64"}]}`` in index
         order. ``format`` npz: ``application/octet-stream``, an npz with ``arr_0`` (uint8 n×H×W×C, like
         ``samples.npz``) and ``meta`` (the same JSON without the PNGs, as a string). Image k equals
         ``ddpm-generate``'s image k for the same seed and settings.
@@ -259,10 +268,10 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         if state.stopping:
             return _error(503, "the server is stopping", RETRY_AFTER_STOPPING_S)
         try:
+            settings = RunSettings(**{name: getattr(body, name) for name in NAMES})
             job = await run_in_threadpool(
                 lambda: scheduler.submit(body.n, seed=body.seed, start_index=body.start_index, classes=body.classes,
-                                         sampler=body.sampler, steps=body.steps, eta=body.eta, guidance=body.guidance,
-                                         clip_denoised=body.clip_denoised, variance=body.variance))
+                                         settings=settings))
         except GenerationError as e:  # SettingsError: settings the model or the sampler cannot take
             return _error(422, str(e))
         except QueueFull as e:

@@ -5,10 +5,11 @@ Each tick the loop stacks up to ``max_batch`` live images into one predictor cal
 the guided images are doubled in the same call with the null class. Which images: shortest remaining work first —
 the images of the request with the fewest steps left to make (ties: the older request) —, so a short request
 overtakes a long one at the next tick instead of waiting for it; an image that sits out a tick keeps its state
-and goes on later, unchanged. Then every image takes its own
-step with its own plan's coefficients (``runtime.samplers.update`` with per-image coefficient arrays), its own
-guidance (``runtime.samplers.guided_eps``) and its own noise stream (``runtime.noise``): an image comes out as
-``runtime.load(model).generate`` makes it. New requests join at the next tick; finished images leave at once.
+and goes on later, unchanged (its x and its solver state, the previous x̂₀ of a multistep sampler). Then every
+image takes its own step with its own plan's coefficients (``runtime.sampling.step.step`` with per-image coefficient arrays),
+its own guidance scale on this step (``runtime.sampling.samplers.guided_eps``; only images whose step is guided are doubled,
+so a guidance interval halves their rows outside it) and its own noise stream (``runtime.sampling.noise``): an image comes
+out as ``runtime.load(model).generate`` makes it, and one predictor call mixes images of any samplers. New requests join at the next tick; finished images leave at once.
 ``batching=False`` is the naive server for comparison: one request at a time, through ``Pipeline.generate_batches``.
 """
 
@@ -24,11 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import GenerationError
-from runtime.images import to_uint8
-from runtime.noise import NoiseStreams
+from runtime.generation.images import to_uint8
+from runtime.sampling.noise import NoiseStreams
 from runtime.pipeline import Pipeline
-from runtime.plan import NOISE_COLUMN, TABLE_COLUMNS, SamplingPlan
-from runtime.samplers import guided_eps, update
+from runtime.sampling.plan import NOISE_COLUMN, TABLE_COLUMNS, SamplingPlan
+from runtime.sampling.samplers import guided_eps
+from runtime.sampling.settings import RunSettings
+from runtime.sampling.step import step
 
 RECENT = 2048  # how many batch sizes and latencies stats() keeps
 
@@ -60,7 +63,8 @@ class Job:
     def __init__(self, n: int, seed: int, start_index: int, plan: SamplingPlan, labels: np.ndarray | None) -> None:
         self.n, self.seed, self.plan, self.labels = n, seed, plan, labels
         self.indices = list(range(start_index, start_index + n))
-        self.table = plan.coefs.table()  # (K, 6) float32: the same float32 values the offline loop multiplies by
+        self.table = plan.coefs.table()  # (K, 8) float32: the same float32 values the offline loop multiplies by
+        self.guidance = plan.coefs.guidance.astype(np.float32)  # (K,) w per step
         self.results: list[ImageResult | None] = [None] * n
         self.remaining = n
         self.cancelled = False
@@ -92,26 +96,27 @@ class Job:
 
 
 class _Image:
-    """One image in flight: its request, its step ``i`` (K−1 … 0, −1 when done), x and its noise stream."""
+    """One image in flight: its request, its step ``i`` (K−1 … 0, −1 when done), x, its solver state x0 (the last
+    step's x̂₀, zeros before the first) and its noise stream."""
 
     def __init__(self, job: Job, k: int, shape: tuple[int, int, int]) -> None:
         coefs = job.plan.coefs
         self.job, self.k = job, k
         self.table = job.table
         self.timesteps = coefs.timesteps
-        self.clip = coefs.clip
         self.label = None if job.labels is None else int(job.labels[k])
         self.i = len(self.table) - 1
         draws = 1 + int(np.count_nonzero(coefs.noise_coef))
         self.noise = NoiseStreams(job.seed, [job.indices[k]], shape, draws=draws, threads=0)
         self.x = self.noise.next()[0]
+        self.x0 = np.zeros_like(self.x)
 
 
 class Scheduler:
     """The loop that owns the model; see the module docstring.
 
-    ``submit(n, *, seed, start_index, classes, sampler, steps, eta, guidance, clip_denoised, variance) -> Job``
-    validates the settings with the pipeline's plan (``SettingsError``, one line; None takes the model's
+    ``submit(n, *, seed, start_index, classes, settings, **run_settings) -> Job`` (run settings: the fields of
+    ``runtime.sampling.settings.RunSettings``) validates the settings with the pipeline's plan (``SettingsError``, one line; None takes the model's
     recommendation, as ``Pipeline.generate`` does) and raises ``QueueFull`` beyond ``queue_limit`` images waiting
     or in flight, ``Cancelled`` once stopping. ``max_batch``: images per predictor call (guided ones count once
     but make two rows); on a CPU a few dozen rows per call are fastest, a GPU wants thousands. ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls,
@@ -136,11 +141,11 @@ class Scheduler:
         self.latencies: collections.deque[float] = collections.deque(maxlen=RECENT)
 
     # -- admission -----------------------------------------------------------------------------------------------
-    def submit(self, n: int, *, seed: int = 0, start_index: int = 0, classes=None, sampler=None, steps=None,
-               eta=None, guidance=None, clip_denoised: bool = False, variance=None) -> Job:
+    def submit(self, n: int, *, seed: int = 0, start_index: int = 0, classes=None, settings: RunSettings | None = None,
+               **run_settings) -> Job:
         if n < 1 or seed < 0 or start_index < 0:
             raise GenerationError("n must be positive, seed and start_index non-negative")
-        plan = self.pipeline.plan(sampler, steps, eta, guidance, clip_denoised, variance)
+        plan = self.pipeline.plan(settings, **run_settings)
         indices = range(start_index, start_index + n)
         job = Job(n, seed, start_index, plan, self.pipeline.labels(indices, classes))
         with self._cond:
@@ -236,7 +241,8 @@ class Scheduler:
         contract = self.pipeline.contract
         x = np.stack([im.x for im in flight])
         t = np.array([im.timesteps[im.i] for im in flight], dtype=np.int64)
-        guided = [b for b, im in enumerate(flight) if im.job.plan.guided]
+        w_all = np.array([im.job.guidance[im.i] for im in flight], dtype=np.float32)
+        guided = [b for b in range(len(flight)) if w_all[b] != 1.0]
         xs, ts = np.concatenate([x, x[guided]]), np.concatenate([t, t[guided]])
         y = None
         if contract.conditional:
@@ -244,20 +250,20 @@ class Scheduler:
         eps_all = self.pipeline.backend.predict_eps(xs, ts, y)
         eps = eps_all[:len(flight)].copy()
         if guided:
-            w = np.array([flight[b].job.plan.guidance for b in guided], dtype=np.float32).reshape(-1, 1, 1, 1)
+            w = w_all[guided].reshape(-1, 1, 1, 1)
             eps[guided] = guided_eps(eps_all[guided], eps_all[len(flight):], w)
-        rows = np.stack([im.table[im.i] for im in flight])  # (B, 6) float32, TABLE_COLUMNS order
+        rows = np.stack([im.table[im.i] for im in flight])  # (B, 8) float32, TABLE_COLUMNS order
         coef = {name: rows[:, k].reshape(-1, 1, 1, 1) for k, name in enumerate(TABLE_COLUMNS)}
         z = np.zeros_like(x)
         for b, im in enumerate(flight):
             if rows[b, NOISE_COLUMN] != 0.0:
                 z[b] = im.noise.next()[0]
-        x_next = update(x, eps, z, **coef, clip=any(im.clip for im in flight))
+        x_next, x0 = step(x, eps, np.stack([im.x0 for im in flight]), z, coef)
         self.predictor_calls += 1
         self.batch_fill.append(len(xs))
-        self._advance(flight, x_next)
+        self._advance(flight, x_next, x0)
 
-    def _advance(self, flight: list[_Image], x_next: np.ndarray) -> None:
+    def _advance(self, flight: list[_Image], x_next: np.ndarray, x0: np.ndarray) -> None:
         finite = np.isfinite(x_next).reshape(len(flight), -1).all(axis=1)
         with self._cond:
             for b, im in enumerate(flight):
@@ -271,7 +277,7 @@ class Scheduler:
                         f"(t = {int(im.timesteps[im.i])}) for image {job.indices[im.k]}; nothing was returned"))
                     job.cancel()
                     continue
-                im.x, im.i = x_next[b], im.i - 1
+                im.x, im.x0, im.i = x_next[b], x0[b], im.i - 1
                 if im.i < 0:
                     job.results[im.k] = ImageResult(job.indices[im.k], job.seed, im.label, to_uint8(im.x[None])[0])
                     job.remaining -= 1

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import save_image
 
-from runtime.files import atomic_path
+from runtime.generation.files import atomic_path
 
 
 class SampleGrid(pl.Callback):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
+from runtime.evaluate.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
 
 FEATURES = 128
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from runtime.metadata import Provenance, RunDefaults, SamplingContract, ScheduleSpec
-from runtime.schedule import default_params
+from runtime.sampling.schedule import default_params
 from training.unet import UNetConfig
 
 # Every ddpm-train checkpoint has these; the other fields were added later and read as their defaults.

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from runtime.idx import FASHION_MNIST_CLASSES, IdxError, find_split, read_split
+from runtime.evaluate.idx import FASHION_MNIST_CLASSES, IdxError, find_split, read_split
 from training.errors import DatasetError
 
 __all__ = ["Diffset", "DatasetError"]

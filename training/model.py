@@ -2,10 +2,10 @@
 
 The network (``training.unet.UNet``) knows nothing about Lightning; this module owns the optimizer, the EMA
 copy of the weights (``torch.optim.swa_utils.AveragedModel``, kept as the ``ema`` submodule so it is part of
-every checkpoint) and the diffusion tables, which come from ``runtime.schedule``.
+every checkpoint) and the diffusion tables, which come from ``runtime.sampling.schedule``.
 What defines the model is a ``training.config.ModelConfig``; ``save_hyperparameters`` stores it, so a
 checkpoint rebuilds the model with ``load_from_checkpoint(path)`` alone. Sampling runs the runtime's plan
-(``runtime.plan.make_plan``) and loop (``runtime.samplers.sample``) on the eager U-Net.
+(``runtime.sampling.plan.make_plan``) and loop (``runtime.sampling.samplers.sample``) on the eager U-Net.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from runtime.plan import make_plan
-from runtime import samplers
+from runtime.sampling.plan import make_plan
+from runtime.sampling.settings import RunSettings
+from runtime.sampling import samplers
 from training.config import ModelConfig
 from training.eval_mode import eval_mode
 from training.predictor import eps_predictor
@@ -149,26 +150,26 @@ class DiffusionModel(pl.LightningModule):
         n_samples: int = 16,
         *,
         labels: Sequence[int] | torch.Tensor | None = None,
-        guidance: float = 1.0,
-        steps: int | None = None,
-        variance: Literal["beta", "beta_tilde"] | None = None,
-        clip_denoised: bool = False,
         use_ema: bool = True,
         generator: torch.Generator | None = None,
+        settings: RunSettings | None = None,
+        **run_settings,
     ) -> torch.Tensor:
-        """Algorithm 2 on the model's device -> (n_samples, C, H, W) float32 images in [−1, 1].
+        """Sample on the model's device with the runtime's plan and loop -> (n_samples, C, H, W) float32 in [−1, 1].
 
-        ``labels`` (conditional models; default: classes cycle over the images) and ``guidance`` w give
-        ε = ε_uncond + w·(ε_cond − ε_uncond); w ≠ 1 needs a conditional model. ``steps`` (default T) < T
-        samples on a respaced schedule; ``variance`` σ² defaults to β at full T and β̃ when respaced (the
-        runtime's ``make_plan`` decides, as for exported models). The EMA weights are used when present unless
-        ``use_ema=False``. The model's train/eval mode is left as it was. Bad settings raise ValueError.
+        Run settings (``settings`` and/or keywords: ``sampler``, ``steps``, ``eta``, ``guidance``,
+        ``guidance_interval``, ``clip_denoised``, ``variance``, the fields of ``runtime.sampling.settings.RunSettings``) are
+        those of ``ddpm-generate``; unset ones take the runtime's defaults (Algorithm 2 at all T steps, w = 1).
+        ``labels`` (conditional models; default: classes cycle over the images) and guidance w give
+        ε = ε_uncond + w·(ε_cond − ε_uncond); w ≠ 1 needs a conditional model. The EMA weights are used when
+        present unless ``use_ema=False``. The model's train/eval mode is left as it was. Bad settings raise
+        ValueError (``runtime.errors.SettingsError``).
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
         ema = use_ema and self.ema is not None
-        plan = make_plan(self.config.contract(ema=ema), "ddpm", steps, None, guidance, clip_denoised, variance,
-                         model_defaults=False, schedule=self.schedule)
+        plan = make_plan(self.config.contract(ema=ema), settings, model_defaults=False, schedule=self.schedule,
+                         **run_settings)
         unet = self.ema_unet if ema else self.unet
         y = None
         if self.num_classes > 0:
@@ -185,6 +186,6 @@ class DiffusionModel(pl.LightningModule):
             return torch.randn(x_T.shape, device=self.device, generator=generator)
 
         with eval_mode(unet):
-            predict = eps_predictor(unet, y, guidance=plan.guidance, null_class=self.null_class)
+            predict = eps_predictor(unet, y, null_class=self.null_class)
             x0 = samplers.sample(predict, x_T, plan.coefs, noise)
         return x0.clamp(-1.0, 1.0)

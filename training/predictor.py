@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from runtime.samplers import PredictEps, guided_predictor
+from runtime.sampling.samplers import PredictEps, guided_predictor
 
 
 def eps_predictor(
     net: torch.nn.Module,
     y: torch.Tensor | None = None,
     *,
-    guidance: float = 1.0,
     null_class: int | None = None,
 ) -> PredictEps:
-    """``predict_eps(x: (B,C,H,W) float32, t: int) -> ε (B,C,H,W)`` around ``net(x, t, y)``.
+    """``predict_eps(x: (B,C,H,W) float32, t: int, w=1) -> ε (B,C,H,W)`` around ``net(x, t, y)``.
 
-    ``y: (B,) int64`` are the labels of a class-conditional net (None for an unconditional one); with
-    ``guidance`` ≠ 1 classifier-free guidance is applied (see ``runtime.samplers.guided_predictor``).
+    ``y: (B,) int64`` are the labels of a class-conditional net (None for an unconditional one); with a
+    guidance scale w ≠ 1 classifier-free guidance is applied (see ``runtime.sampling.samplers.guided_predictor``).
     """
 
     def call(x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         return net(x, tt) if labels is None else net(x, tt, labels)
 
-    return guided_predictor(call, y, guidance=guidance, null_class=null_class, concat=torch.cat)
+    return guided_predictor(call, y, null_class=null_class, concat=torch.cat)

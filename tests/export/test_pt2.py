@@ -14,9 +14,9 @@ from click.testing import CliRunner
 import runtime
 from ddpm_export.checkpoint import load_checkpoint
 from ddpm_export.cli import main
-from runtime.backend import model_format
+from runtime.backends.backend import model_format
 from runtime.errors import ModelError
-from runtime.pt2_model import TARGET_FILE
+from runtime.backends.pt2_model import TARGET_FILE
 from runtime.tolerances import TOLERANCES
 
 FP32, SAME = TOLERANCES["fp32"], TOLERANCES["fp32-same-math"]
@@ -48,9 +48,11 @@ def test_pt2_export_is_verified_and_self_describing(cond_pt2, cond_rgb_ckpt, con
     assert model.contract.schedule == expected.schedule and model.provider == "pt2:cpu:fp32"
 
 
-def test_pt2_generates_what_onnx_generates(cond_pt2, cond_export_onnx):
+@pytest.mark.parametrize("settings", [dict(sampler="ddim", steps=6, eta=0.5, guidance=2.0),
+                                      dict(sampler="dpmpp-2m-sde", steps=6, guidance=2.0, guidance_interval=(20, 80))])
+def test_pt2_generates_what_onnx_generates(cond_pt2, cond_export_onnx, settings):
     path, _ = cond_pt2
-    settings = dict(sampler="ddim", steps=6, eta=0.5, guidance=2.0, batch_size=3, seed=4)
+    settings = dict(settings, batch_size=3, seed=4)
     onnx_images = runtime.load(cond_export_onnx, "cpu").generate(5, **settings)
     pt2 = runtime.load(path, "cpu")
     host = pt2.generate(5, fused=False, **settings)
@@ -59,9 +61,10 @@ def test_pt2_generates_what_onnx_generates(cond_pt2, cond_export_onnx):
     assert np.abs(device.astype(int) - host).max() <= SAME.max_levels
 
 
-def test_torchscript_device_loop_equals_its_host_loop(cond_torchscript):
+@pytest.mark.parametrize("settings", [dict(sampler="ddpm", steps=8, guidance=1.5), dict(sampler="dpmpp-2m", steps=8)])
+def test_torchscript_device_loop_equals_its_host_loop(cond_torchscript, settings):
     model = runtime.load(cond_torchscript, "cpu")
-    settings = dict(sampler="ddpm", steps=8, guidance=1.5, batch_size=4, seed=1)
+    settings = dict(settings, batch_size=4, seed=1)
     host, device = (model.generate(4, fused=f, **settings) for f in (False, True))
     assert np.abs(device.astype(int) - host).max() <= SAME.max_levels
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import runtime
 from runtime.bundled import resolve
-from runtime.cli import main
+from runtime.generation.cli import main
 from runtime.metadata import RunDefaults
 
 
@@ -57,7 +57,7 @@ def test_generate_with_no_model_argument_and_a_class_name(tmp_path):
 
 def test_bundled_model_draws_the_requested_classes():
     """Two images per class at DDIM-10, guidance 2: the shipped classifier must recognise the requested class."""
-    from runtime.evaluate import FeatureExtractor
+    from runtime.evaluate.score import FeatureExtractor
 
     images = runtime.load(resolve(None)[0], "cpu").generate(20, sampler="ddim", steps=10, guidance=2.0, batch_size=20)
     requested = np.arange(20) % 10  # classes cycle over the images by default

@@ -8,9 +8,9 @@ import torch
 
 import runtime
 from ddpm_export.checkpoint import load_checkpoint
-from runtime.images import to_uint8
-from runtime.noise import NoiseStreams
-from runtime.samplers import sample
+from runtime.generation.images import to_uint8
+from runtime.sampling.noise import NoiseStreams
+from runtime.sampling.samplers import sample
 from runtime.tolerances import TOLERANCES
 from training.predictor import eps_predictor
 
@@ -26,18 +26,19 @@ def eager_images(ckpt, g, n, plan, seed=0, classes=None):
     streams = NoiseStreams(seed, indices, (c.channels, c.image_size, c.image_size))
     labels = g.labels(indices, classes)
     y = None if labels is None else torch.from_numpy(labels)
-    predict = eps_predictor(net, y, guidance=plan.guidance, null_class=c.null_class)
+    predict = eps_predictor(net, y, null_class=c.null_class)
     x_T = torch.from_numpy(streams.next())
     with torch.no_grad():
         x0 = sample(predict, x_T, plan.coefs, lambda i: torch.from_numpy(streams.next()))
     return to_uint8(x0.numpy())
 
 
-@pytest.mark.parametrize("sampler, steps, guidance", [("ddpm", None, 2.0), ("ddim", 10, 1.0), ("ddpm", 10, 3.0)])
+@pytest.mark.parametrize("sampler, steps, guidance", [("ddpm", None, 2.0), ("ddim", 10, 1.0), ("ddpm", 10, 3.0),
+                                                      ("dpmpp-2m", 8, 2.0), ("dpmpp-2m-sde", 8, 1.5)])
 def test_runtime_agrees_with_the_eager_model_on_identical_noise(cond_rgb_ckpt, cond_export_onnx, sampler, steps,
                                                                 guidance):
     g = runtime.load(cond_export_onnx, "cpu")
-    plan = g.plan(sampler, steps, guidance=guidance)
+    plan = g.plan(sampler=sampler, steps=steps, guidance=guidance)
     ours = g.generate(6, sampler=sampler, steps=steps, guidance=guidance, batch_size=4)
     ref = eager_images(cond_rgb_ckpt, g, 6, plan)
     assert ours.shape == (6, 16, 16, 3) and ours.dtype == np.uint8

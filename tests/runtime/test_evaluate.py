@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime.eval_cli import main
-from runtime.evaluate import FeatureExtractor, classifier_path, frechet_distance, kernel_inception_distance
-from runtime.output import OutputDir, shard_indices
+from runtime.evaluate.cli import main
+from runtime.evaluate.score import FeatureExtractor, classifier_path, frechet_distance, kernel_inception_distance
+from runtime.generation.output import OutputDir, shard_indices
 
 
 def test_frechet_distance_closed_forms():
@@ -129,7 +129,7 @@ def test_bad_input(case, message, tmp_path, reference_root):
 
 
 def write_run(folder: Path, n: int, shards_done: list[int], num_shards: int = 2, formats=("png",)) -> Path:
-    """A ddpm-generate folder written by ``runtime.output`` as a run does: shards ``shards_done`` of ``num_shards``
+    """A ddpm-generate folder written by ``runtime.generation.output`` as a run does: shards ``shards_done`` of ``num_shards``
     finished (their images and manifest-I-of-N.jsonl); finalized (manifest.jsonl, samples.npz) once all are."""
     images, labels = garment_like(n, 11)
     images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]

@@ -46,7 +46,10 @@ def test_eight_threads_give_the_same_images_as_one(cond_onnx):
 def test_fused_step_graph_agrees_with_the_unfused_loop(cond_onnx):
     g = runtime.load(cond_onnx, "cpu")
     for kwargs in (dict(sampler="ddpm", steps=12, guidance=2.5), dict(sampler="ddim", steps=6, eta=0.5),
-                   dict(sampler="ddpm", steps=8, clip_denoised=True)):
+                   dict(sampler="ddpm", steps=8, clip_denoised=True), dict(sampler="dpmpp-2m", steps=10, guidance=2.0),
+                   dict(sampler="dpmpp-2m-sde", steps=10, guidance=1.5, guidance_interval=(30, 70)),
+                   dict(sampler="dpmpp-2m", steps=7, clip_denoised=True),
+                   dict(sampler="ddim", steps=9, guidance=3.0, guidance_interval=(0, 50))):
         plan = g.plan(**kwargs)
         labels = g.labels(range(5), None)
         runs = [np.concatenate([im for _, _, im in g.generate_batches(range(5), plan, seed=2, batch_size=3,
@@ -67,9 +70,9 @@ def test_classes_by_name_and_index(cond_onnx):
 @pytest.mark.parametrize("gpu", [False, True])
 def test_provider_auto_reports_what_ran(uncond_onnx, monkeypatch, gpu):
     """GPU providers that did not start are news only where a GPU is visible (``gpu_visible``, patched here)."""
-    import runtime.backend
+    import runtime.backends.backend
 
-    monkeypatch.setattr(runtime.backend, "gpu_visible", lambda: gpu, raising=False)
+    monkeypatch.setattr(runtime.backends.backend, "gpu_visible", lambda: gpu, raising=False)
     messages = []
     g = runtime.load(uncond_onnx, "auto", log=messages.append)
     assert g.provider in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -85,7 +88,7 @@ def test_cuda_fused_iobinding_matches_cpu(cond_onnx):
     except ModelError as e:
         pytest.skip(f"no CUDA provider here ({e})")
     cpu = runtime.load(cond_onnx, "cpu").generate(8, sampler="ddpm", steps=20, guidance=2.0)
-    plan = cuda.plan("ddpm", 20, guidance=2.0)
+    plan = cuda.plan(sampler="ddpm", steps=20, guidance=2.0)
     fused = np.concatenate([im for _, _, im in cuda.generate_batches(range(8), plan, seed=0, batch_size=8,
                                                                        labels=cuda.labels(range(8), None), fused=True)])
     assert np.abs(cpu.astype(int) - fused).max() <= TOLERANCES["fp32"].max_levels

@@ -19,8 +19,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 import runtime
-import runtime.output
-from runtime.cli import main
+import runtime.generation.output
+from runtime.generation.cli import main
 from runtime.metadata import CONTRACT_KEY, SamplingContract
 
 REPO = Path(runtime.__file__).resolve().parents[1]  # this checkout, for subprocesses
@@ -35,7 +35,7 @@ def images_in(d: Path, n: int) -> np.ndarray:
 
 
 def cli_process(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runtime.cli", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "runtime.generation.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -84,8 +84,8 @@ import os, sys, time
 from pathlib import Path
 
 import runtime
-import runtime.output
-from runtime.cli import main
+import runtime.generation.output
+from runtime.generation.cli import main
 
 held, where, k = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 count = 0
@@ -101,13 +101,13 @@ def hold_at_k():
 
 
 if where == "after-batch":  # batch k is on disk (images and manifest lines)
-    write_images = runtime.output.OutputDir.write_images
+    write_images = runtime.generation.output.OutputDir.write_images
 
     def held_write_images(*args, **kwargs):
         write_images(*args, **kwargs)
         hold_at_k()
 
-    runtime.output.OutputDir.write_images = held_write_images
+    runtime.generation.output.OutputDir.write_images = held_write_images
 elif where == "before-rename":  # image file k is written under its temporary name, not renamed yet
     replace = os.replace
 
@@ -228,6 +228,13 @@ def test_nan_from_the_model_stops_the_run_naming_the_step(tmp_path):
         ("shard-out-of-range", "I/N"),
         ("out-is-a-file", "it is a file"),
         ("out-under-a-file", "cannot create"),
+        ("unknown-sampler", "'euler' is not one of 'ddpm', 'ddim', 'dpmpp-2m', 'dpmpp-2m-sde'"),
+        ("eta-on-dpmpp", "eta applies to the ddim sampler only, not to dpmpp-2m"),
+        ("interval-not-two", "guidance interval must be two integers LO,HI"),
+        ("interval-not-numbers", "guidance interval must be two integers LO,HI"),
+        ("interval-outside", "0 <= LO <= HI < T = 100, got 10,100"),
+        ("interval-reversed", "0 <= LO <= HI < T = 100, got 50,10"),
+        ("interval-on-uncond", "a guidance interval needs a class-conditional model"),
     ],
 )
 def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, cond_onnx):
@@ -250,8 +257,12 @@ def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, con
         "steps-too-many": ["--steps", "101"], "unknown-class": ["--class", "sneaker"],
         "class-on-uncond": ["--class", "1"], "guidance-on-uncond": ["--guidance", "2"],
         "bad-shard": ["--shard", "a/b"], "shard-out-of-range": ["--shard", "3/3"],
+        "unknown-sampler": ["--sampler", "euler"], "eta-on-dpmpp": ["--sampler", "dpmpp-2m", "--eta", "0.3"],
+        "interval-not-two": ["--guidance-interval", "5"], "interval-not-numbers": ["--guidance-interval", "a,b"],
+        "interval-outside": ["--guidance-interval", "10,100"], "interval-reversed": ["--guidance-interval", "50,10"],
+        "interval-on-uncond": ["--guidance-interval", "0,50"],
     }.get(case, [])
-    if case == "unknown-class":
+    if case == "unknown-class" or case.startswith("interval-") and case != "interval-on-uncond":
         model = cond_onnx
     if case == "out-is-a-file":
         out = a_file
@@ -268,6 +279,8 @@ def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, con
     assert "Traceback" not in r.output
     if out.is_dir():
         assert not list(out.glob("*.png"))
+    if case.startswith(("interval-", "eta-", "unknown-sampler")):  # refused before anything is written
+        assert not out.exists()
 
 
 def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(uncond_onnx, tmp_path, monkeypatch):
@@ -278,12 +291,12 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(uncond_onnx, t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(runtime.output.os, "replace", full)
+    monkeypatch.setattr(runtime.generation.output.os, "replace", full)
     out = tmp_path / "o"
     r = cli(uncond_onnx, "-n", 3, "--batch-size", 1, "--steps", 3, "--out", out)
     assert r.exit_code != 0 and "disk full while writing" in r.output and "000001.png" in r.output
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("run")) == ["000000.png", "manifest-0-of-1.jsonl"]
-    monkeypatch.setattr(runtime.output.os, "replace", real_replace)
+    monkeypatch.setattr(runtime.generation.output.os, "replace", real_replace)
     r = cli(uncond_onnx, "-n", 3, "--batch-size", 1, "--steps", 3, "--out", out)
     assert r.exit_code == 0 and "1 already there" in r.output
 

@@ -78,3 +78,16 @@ def test_newer_schema_says_to_upgrade():
 def test_not_json_is_a_contract_error():
     with pytest.raises(ContractError, match="JSON"):
         SamplingContract.from_json("{not json")
+
+
+def test_schema_2_contracts_as_main_wrote_them_still_load():
+    """Schema 2 (before every run setting could be recommended): run_defaults had four keys."""
+    data = json.loads(SamplingContract(image_size=8, channels=1, num_classes=2).to_json())
+    data["schema_version"] = 2
+    data["run_defaults"] = {"sampler": "ddim", "steps": 50, "eta": None, "guidance": 1.5}
+    c = SamplingContract.from_dict(data)
+    assert (c.run_defaults.sampler, c.run_defaults.steps, c.run_defaults.guidance) == ("ddim", 50, 1.5)
+    assert c.run_defaults.guidance_interval is None and c.schema_version == SCHEMA_VERSION
+    data["run_defaults"]["guidance_interval"] = [0, 10]  # a schema 2 file could not hold it
+    with pytest.raises(ContractError, match="run_defaults.guidance_interval': unknown field"):
+        SamplingContract.from_dict(data)

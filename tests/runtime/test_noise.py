@@ -1,4 +1,4 @@
-"""runtime.noise: the per-image streams stay bit-identical to one NumPy call per image per draw, whatever the
+"""runtime.sampling.noise: the per-image streams stay bit-identical to one NumPy call per image per draw, whatever the
 threads and block sizes; pinned hashes; threads end after use and after errors (torch-free)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import runtime.noise as noise
+import runtime.sampling.noise as noise
 from runtime.errors import GenerationError
-from runtime.images import to_uint8
+from runtime.generation.images import to_uint8
 from runtime.metadata import SamplingContract
-from runtime.noise import NoiseStreams, image_generator
+from runtime.sampling.noise import NoiseStreams, image_generator
 from runtime.pipeline import Pipeline
-from runtime.samplers import array_predictor, sample
+from runtime.sampling.samplers import array_predictor, sample
 
 
 def reference(seed: int, indices, shape, n: int) -> np.ndarray:
@@ -149,7 +149,7 @@ def test_the_pipeline_uses_the_streams_in_order(settings):
     expected = []
     for batch in (indices[:4], indices[4:]):
         draws = iter(reference(4, batch, shape, 1 + int(np.count_nonzero(plan.coefs.noise_coef))))
-        predict = array_predictor(pipeline.backend.predict_eps, None, guidance=1.0, null_class=None)
+        predict = array_predictor(pipeline.backend.predict_eps, None, null_class=None)
         expected.append(to_uint8(sample(predict, next(draws), plan.coefs, lambda i: next(draws))))
         assert next(draws, None) is None  # every declared draw was used
     assert np.array_equal(got, np.concatenate(expected))
@@ -158,7 +158,7 @@ def test_the_pipeline_uses_the_streams_in_order(settings):
 def test_the_pipeline_leaves_no_threads_behind_also_on_nan():
     baseline = threading.active_count()
     pipeline = Pipeline(NumpyBackend(), log=lambda msg: None)
-    plan = pipeline.plan("ddpm", 100, model_defaults=False)
+    plan = pipeline.plan(sampler="ddpm", steps=100, model_defaults=False)
     list(pipeline.generate_batches(range(5), plan, seed=0, batch_size=2))
     assert threading.active_count() == baseline
     failing = Pipeline(NumpyBackend(nan_below=500), log=lambda msg: None)

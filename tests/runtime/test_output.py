@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 import runtime
-import runtime.output
+import runtime.generation.output
 import runtime.pipeline
-from runtime import files
-from runtime.cli import main
+from runtime.generation import files
+from runtime.generation.cli import main
 
 REPO = Path(runtime.__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_a_cut_last_manifest_line_then_resume(damage, uncond_onnx, tmp_path):
 
 def test_an_image_left_without_a_record_is_an_error_not_a_success(uncond_onnx, tmp_path, monkeypatch):
     """If an image's record is lost after it was written, the run must not exit 0 without its manifest.jsonl."""
-    real_write = runtime.output.OutputDir.write_images
+    real_write = runtime.generation.output.OutputDir.write_images
 
     def losing_image_1(self, indices, images, records, manifest):
         real_write(self, indices, images, records, manifest)
@@ -137,7 +137,7 @@ def test_an_image_left_without_a_record_is_an_error_not_a_success(uncond_onnx, t
 
     out = tmp_path / "o"
     args = [uncond_onnx, "-n", 3, "--batch-size", 1, "--steps", 2, "--out", out]
-    monkeypatch.setattr(runtime.output.OutputDir, "write_images", losing_image_1)
+    monkeypatch.setattr(runtime.generation.output.OutputDir, "write_images", losing_image_1)
     one_line_error(cli(*args), "image 1", "rerun the same command")
     monkeypatch.undo()
     r = cli(*args)
@@ -161,7 +161,7 @@ def test_a_shard_that_ends_before_the_others_says_the_run_is_not_finished(cond_o
 WRITER = """
 import sys
 from pathlib import Path
-from runtime.files import temporary_sibling
+from runtime.generation.files import temporary_sibling
 tmp = temporary_sibling(Path(sys.argv[1]))
 tmp.write_bytes(b"the first half of a file")
 print(tmp, flush=True)
@@ -218,7 +218,7 @@ def test_only_temporaries_of_dead_writers_on_this_machine_are_abandoned(tmp_path
     }
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    found = {p.name for p in files.abandoned_temporaries(tmp_path, runtime.output.is_run_file)}
+    found = {p.name for p in files.abandoned_temporaries(tmp_path, runtime.generation.output.is_run_file)}
     assert found == {name for name, abandoned in names.items() if abandoned}
     assert files.TEMPORARY.fullmatch(files.temporary_sibling(tmp_path / "000001.png").name)["machine"] == me
 
@@ -231,7 +231,7 @@ def test_an_absurd_n_is_a_one_line_error_that_writes_nothing(model, cond_onnx, u
 
 
 def test_one_shard_of_the_largest_run_needs_no_bookkeeping_for_the_others(cond_onnx, tmp_path):
-    n = runtime.output.MAX_IMAGES
+    n = runtime.generation.output.MAX_IMAGES
     r = cli(cond_onnx, "-n", n, "--steps", 2, "--shard", f"{n - 1}/{n}", "--out", tmp_path / "d")
     assert r.exit_code == 0, r.output
     assert "1 images in" in r.output and f"{n - 1} images of other shards still to come" in r.output

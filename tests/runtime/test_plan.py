@@ -1,4 +1,4 @@
-"""runtime.plan: the one definition of a run's sampler settings, their defaults, the model's recommendations and
+"""runtime.sampling.plan: the one definition of a run's sampler settings, their defaults, the model's recommendations and
 the per-step coefficients."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from runtime.errors import ContractError, SettingsError
 from runtime.metadata import RunDefaults, SamplingContract
-from runtime.plan import TABLE_COLUMNS, ddim_coefficients, ddpm_coefficients, make_plan
+from runtime.sampling.plan import TABLE_COLUMNS, ddim_coefficients, ddpm_coefficients, make_plan
 
 COND = SamplingContract(image_size=8, channels=1, num_classes=3)
 UNCOND = SamplingContract(image_size=8, channels=1)
@@ -20,12 +20,12 @@ RECOMMENDS = dataclasses.replace(COND, run_defaults=RunDefaults(sampler="ddim", 
 
 def test_runtime_defaults_without_recommendations():
     p = make_plan(COND)
-    assert (p.sampler, p.steps, p.eta, p.guidance, p.variance, p.from_model) == ("ddpm", 1000, 0.0, 1.0, "beta", ())
-    assert make_plan(COND, "ddim").steps == 50 and make_plan(COND, "ddim").variance is None
-    assert make_plan(COND, "ddpm", 100).variance == "beta_tilde"  # respaced: β̃ (Improved DDPM)
-    assert make_plan(COND, "ddpm", 1000).variance == "beta"  # full T: the contract's choice
+    assert (p.sampler, p.steps, p.eta, p.guidance, p.variance, p.from_model) == ("ddpm", 1000, None, 1.0, "beta", ())
+    assert make_plan(COND, sampler="ddim").steps == 50 and make_plan(COND, sampler="ddim").variance is None
+    assert make_plan(COND, sampler="ddpm", steps=100).variance == "beta_tilde"  # respaced: β̃ (Improved DDPM)
+    assert make_plan(COND, sampler="ddpm", steps=1000).variance == "beta"  # full T: the contract's choice
     assert make_plan(dataclasses.replace(COND, variance="beta_tilde")).variance == "beta_tilde"
-    assert make_plan(COND, "ddpm", 100, variance="beta").variance == "beta"
+    assert make_plan(COND, sampler="ddpm", steps=100, variance="beta").variance == "beta"
 
 
 def test_the_models_recommendations_fill_what_is_not_given():
@@ -34,14 +34,14 @@ def test_the_models_recommendations_fill_what_is_not_given():
     assert p.from_model == ("sampler", "steps", "eta", "guidance")
     p = make_plan(RECOMMENDS, steps=10, guidance=1.0)  # given settings win
     assert (p.sampler, p.steps, p.eta, p.guidance, p.from_model) == ("ddim", 10, 0.5, 1.0, ("sampler", "eta"))
-    p = make_plan(RECOMMENDS, "ddpm")  # steps and eta were recommended for DDIM only
+    p = make_plan(RECOMMENDS, sampler="ddpm")  # steps and eta were recommended for DDIM only
     assert (p.sampler, p.steps, p.guidance, p.from_model) == ("ddpm", 1000, 1.5, ("guidance",))
     p = make_plan(RECOMMENDS, model_defaults=False)  # the paper's settings, one flag away
     assert (p.sampler, p.steps, p.guidance, p.from_model) == ("ddpm", 1000, 1.0, ())
 
 
 def test_explicit_settings_give_the_same_coefficients_with_or_without_recommendations():
-    a = make_plan(COND, "ddim", 20, 0.5, 1.5)
+    a = make_plan(COND, sampler="ddim", steps=20, eta=0.5, guidance=1.5)
     b = make_plan(RECOMMENDS)
     assert np.array_equal(a.coefs.table(), b.coefs.table()) and np.array_equal(a.coefs.timesteps, b.coefs.timesteps)
     assert a.run_settings() == b.run_settings()
@@ -73,11 +73,11 @@ def test_guidance_needs_a_conditional_model():
 
 
 def test_run_settings_and_manifest_fields():
-    p = make_plan(COND, "ddim", 10, 0.0, 2.0)
+    p = make_plan(COND, sampler="ddim", steps=10, eta=0.0, guidance=2.0)
     assert p.run_settings() == {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0, "clip_denoised": False,
                                 "variance": None}
     assert p.manifest_fields() == {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0}
-    assert make_plan(COND, "ddpm", 10).run_settings()["eta"] is None  # DDPM has no η
+    assert make_plan(COND, sampler="ddpm", steps=10).run_settings()["eta"] is None  # DDPM has no η
     assert p.describe() == "ddim 10 steps, eta 0, guidance 2"
 
 
@@ -85,7 +85,7 @@ def test_coefficient_table_follows_the_named_columns():
     s = COND.schedule.build().respace(10)
     for c in (ddpm_coefficients(s, "beta_tilde", True), ddim_coefficients(s, 0.3, False)):
         table = c.table()
-        assert table.shape == (10, 6) and table.dtype == np.float32
+        assert table.shape == (10, len(TABLE_COLUMNS)) and table.dtype == np.float32
         for k, name in enumerate(TABLE_COLUMNS):
             np.testing.assert_array_equal(table[:, k], getattr(c, name).astype(np.float32))
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from runtime.samplers import ddim_sample, ddpm_sample, guided_eps
-from runtime.schedule import NoiseSchedule
+from runtime.sampling.samplers import ddim_sample, ddpm_sample, guided_eps
+from runtime.sampling.schedule import NoiseSchedule
 from runtime.tolerances import TOLERANCES
 
 FP64, SAME = TOLERANCES["fp64"], TOLERANCES["fp32-same-math"]

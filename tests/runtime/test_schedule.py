@@ -1,4 +1,4 @@
-"""runtime.schedule against closed forms computed independently in the tests."""
+"""runtime.sampling.schedule against closed forms computed independently in the tests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from runtime.plan import ddpm_coefficients
-from runtime.schedule import NoiseSchedule, cosine_betas, linear_betas, make_betas, spaced_indices
+from runtime.sampling.plan import ddpm_coefficients
+from runtime.sampling.schedule import NoiseSchedule, cosine_betas, linear_betas, make_betas, spaced_indices
 
 
 def test_linear_schedule_closed_form():
@@ -46,7 +46,7 @@ def test_posterior_variance_and_mean_coefficients():
     assert c.eps_coef[t] == pytest.approx(-b / math.sqrt(1 - ab) / math.sqrt(1 - b), rel=1e-12)
     assert c.noise_coef[0] == 0.0 and c.noise_coef[t] == pytest.approx(math.sqrt(b), rel=1e-12)
     assert ddpm_coefficients(s, "beta_tilde").noise_coef[t] == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12)
-    assert c.table().shape == (1000, 6) and c.table().dtype == np.float32
+    assert c.table().shape == (1000, 8) and c.table().dtype == np.float32
 
 
 def test_cosine_schedule_closed_form():

@@ -8,20 +8,23 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.fused import StepSession
+from runtime.backends.fused import StepSession
 from runtime.metadata import CONTRACT_KEY, SamplingContract
-from runtime.step_graph import build_step_graph
+from runtime.sampling.plan import TABLE_COLUMNS
+from runtime.backends.step_graph import build_step_graph
 from runtime.tolerances import TOLERANCES
 
 CPU = ["CPUExecutionProvider"]
 SAME = TOLERANCES["fp32-same-math"]
 NUM_CLASSES = 3
 SHAPE = (1, 8, 8)  # C, H, W
-COEFS = [  # runtime.plan.TABLE_COLUMNS: [x, eps, noise, x0, x0_from_x, x0_from_eps]
-    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    [0.9, -0.3, 0.2, 0.0, 1.5, -2.0],  # D = 0: the clip term is unused
-    [0.1, 0.4, 0.5, 0.7, 3.0, -2.5],  # large P, Q: x̂₀ is clipped in many pixels
-    [0.0, 0.0, 1.0, 1.0, -4.0, 4.0],
+NO_CLIP = 3.4028234663852886e38
+COEFS = [  # runtime.sampling.plan.TABLE_COLUMNS: [x, eps, noise, x0, x0_from_x, x0_from_eps, prev_x0, x0_clip]
+    [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+    [0.9, -0.3, 0.2, 0.0, 1.5, -2.0, 0.0, 1.0],  # D = 0: the clip term is unused
+    [0.1, 0.4, 0.5, 0.7, 3.0, -2.5, 0.0, 1.0],  # large P, Q: x̂₀ is clipped in many pixels
+    [0.0, 0.0, 1.0, 1.0, -4.0, 4.0, 0.0, 1.0],
+    [0.8, 0.0, 0.0, 1.3, 2.0, -1.5, -0.4, NO_CLIP],  # a multistep row: unclipped x̂₀ and the previous one
 ]
 
 
@@ -87,11 +90,12 @@ def inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         "t": rng.integers(0, 1000, batch).astype(np.int64),
         "z": rng.standard_normal((batch, *SHAPE)).astype(np.float32),
         "y": rng.integers(0, NUM_CLASSES, batch).astype(np.int64),
+        "x0_prev": rng.uniform(-1, 1, (batch, *SHAPE)).astype(np.float32),
     }
 
 
-def reference(model: onnx.ModelProto, x_t, t, z, coef, y=None, w=None, clip: bool = True) -> np.ndarray:
-    """The predictor in its own session, then the step formula in float32 numpy."""
+def reference(model: onnx.ModelProto, x_t, t, z, x0_prev, coef, y=None, w=None, clip: bool = True):
+    """The predictor in its own session, then the step formula in float32 numpy: (x_next, x0_hat)."""
     sess = ort.InferenceSession(model.SerializeToString(), providers=CPU)
     if w is None:
         feed = {"x": x_t, "t": t} | ({"y": y} if y is not None else {})
@@ -102,10 +106,10 @@ def reference(model: onnx.ModelProto, x_t, t, z, coef, y=None, w=None, clip: boo
                                "y": np.concatenate([y, null])})[0]
         eps_c, eps_u = eps2[: len(x_t)], eps2[len(x_t):]
         eps = eps_u + np.float32(w) * (eps_c - eps_u)
-    a, b, c, d, p, q = np.asarray(coef, np.float32)
+    a, b, c, d, p, q, r, bound = np.asarray(coef, np.float32)
     x0 = p * x_t + q * eps
-    x0 = np.clip(x0, -1, 1) if clip else x0
-    return a * x_t + b * eps + d * x0 + c * z
+    x0 = np.clip(x0, -bound, bound) if clip else x0
+    return a * x_t + b * eps + d * x0 + r * x0_prev + c * z, x0
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -119,13 +123,17 @@ def test_step_matches_reference(uncond, cond, batch, conditional):
     y = inp["y"] if conditional else None
     for coef in COEFS:
         coef = np.asarray(coef, np.float32)
-        got = session.run(inp["x_t"], inp["t"], inp["z"], coef, y=y)
-        want = reference(model, inp["x_t"], inp["t"], inp["z"], coef, y=y)
-        assert got.shape == (batch, *SHAPE) and got.dtype == np.float32
+        got, got_x0 = session.run(inp["x_t"], inp["t"], inp["z"], inp["x0_prev"], coef, y=y)
+        want, want_x0 = reference(model, inp["x_t"], inp["t"], inp["z"], inp["x0_prev"], coef, y=y)
+        assert got.shape == got_x0.shape == (batch, *SHAPE) and got.dtype == got_x0.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=SAME.atol, rtol=SAME.rtol)
-        if coef[3] != 0:  # clipping matters for these coefficients
-            unclipped = reference(model, inp["x_t"], inp["t"], inp["z"], coef, y=y, clip=False)
+        np.testing.assert_allclose(got_x0, want_x0, atol=SAME.atol, rtol=SAME.rtol)
+        if coef[3] != 0 and coef[7] == 1:  # clipping matters for these coefficients
+            unclipped, _ = reference(model, inp["x_t"], inp["t"], inp["z"], inp["x0_prev"], coef, y=y, clip=False)
             assert np.abs(got - unclipped).max() > 0.1
+        if coef[6] != 0:  # the previous x̂₀ matters
+            other, _ = session.run(inp["x_t"], inp["t"], inp["z"], np.zeros_like(inp["x0_prev"]), coef, y=y)
+            assert np.abs(got - other).max() > 0.1
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -134,13 +142,14 @@ def test_guided_step_matches_reference(cond, batch):
     assert session.guided and session.conditional
     inp = inputs(batch, seed=2)
     for coef in COEFS:
-        got = session.run(inp["x_t"], inp["t"], inp["z"], coef, y=inp["y"], w=3.0)
-        want = reference(cond, inp["x_t"], inp["t"], inp["z"], coef, y=inp["y"], w=3.0)
+        got, _ = session.run(inp["x_t"], inp["t"], inp["z"], inp["x0_prev"], coef, y=inp["y"], w=3.0)
+        want, _ = reference(cond, inp["x_t"], inp["t"], inp["z"], inp["x0_prev"], coef, y=inp["y"], w=3.0)
         np.testing.assert_allclose(got, want, atol=SAME.atol, rtol=SAME.rtol)
     # w = 1 is the plain conditional prediction
     plain = StepSession(build_step_graph(cond), CPU)
-    np.testing.assert_allclose(session.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"], w=1.0),
-                               plain.run(inp["x_t"], inp["t"], inp["z"], COEFS[2], y=inp["y"]), atol=SAME.atol, rtol=SAME.rtol)
+    args = (inp["x_t"], inp["t"], inp["z"], inp["x0_prev"], COEFS[2])
+    np.testing.assert_allclose(session.run(*args, y=inp["y"], w=1.0)[0], plain.run(*args, y=inp["y"])[0],
+                               atol=SAME.atol, rtol=SAME.rtol)
 
 
 def test_guided_needs_labels(uncond):
@@ -151,14 +160,17 @@ def test_guided_needs_labels(uncond):
 def test_run_checks_inputs(cond):
     session = StepSession(build_step_graph(cond), CPU)
     inp = inputs(2)
+    x0 = inp["x0_prev"]
     with pytest.raises(TypeError, match="x_t"):
-        session.run(inp["x_t"].astype(np.float64), inp["t"], inp["z"], COEFS[1], y=inp["y"])
+        session.run(inp["x_t"].astype(np.float64), inp["t"], inp["z"], x0, COEFS[1], y=inp["y"])
     with pytest.raises(TypeError, match="'t'"):
-        session.run(inp["x_t"], inp["t"].astype(np.int32), inp["z"], COEFS[1], y=inp["y"])
-    with pytest.raises(ValueError, match=r"takes inputs \['x_t', 't', 'y', 'z', 'coef'\]"):
-        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1])  # no labels
+        session.run(inp["x_t"], inp["t"].astype(np.int32), inp["z"], x0, COEFS[1], y=inp["y"])
+    with pytest.raises(TypeError, match="'x0_prev'"):
+        session.run(inp["x_t"], inp["t"], inp["z"], x0.astype(np.float64), COEFS[1], y=inp["y"])
+    with pytest.raises(ValueError, match=r"takes inputs \['x_t', 't', 'y', 'z', 'x0_prev', 'coef'\]"):
+        session.run(inp["x_t"], inp["t"], inp["z"], x0, COEFS[1])  # no labels
     with pytest.raises(ValueError, match="takes inputs"):
-        session.run(inp["x_t"], inp["t"], inp["z"], COEFS[1], y=inp["y"], w=2.0)  # not a guided graph
+        session.run(inp["x_t"], inp["t"], inp["z"], x0, COEFS[1], y=inp["y"], w=2.0)  # not a guided graph
 
 
 @pytest.mark.parametrize("guided", [False, True])
@@ -171,15 +183,18 @@ def test_iobinding_matches_run_and_chains(cond, guided):
     zs = [np.random.default_rng(10 + i).standard_normal(inp["x_t"].shape).astype(np.float32) for i in range(3)]
 
     x_host, x_dev = inp["x_t"], ort.OrtValue.ortvalue_from_numpy(inp["x_t"])
+    s_host = np.zeros_like(x_host)
+    s_dev = ort.OrtValue.ortvalue_from_numpy(s_host)
     for i, (coef, z) in enumerate(zip(coefs, zs)):
-        x_host = session.run(x_host, inp["t"] - i, z, coef, y=inp["y"], w=w)
+        x_host, s_host = session.run(x_host, inp["t"] - i, z, s_host, coef, y=inp["y"], w=w)
         z_arg = ort.OrtValue.ortvalue_from_numpy(z) if i % 2 else z  # z as numpy or OrtValue
-        x_dev = session.run_iobinding(x_dev, inp["t"] - i, z_arg, coef, y=inp["y"], w=w)
+        x_dev, s_dev = session.run_iobinding(x_dev, inp["t"] - i, z_arg, s_dev, coef, y=inp["y"], w=w)
         assert isinstance(x_dev, ort.OrtValue) and x_dev.device_name().lower() == "cpu"
         np.testing.assert_array_equal(x_dev.numpy(), x_host)  # the same session on the same device
+        np.testing.assert_array_equal(s_dev.numpy(), s_host)
     with pytest.raises(TypeError, match="x_t"):
         session.run_iobinding(ort.OrtValue.ortvalue_from_numpy(inp["x_t"].astype(np.float64)), inp["t"], zs[0],
-                              coefs[0], y=inp["y"], w=w)
+                              s_dev, coefs[0], y=inp["y"], w=w)
 
 
 @pytest.mark.parametrize("kind", ["uncond", "cond", "guided"])
@@ -190,14 +205,14 @@ def test_step_model_structure(uncond, cond, kind):
     props = {p.key: p.value for p in step.metadata_props}
     assert props[CONTRACT_KEY] == SamplingContract.from_json(props[CONTRACT_KEY]).to_json()
     assert props[CONTRACT_KEY] == {p.key: p.value for p in model.metadata_props}[CONTRACT_KEY]
-    want = {"uncond": ["x_t", "t", "z", "coef"], "cond": ["x_t", "t", "y", "z", "coef"],
-            "guided": ["x_t", "t", "y", "z", "coef", "w"]}[kind]
+    want = {"uncond": ["x_t", "t", "z", "x0_prev", "coef"], "cond": ["x_t", "t", "y", "z", "x0_prev", "coef"],
+            "guided": ["x_t", "t", "y", "z", "x0_prev", "coef", "w"]}[kind]
     assert [i.name for i in step.graph.input] == want
-    assert [o.name for o in step.graph.output] == ["x_next"]
+    assert [o.name for o in step.graph.output] == ["x_next", "x0_hat"]
     dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
             for vi in [*step.graph.input, *step.graph.output]}
-    assert dims["x_t"] == dims["z"] == dims["x_next"] == ["batch", *SHAPE]
-    assert dims["t"] == ["batch"] and dims["coef"] == [6]
+    assert dims["x_t"] == dims["z"] == dims["x0_prev"] == dims["x_next"] == dims["x0_hat"] == ["batch", *SHAPE]
+    assert dims["t"] == ["batch"] and dims["coef"] == [len(TABLE_COLUMNS)]
     if kind == "guided":  # internal values have batch 2B: they must not claim the input's "batch" size
         assert {vi.name for vi in step.graph.value_info} >= {"step_model_x", "step_model_eps"}
         assert all(d.dim_param != "batch" for vi in step.graph.value_info for d in vi.type.tensor_type.shape.dim)
@@ -205,4 +220,4 @@ def test_step_model_structure(uncond, cond, kind):
     assert new and all(n.name.startswith("step_") for n in new)
     session = StepSession(step, CPU)
     assert [i.name for i in session.session.get_inputs()] == want
-    assert [o.name for o in session.session.get_outputs()] == ["x_next"]
+    assert [o.name for o in session.session.get_outputs()] == ["x_next", "x0_hat"]

@@ -23,12 +23,12 @@ BLOCK_TORCH = textwrap.dedent(
 SCRIPT = BLOCK_TORCH + textwrap.dedent(
     """
     import numpy as np
-    import runtime, runtime.schedule, runtime.metadata, runtime.samplers
+    import runtime, runtime.sampling.schedule, runtime.metadata, runtime.sampling.samplers
     from runtime.metadata import SamplingContract
     contract = SamplingContract(image_size=8, channels=1)
     schedule = contract.schedule.build().respace(20)
     rng = np.random.default_rng(0)
-    x = runtime.samplers.ddpm_sample(lambda x, t: 0.1 * x, rng.standard_normal((2, 1, 8, 8)).astype(np.float32),
+    x = runtime.sampling.samplers.ddpm_sample(lambda x, t: 0.1 * x, rng.standard_normal((2, 1, 8, 8)).astype(np.float32),
                                      schedule, lambda i: rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
     assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
@@ -49,7 +49,7 @@ GENERATE = BLOCK_TORCH + textwrap.dedent(
     g = runtime.load(sys.argv[1], "cpu")
     images = g.generate(3, sampler="ddim", steps=4)
     assert images.shape == (3, 16, 16, 1), images.shape
-    from runtime.cli import main
+    from runtime.generation.cli import main
     main([sys.argv[1], "-n", "2", "--steps", "3", "--out", sys.argv[2], "--provider", "cpu"], standalone_mode=False)
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     print("ok")

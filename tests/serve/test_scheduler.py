@@ -19,6 +19,9 @@ REQUESTS = [  # mixed samplers, steps, guidance, classes and clipping in flight 
     dict(n=2, seed=2, sampler="ddim", steps=5, eta=0.0, guidance=1.0, classes=2),
     dict(n=4, seed=3, sampler="ddim", steps=9, eta=0.7, guidance=3.0, start_index=5),
     dict(n=1, seed=4, sampler="ddpm", steps=7, clip_denoised=True, guidance=1.5),
+    dict(n=2, seed=5, sampler="dpmpp-2m", steps=6, guidance=2.0),  # multistep: each image keeps its last x̂₀
+    dict(n=2, seed=6, sampler="dpmpp-2m-sde", steps=8, guidance=1.5, guidance_interval=(20, 70), classes=1),
+    dict(n=1, seed=7, sampler="ddim", steps=10, guidance=3.0, guidance_interval=(0, 40), clip_denoised=True),
 ]
 
 
@@ -161,9 +164,11 @@ def test_stop_drains_admitted_work_and_refuses_new(cond_model):
     assert not stopper.is_alive()
 
 
-def test_with_a_full_batch_a_short_request_takes_a_long_ones_slot_and_both_are_right(cond_model):
+@pytest.mark.parametrize("long_sampler, long_steps", [("ddpm", 100), ("dpmpp-2m-sde", 60)])
+def test_with_a_full_batch_a_short_request_takes_a_long_ones_slot_and_both_are_right(cond_model, long_sampler,
+                                                                                     long_steps):
     scheduler = Scheduler(cond_model, max_batch=2)  # the long request alone fills the batch
-    long = scheduler.submit(4, sampler="ddpm", steps=100, seed=5)
+    long = scheduler.submit(4, sampler=long_sampler, steps=long_steps, seed=5)
     short = scheduler.submit(1, sampler="ddim", steps=3, seed=6)
     scheduler.start()
     try:
@@ -174,5 +179,5 @@ def test_with_a_full_batch_a_short_request_takes_a_long_ones_slot_and_both_are_r
     finally:
         scheduler.stop(grace=5)
     assert np.abs(first[0].image.astype(int) - offline(cond_model, 1, sampler="ddim", steps=3, seed=6)[0]).max() <= LEVELS
-    expected = offline(cond_model, 4, sampler="ddpm", steps=100, seed=5)
+    expected = offline(cond_model, 4, sampler=long_sampler, steps=long_steps, seed=5)
     assert np.abs(np.stack([im.image for im in rest]).astype(int) - expected).max() <= LEVELS

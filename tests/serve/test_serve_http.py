@@ -41,7 +41,7 @@ def test_images_and_metadata_equal_offline_generation(serving, long_cond_onnx, b
     assert_images_close(decode(body), offline(long_cond_onnx, 4, **settings))
     g = runtime.load(long_cond_onnx, "cpu", log=lambda m: None)
     assert body["model_sha256"] == g.sha256
-    assert body["settings"] == g.plan("ddpm", 30, None, 2.0).run_settings()
+    assert body["settings"] == g.plan(sampler="ddpm", steps=30, guidance=2.0).run_settings()
     assert [(i["index"], i["seed"], i["class"], i["class_name"]) for i in body["images"]] == [
         (k, 7, k % 3, CLASS_NAMES[k % 3]) for k in range(2, 6)]
 
@@ -166,7 +166,7 @@ BAD_REQUESTS = [  # body -> what the one-line reason says
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
     ({"n": 65}, "n: Input should be less than or equal to 64"),
     ({"n": "3"}, "n: Input should be a valid integer"),
-    ({"sampler": "euler"}, "sampler: Input should be 'ddpm' or 'ddim'"),
+    ({"sampler": "euler"}, "sampler: Input should be 'ddpm', 'ddim', 'dpmpp-2m' or 'dpmpp-2m-sde'"),
     ({"steps": 5000}, "steps must be between 1 and T = 1000, got 5000"),
     ({"eta": 2.0, "sampler": "ddim"}, "eta must be between 0 and 1, got 2.0"),
     ({"class": "delta"}, "unknown class 'delta' (this model knows: alpha, beta, gamma)"),
@@ -176,6 +176,12 @@ BAD_REQUESTS = [  # body -> what the one-line reason says
     ({"format": "jpeg"}, "format: Input should be 'png' or 'npz'"),
     ({"model": "/etc/passwd"}, "model: Extra inputs are not permitted"),
     ({"variance": "sigma"}, "variance: Input should be 'beta' or 'beta_tilde'"),
+    ({"sampler": "dpmpp-2m", "eta": 0.5}, "eta applies to the ddim sampler only, not to dpmpp-2m"),
+    ({"guidance_interval": [5]}, "guidance_interval: List should have at least 2 items"),
+    ({"guidance_interval": [1, 2, 3]}, "guidance_interval: List should have at most 2 items"),
+    ({"guidance_interval": "5,10"}, "guidance_interval: Input should be a valid list"),
+    ({"guidance_interval": [600, 100]}, "guidance interval must have 0 <= LO <= HI < T = 1000, got 600,100"),
+    ({"guidance_interval": [0, 1000]}, "guidance interval must have 0 <= LO <= HI < T = 1000, got 0,1000"),
 ]
 
 
@@ -203,6 +209,9 @@ def test_bad_requests_get_one_line_reasons_and_never_reach_the_batch(serving, lo
     assert r.json() == {"detail": "guidance needs a class-conditional model; this one is unconditional"}
     r = client.post("/v1/images", json={"class": 1})
     assert r.status_code == 422 and r.json() == {"detail": "this model is unconditional: it takes no class"}
+    r = client.post("/v1/images", json={"guidance_interval": [0, 50]})
+    assert r.status_code == 422
+    assert r.json() == {"detail": "a guidance interval needs a class-conditional model; this one is unconditional"}
 
 
 def test_api_key_guards_everything_but_healthz(serving, uncond_onnx):

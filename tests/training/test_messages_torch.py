@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import runtime
-from runtime.backend import model_format
+from runtime.backends.backend import model_format
 from tests.cli_checks import one_error_line
 
 
@@ -28,7 +28,7 @@ class Payload:
 
 
 def test_generate_names_a_torch_save_checkpoint(tmp_path: Path):
-    from runtime.cli import main
+    from runtime.generation.cli import main
 
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {"unet.w": torch.zeros(3)}, "hyper_parameters": {"lr": 1e-3}}, evil)

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from runtime.errors import SettingsError
-from runtime.plan import ddpm_coefficients
-from runtime.samplers import sample
+from runtime.sampling.plan import make_plan, ddpm_coefficients
+from runtime.sampling.samplers import sample
 from training.dataset import Diffset
 from training.eval_mode import eval_mode
 from training.model import DiffusionModel
@@ -151,7 +151,24 @@ def test_sample_is_algorithm_2_with_beta_at_full_T_and_beta_tilde_when_respaced(
         assert not torch.equal(got, model.sample(2, steps=10, variance="beta", generator=torch.Generator().manual_seed(5)))
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(guidance=2.0), "class-conditional"), (dict(steps=11), "between 1 and T")])
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "dpmpp-2m-sde"])
+def test_sample_takes_every_sampler_with_the_runtime_plan(sampler):
+    """DiffusionModel.sample runs the runtime's plan and loop for the multistep samplers too (same noise)."""
+    torch.manual_seed(0)
+    model = perturbed(DiffusionModel(16 * 16, 100, 1, ema_decay=0.0, **TINY))
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(2, 1, 16, 16, generator=g)
+    plan = make_plan(model.config.contract(ema=False), sampler=sampler, steps=6, model_defaults=False)
+    with torch.no_grad(), eval_mode(model.unet):
+        expected = sample(eps_predictor(model.unet), x_T, plan.coefs,
+                          lambda i: torch.randn(x_T.shape, generator=g)).clamp(-1, 1)
+    got = model.sample(2, sampler=sampler, steps=6, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(guidance=2.0), "class-conditional"), (dict(steps=11), "between 1 and T"),
+                                             (dict(guidance_interval=(0, 5)), "class-conditional"),
+                                             (dict(sampler="dpmpp-2m", eta=0.5), "ddim sampler only")])
 def test_bad_sampler_settings_are_refused(kwargs, message):
     model = DiffusionModel(16 * 16, 10, 1, **TINY)
     with pytest.raises(SettingsError, match=message):

@@ -1,17 +1,18 @@
-"""``ddpm-generate``: a thin click command over ``runtime.load`` and ``runtime.run.generate_to_dir``."""
+"""``ddpm-generate``: a thin click command over ``runtime.load`` and ``runtime.generation.run.generate_to_dir``."""
 
 from __future__ import annotations
 
 import re
+import typing
 
 import click
 
 from runtime.bundled import resolve
 from runtime.errors import GenerationError, ModelError, OutputError
 from runtime.pipeline import load
-from runtime.plan import SAMPLERS, VARIANCES
-from runtime.providers import CHOICES
-from runtime.run import RunOptions, generate_to_dir
+from runtime.backends.providers import CHOICES
+from runtime.generation.run import RunOptions, generate_to_dir
+from runtime.sampling.settings import SETTINGS, RunSettings
 
 FORMATS = {"png": ("png",), "npz": ("npz",), "both": ("png", "npz")}
 
@@ -25,26 +26,45 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _setting_option(f):
+    """A click option for one ``RunSettings`` field, from its type and help (default None: not given)."""
+    kind = typing.get_args(typing.get_type_hints(RunSettings)[f.name])[0]  # X of "X | None"
+    name = "--" + f.name.replace("_", "-")
+    common = dict(default=None, show_default=False, help=f.metadata["help"])
+    if typing.get_origin(kind) is typing.Literal:
+        return click.option(name, type=click.Choice(typing.get_args(kind)), **common)
+    if kind is bool:
+        return click.option(f"{name}/--no-{name[2:]}", **common)
+    if kind in (int, float):
+        return click.option(name, type=kind, **common)
+
+    def parse(ctx, param, value):
+        try:
+            return None if value is None else f.metadata["parse"](value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return click.option(name, callback=parse, metavar="LO,HI", **common)
+
+
+def settings_options(command):
+    """Every run setting as an option of ``command``, in ``RunSettings`` order."""
+    for f in reversed(SETTINGS):
+        command = _setting_option(f)(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model", required=False, default=None)
 @click.option("-n", "n", type=int, required=True, help="Number of images in the whole run (all shards together).")
 @click.option("--out", type=click.Path(), required=True, help="Output folder: DIR/000000.png ..., manifest, run.json.")
 @click.option("--batch-size", type=int, default=64, help="Images per predictor call (does not change the images).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Image k depends only on (seed, k) and the settings.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, show_default=False,
-              help="ddpm: Algorithm 2 (respaced when --steps < T); ddim: Song et al., --eta 0 is deterministic. "
-                   "Default: the model's recommendation, else ddpm.")
-@click.option("--steps", type=int, default=None,
-              help="Sampling steps. Default: the model's recommendation for this sampler, else T for ddpm, 50 for ddim.")
-@click.option("--eta", type=float, default=None, show_default=False,
-              help="DDIM noise scale (0: deterministic, 1: DDPM-like). Default: the model's recommendation, else 0.")
 @click.option("--class", "cls", default=None,
               help="Class index or name (case-insensitive) from the model's contract. Default: classes cycle over the images.")
-@click.option("--guidance", type=float, default=None, show_default=False,
-              help="Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional "
-                   "only. Default: the model's recommendation, else 1.")
+@settings_options
 @click.option("--model-defaults/--no-model-defaults", default=True,
-              help="Take the sampler, steps, eta and guidance the model recommends (its contract's run_defaults) "
+              help="Take the run settings the model recommends (its contract's run_defaults) "
                    "where they are not given; --no-model-defaults uses the runtime's (the paper's DDPM, all T steps, w = 1).")
 @click.option("--provider", type=click.Choice(CHOICES), default="auto",
               help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
@@ -54,9 +74,6 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
               help="png: one file per image; npz: DIR/samples.npz (uint8 NxHxWxC, arr_0); both.")
 @click.option("--grid", is_flag=True, help="Also write DIR/grid.png (the first 100 images) when the run is complete.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run with other settings in --out.")
-@click.option("--clip-denoised", is_flag=True, help="Clip the predicted x0 to [-1, 1] in each step (posterior-mean form).")
-@click.option("--variance", type=click.Choice(VARIANCES), default=None,
-              help="DDPM sigma^2. Default: the model's contract (beta) for full T, beta_tilde when respaced.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--cpu-arena/--no-cpu-arena", default=True, help="onnxruntime's CPU memory arena (faster; holds memory).")
 @click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]), default=None,
@@ -64,8 +81,8 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
 @click.option("--fused/--no-fused", default=None,
               help="Keep the sampler loop on the backend's device: each step one fused ONNX graph (update inside "
                    "onnxruntime), or the torch loop for .pt/.pt2 models. Default: on GPUs.")
-def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, model_defaults, provider, shard, fmt, grid,
-         overwrite, clip_denoised, variance, threads, cpu_arena, cudnn_algo_search, fused) -> None:
+def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, fmt, grid, overwrite, threads, cpu_arena,
+         cudnn_algo_search, fused, **settings) -> None:
     """Generate N images from an exported MODEL (.onnx; TorchScript .pt or AOTInductor .pt2, which need torch) into --out.
 
     MODEL may also name a model bundled with the package (fashion-mnist); without MODEL the default bundled
@@ -86,9 +103,8 @@ def main(model, n, out, batch_size, seed, sampler, steps, eta, cls, guidance, mo
         if bundled:
             click.echo(f"using the bundled model {bundled} ({path})", err=True)
         g = load(path, provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
-        options = RunOptions(n=n, out=out, batch_size=batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                             classes=cls, guidance=guidance, clip_denoised=clip_denoised, variance=variance,
-                             model_defaults=model_defaults, shard=shard, formats=FORMATS[fmt], grid=grid,
+        options = RunOptions(n=n, out=out, batch_size=batch_size, seed=seed, settings=RunSettings(**settings),
+                             classes=cls, model_defaults=model_defaults, shard=shard, formats=FORMATS[fmt], grid=grid,
                              overwrite=overwrite, fused=fused)
         result = generate_to_dir(g, options)
     except (ModelError, GenerationError, OutputError) as e:

@@ -48,7 +48,7 @@ class TorchBackend:
         return call_torch(self.net, self.device, x, t, y)
 
     def device_loop(self, plan, y: np.ndarray | None):
-        """The sampler loop on this backend's device (``runtime.torch_loop``)."""
-        from runtime.torch_loop import device_loop
+        """The sampler loop on this backend's device (``runtime.backends.torch_loop``)."""
+        from runtime.backends.torch_loop import device_loop
 
         return device_loop(self.net, self.device, plan, y, self.contract.null_class)

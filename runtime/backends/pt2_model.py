@@ -12,7 +12,7 @@ from pathlib import Path
 
 from runtime.errors import ContractError, ModelError
 from runtime.metadata import CONTRACT_FILE, SamplingContract
-from runtime.torch_backend import TorchBackend, require_torch
+from runtime.backends.torch_backend import TorchBackend, require_torch
 
 TARGET_FILE = "ddpm_pt2.json"  # extra file: {"device": "cpu"|"cuda", "precision": "fp32"|"bf16"|"fp16", ...}
 

@@ -1,4 +1,4 @@
-"""``ddpm-eval``: a thin click command over ``runtime.evaluate.evaluate``."""
+"""``ddpm-eval``: a thin click command over ``runtime.evaluate.score.evaluate``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import click
 
 from runtime.errors import EvalError, IdxError
-from runtime.evaluate import REFERENCES, evaluate, table
+from runtime.evaluate.score import REFERENCES, evaluate, table
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

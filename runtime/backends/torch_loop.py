@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.fused import FINITE_CHECK_EVERY
-from runtime.plan import SamplingPlan, StepCoefficients
-from runtime.samplers import NoiseFn, OnStep, guided_predictor, sample
+from runtime.backends.fused import FINITE_CHECK_EVERY
+from runtime.sampling.plan import SamplingPlan, StepCoefficients
+from runtime.sampling.samplers import NoiseFn, OnStep, guided_predictor, sample
 
 DeviceLoop = Callable[..., np.ndarray]  # (x_T, coefs, noise, *, on_step) -> x_0, like samplers.sample minus predict
 
@@ -27,7 +27,7 @@ def device_loop(net, device: str, plan: SamplingPlan, y: np.ndarray | None, null
     def call(x, t: int, lab):
         return net(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=device), lab)
 
-    predict = guided_predictor(call, labels, guidance=plan.guidance, null_class=null_class, concat=torch.cat)
+    predict = guided_predictor(call, labels, null_class=null_class, concat=torch.cat)
     on_host = device == "cpu"
 
     def upload(a: np.ndarray):

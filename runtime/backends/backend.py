@@ -2,9 +2,9 @@
 
 A backend is a thin adapter around an exported noise predictor: ``contract``, ``provider`` (what runs it),
 ``path``, ``predict_eps`` on host arrays and ``device_loop`` (the sampler loop kept on the backend's device:
-``runtime.fused`` for onnxruntime, ``runtime.torch_loop`` for torch). Samplers and batching never look past this
-protocol. onnxruntime (``runtime.onnx_model``) is the base backend; TorchScript (``runtime.torchscript_model``)
-and ``.pt2`` (``runtime.pt2_model``) need torch and are imported only for such a file.
+``runtime.backends.fused`` for onnxruntime, ``runtime.backends.torch_loop`` for torch). Samplers and batching never look past this
+protocol. onnxruntime (``runtime.backends.onnx_model``) is the base backend; TorchScript (``runtime.backends.torchscript_model``)
+and ``.pt2`` (``runtime.backends.pt2_model``) need torch and are imported only for such a file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from runtime.errors import ModelError
 from runtime.metadata import SamplingContract
-from runtime.providers import AUTO_ORDER, CHOICES, GPU_PROVIDERS, PROVIDER_NAMES, gpu_visible
+from runtime.backends.providers import AUTO_ORDER, CHOICES, GPU_PROVIDERS, PROVIDER_NAMES, gpu_visible
 
 
 class Backend(Protocol):
@@ -43,7 +43,7 @@ def model_format(path: Path) -> Literal["onnx", "torchscript", "pt2"]:
     ``archive_format`` entry, a TorchScript archive ``*/constants.pkl`` and ``*/code/``. A torch.save file (a
     checkpoint: ``*/data.pkl`` and no code, or a bare pickle) or any other zip raises ``ModelError``.
     """
-    from runtime.pt2_model import is_pt2
+    from runtime.backends.pt2_model import is_pt2
 
     with open(path, "rb") as f:
         head = f.read(4)
@@ -70,7 +70,7 @@ def model_format(path: Path) -> Literal["onnx", "torchscript", "pt2"]:
 
 def start_onnx(path: str | os.PathLike, providers: tuple[str, ...], **session) -> Iterator[tuple[str, object]]:
     """Try each provider in turn: yields (short name, ``OnnxModel`` or the ``ModelError`` that stopped it)."""
-    from runtime.onnx_model import OnnxModel
+    from runtime.backends.onnx_model import OnnxModel
 
     for name in providers:
         try:
@@ -85,7 +85,7 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
     """The backend for a model file: TorchScript for a .pt archive, else onnxruntime on ``provider``.
 
     ``auto`` takes the first of tensorrt, cuda, cpu that starts and, where a GPU is visible
-    (``runtime.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly (onnxruntime
+    (``runtime.backends.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly (onnxruntime
     logs a failure in several lines); one asked for by name that does not start is one ``ModelError``.
     """
     path = Path(path)
@@ -95,13 +95,13 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
         raise ModelError(f"unknown provider {provider!r} (expected {', '.join(CHOICES)})")
     fmt = model_format(path)
     if fmt == "pt2":
-        from runtime.pt2_model import Pt2Model
+        from runtime.backends.pt2_model import Pt2Model
 
         if provider == "tensorrt":
             raise ModelError("provider tensorrt runs .onnx models only; use cuda or cpu for torch models")
         return Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
     if fmt == "torchscript":
-        from runtime.torchscript_model import TorchScriptModel
+        from runtime.backends.torchscript_model import TorchScriptModel
 
         return TorchScriptModel(path, _torch_device(provider))
     failures = []
@@ -124,7 +124,7 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
 
 def _torch_device(provider: str) -> str:
     """The torch device for ``--provider``: cuda where asked for (or auto and available), else cpu."""
-    from runtime.torch_backend import require_torch
+    from runtime.backends.torch_backend import require_torch
 
     if provider not in ("auto", "cuda"):
         if provider == "tensorrt":

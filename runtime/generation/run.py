@@ -10,26 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import GenerationError, OutputError
-from runtime.output import MAX_IMAGES, OutputDir, shard_indices
+from runtime.generation.output import MAX_IMAGES, OutputDir, shard_indices
 from runtime.pipeline import Pipeline
-from runtime.plan import SamplerName, SamplingPlan, Variance
+from runtime.sampling.plan import SamplingPlan
+from runtime.sampling.settings import RunSettings
 
 
 @dataclass
 class RunOptions:
-    """Everything a ``ddpm-generate`` run is asked for. Sampler settings left None: see ``runtime.plan``."""
+    """Everything a ``ddpm-generate`` run is asked for. Run settings left None: see ``runtime.sampling.plan``."""
 
     n: int
     out: str | Path
     batch_size: int = 64
     seed: int = 0
-    sampler: SamplerName | None = None
-    steps: int | None = None
-    eta: float | None = None
+    settings: RunSettings = RunSettings()
     classes: str | None = None
-    guidance: float | None = None
-    clip_denoised: bool = False
-    variance: Variance | None = None
     model_defaults: bool = True
     shard: tuple[int, int] = (0, 1)
     formats: tuple[str, ...] = ("png",)
@@ -63,7 +59,7 @@ class RunResult:
 
 def plan_for(g: Pipeline, o: RunOptions) -> SamplingPlan:
     """The run's plan; says on ``g.log`` which settings came from the model's recommendations."""
-    plan = g.plan(o.sampler, o.steps, o.eta, o.guidance, o.clip_denoised, o.variance, model_defaults=o.model_defaults)
+    plan = g.plan(o.settings, model_defaults=o.model_defaults)
     if plan.from_model:
         g.log(f"settings recommended by the model: {', '.join(plan.from_model)} -> {plan.describe()} "
               "(give them as options, or --no-model-defaults for the runtime's defaults)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from runtime.errors import ContractError, ModelError
 from runtime.metadata import CONTRACT_FILE, SamplingContract
-from runtime.torch_backend import TorchBackend, require_torch
+from runtime.backends.torch_backend import TorchBackend, require_torch
 
 
 class TorchScriptModel(TorchBackend):

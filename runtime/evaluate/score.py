@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import EvalError
-from runtime.generated import load_generated
-from runtime.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
+from runtime.evaluate.generated import load_generated
+from runtime.evaluate.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
 
 CLASSIFIER = "fashion_mnist_classifier.onnx"
 REFERENCES = ("fashion-mnist",)

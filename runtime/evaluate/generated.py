@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import EvalError
-from runtime.output import RUN_FILE, read_png
+from runtime.generation.output import RUN_FILE, read_png
 
 
 @dataclass

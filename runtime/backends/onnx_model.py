@@ -14,9 +14,8 @@ import numpy as np
 
 from runtime.errors import ContractError, ModelError
 from runtime.metadata import CONTRACT_KEY, SamplingContract
-from runtime.providers import PROVIDER_NAMES, full_name
+from runtime.backends.providers import PROVIDER_NAMES, full_name
 
-MIN_OPSET = 14  # the oldest opset ddpm-export writes and the runtime runs (the step graph needs 13+)
 
 
 def _contract_of(session, path) -> SamplingContract:
@@ -117,21 +116,23 @@ class OnnxModel:
         return self.session.run(None, feed)[0]
 
     def device_loop(self, plan, y: np.ndarray | None):
-        """The fused loop (``runtime.fused.sample_fused``) bound to ``plan`` and one batch's labels.
+        """The fused loop (``runtime.backends.fused.sample_fused``) bound to ``plan`` and one batch's labels.
 
-        The step graph (guided or plain) is built from the model file once and kept with the same providers
-        and session settings as the model.
+        The step graphs the plan needs (plain, and guided where some step is guided) are built from the model file
+        once each and kept with the same providers and session settings as the model.
         """
-        from runtime.fused import FusedStep, StepSession, sample_fused
+        from runtime.backends.fused import FusedStep, StepSession, sample_fused
 
-        guided = plan.guided
+        needed = sorted({bool(w != 1.0) for w in plan.coefs.guidance})
         with self._step_lock:
-            if guided not in self._step_sessions:
-                import onnx
+            for guided in needed:
+                if guided not in self._step_sessions:
+                    import onnx
 
-                from runtime.step_graph import build_step_graph
+                    from runtime.backends.step_graph import build_step_graph
 
-                step = build_step_graph(onnx.load(str(self.path)), null_class=self.contract.null_class if guided else None)
-                self._step_sessions[guided] = StepSession(step, self.providers, self.session_options)
-        step = FusedStep(self._step_sessions[guided], y, plan.guidance if guided else None, self.prefers_device_loop)
-        return functools.partial(sample_fused, step)
+                    null = self.contract.null_class if guided else None
+                    step = build_step_graph(onnx.load(str(self.path)), null_class=null)
+                    self._step_sessions[guided] = StepSession(step, self.providers, self.session_options)
+            sessions = {g: self._step_sessions[g] for g in needed}
+        return functools.partial(sample_fused, FusedStep(sessions, y, self.prefers_device_loop))

@@ -1,0 +1,164 @@
+"""Sample quality against predictor calls: sampler × steps at one guidance scale, then a guidance sweep.
+
+    python -m benchmarks.quality --out benchmarks/results/quality-cpu-2core [--n 1000] [--only ROW,...]
+
+Each row is one ``ddpm-generate`` run of the bundled model (n images, classes cycling, seed 0, ``--format npz``)
+and its ``ddpm-eval`` against the FashionMNIST test set. A row's results are appended to ``OUT/rows.jsonl`` as soon
+as it is scored (a rerun skips the rows already there); several processes may share OUT (each claims a row in
+``OUT/claims/`` before running it; ``--reverse`` starts from the end of the list). The scores do not depend on what
+else runs, the times do: ``--speed N`` times N images per row (no scoring) into ``OUT/speed.jsonl``, to be run on a
+quiet machine. ``OUT/table.md`` (rewritten after each row): FCD, KID, conditional accuracy, predictor calls and
+rows per image (guided steps make two rows), end-to-end images/s of the whole ``ddpm-generate`` command (from the
+speed pass where there is one), and the floor and ceiling rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GRID_STEPS = (10, 15, 20, 25, 50)
+GRID_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-2m-sde")
+GRID_W = 1.5
+BATCH = 8  # 16 rows per call with guidance: onnxruntime's fastest here (README's throughput table); images do not
+# depend on it
+# the sweep: on DPM-Solver++(2M), the scale over every step and over intervals of model timesteps (t = 82 … 579
+# is σ = √((1−ᾱ)/ᾱ) from 0.28 to 5.42 on this schedule, Kynkäänniemi et al.'s interval for EDM)
+SWEEP = [("dpmpp-2m", 15, w, None) for w in (1.0, 1.25, 2.0)] + [
+    ("dpmpp-2m", 15, w, iv) for w, iv in ((2.0, (82, 579)), (3.0, (82, 579)), (2.0, (0, 400)), (3.0, (0, 400)))]
+
+
+def rows() -> list[tuple[str, int, float, tuple[int, int] | None]]:
+    """DDIM first (the baseline), then DPM-Solver++(2M) and the sweep, the SDE variant, and the 50-step solver rows."""
+    grid = [(s, k, GRID_W, None) for s in GRID_SAMPLERS for k in GRID_STEPS]
+    first = [r for r in grid if r[0] == "ddim" or r[1] < 50]
+    ordered = [r for r in first if r[0] != "dpmpp-2m-sde"] + SWEEP + [r for r in first if r[0] == "dpmpp-2m-sde"]
+    return ordered + [r for r in grid if r not in first]
+
+
+def row_name(sampler: str, steps: int, w: float, interval) -> str:
+    return f"{sampler}-{steps}-w{w:g}" + ("" if interval is None else f"-t{interval[0]}-{interval[1]}")
+
+
+def bin_(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) -> dict:
+    import numpy as np
+
+    import runtime
+
+    folder = work / row_name(sampler, steps, w, interval)
+    cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
+           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu"]
+    if interval is not None:
+        cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    scores = json.loads(subprocess.run([bin_("ddpm-eval"), str(folder), "--json"], check=True, capture_output=True,
+                                       text=True).stdout)
+    plan = runtime.load("fashion-mnist", "cpu", log=lambda m: None).plan(
+        sampler=sampler, steps=steps, guidance=w, guidance_interval=interval)
+    rows_per_image = int(len(plan.coefs.guidance) + np.count_nonzero(plan.coefs.guidance != 1.0))
+    return {"row": folder.name, "sampler": sampler, "steps": steps, "guidance": w,
+            "guidance_interval": None if interval is None else list(interval), "n": n,
+            "predictor_calls": steps, "rows_per_image": rows_per_image, "seconds": round(seconds, 1),
+            "images_per_s": round(n / seconds, 3), "command": " ".join(Path(c).name if i == 0 else c
+                                                                          for i, c in enumerate(cmd)),
+            "scores": scores["rows"]}
+
+
+def table(results: list[dict], speed: dict[str, float] | None = None) -> str:
+    speed = speed or {}
+    lines = ["| sampler | steps | w | interval | FCD ↓ | KID ↓ | cond. acc. | calls/img | rows/img | img/s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        g = r["scores"][0]
+        iv = "every step" if r["guidance_interval"] is None else "[{}, {}]".format(*r["guidance_interval"])
+        acc = "" if g["conditional_accuracy"] is None else f"{100 * g['conditional_accuracy']:.1f} %"
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {iv} | {g['fcd']:.1f} | {g['kid']:.1f} | "
+                     f"{acc} | {r['predictor_calls']} | {r['rows_per_image']} | {speed.get(r['row'], r['images_per_s']):.2f} |")
+    if results:
+        for s in results[-1]["scores"][1:]:
+            lines.append(f"| {s['name']} | | | | {s['fcd']:.1f} | {s['kid']:.1f} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def claim(out: Path, name: str) -> bool:
+    """Whether this process may run row ``name`` (no other process has claimed it)."""
+    (out / "claims").mkdir(exist_ok=True)
+    try:
+        os.close(os.open(out / "claims" / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def time_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) -> float:
+    """images/s of a whole ``ddpm-generate`` command of n images (PNG writing off: ``--format npz``)."""
+    folder = work / row_name(sampler, steps, w, interval)
+    cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
+           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu"]
+    if interval is not None:
+        cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--only", default=None, help="comma-separated row names")
+    parser.add_argument("--reverse", action="store_true", help="take the rows from the end of the list")
+    parser.add_argument("--speed", type=int, default=None, metavar="N", help="only time N images per row")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "rows.jsonl"
+    speed_log = args.out / "speed.jsonl"
+    (args.out / "machine.json").write_text(json.dumps({
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "python": platform.python_version()}, indent=2))
+    only = set(args.only.split(",")) if args.only else None
+    order = rows()[::-1] if args.reverse else rows()
+    with tempfile.TemporaryDirectory() as tmp:
+        for sampler, steps, w, interval in order:
+            name = row_name(sampler, steps, w, interval)
+            if only and name not in only:
+                continue
+            if args.speed:
+                rate = time_row(sampler, steps, w, interval, args.speed, Path(tmp))
+                with open(speed_log, "a") as f:
+                    f.write(json.dumps({"row": name, "n": args.speed, "images_per_s": round(rate, 3)}) + "\n")
+                print(f"{name:32s} {rate:.2f} images/s", flush=True)
+                continue
+            if any(r["row"] == name and r["n"] == args.n for r in read_jsonl(log)) or not claim(args.out, name):
+                continue
+            result = run_row(sampler, steps, w, interval, args.n, Path(tmp))
+            with open(log, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            done = read_jsonl(log)
+            order_names = [row_name(*r) for r in rows()]
+            done.sort(key=lambda r: order_names.index(r["row"]) if r["row"] in order_names else len(order_names))
+            speeds = {r["row"]: r["images_per_s"] for r in read_jsonl(speed_log)}
+            (args.out / "table.md").write_text(table(done, speeds))
+            g = result["scores"][0]
+            print(f"{name:32s} FCD {g['fcd']:7.2f}  acc {g['conditional_accuracy']}  {result['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

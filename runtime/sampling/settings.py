@@ -1,0 +1,240 @@
+"""The run settings: every setting a sampling run takes, with its type, default and rule, declared once.
+
+``RunSettings`` is a frozen dataclass; a field left ``None`` means "not given" (``make_plan`` fills it from the
+model's recommendations, then from ``default``). Everything else that lists run settings is derived from its
+fields: ``ddpm-generate``'s options, the ``/v1/images`` request, the contract's recommended settings
+(``SamplingContract.run_defaults`` is a ``RunSettings``), ``--run-defaults KEY=VALUE``, ``run.json`` and the
+manifest (``SamplingPlan.run_settings``), ``Pipeline.generate``, ``Scheduler.submit`` and ``DiffusionModel.sample``.
+Adding a setting is one field here (with its help and rule) and its use in ``runtime.sampling.plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde"]
+Variance = Literal["beta", "beta_tilde"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+VARIANCES: tuple[str, ...] = get_args(Variance)
+MULTISTEP = ("dpmpp-2m", "dpmpp-2m-sde")  # samplers that keep the previous step's x̂₀
+DEFAULT_STEPS = {"ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 20}  # ddpm: all T
+FLOAT32_MAX = 3.4028234663852886e38  # the samplers compute in float32
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a setting's rule depends on: the model's T and whether it is class-conditional, and the sampler."""
+
+    timesteps: int
+    conditional: bool
+    sampler: str | None = None
+
+
+# -- each setting's rule: a one-line problem, or None --------------------------------------------------------------
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def sampler_problem(sampler: object, ctx: Context) -> str | None:
+    return None if sampler in SAMPLERS else f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})"
+
+
+def steps_problem(steps: object, ctx: Context) -> str | None:
+    ok = _is_int(steps) and 1 <= steps <= ctx.timesteps
+    return None if ok else f"steps must be between 1 and T = {ctx.timesteps}, got {steps}"
+
+
+def eta_problem(eta: object, ctx: Context) -> str | None:
+    """η ∈ [0, 1]: DDIM's √(1 − ᾱ_{t−1} − σ_t²) is undefined for η > 1 at the last step (t = 1), where ᾱ_0 = 1."""
+    if _is_real(eta) and 0 <= eta <= 1:
+        return None
+    return (f"eta must be between 0 and 1, got {eta} (for eta > 1, DDIM's sigma_t exceeds sqrt(1 - alphabar_(t-1)) "
+            "and the update is undefined)" if _is_real(eta) and eta > 1 else
+            f"eta must be a number between 0 and 1, got {eta}")
+
+
+def guidance_problem(guidance: object, ctx: Context) -> str | None:
+    if not _is_real(guidance) or not abs(guidance) <= FLOAT32_MAX:
+        return f"guidance must be a finite number (in float32), got {guidance!r}"
+    if guidance != 1.0 and not ctx.conditional:
+        return "guidance needs a class-conditional model; this one is unconditional"
+    return None
+
+
+def interval_problem(interval: object, ctx: Context) -> str | None:
+    T = ctx.timesteps
+    if not isinstance(interval, tuple | list) or len(interval) != 2 or not all(_is_int(v) for v in interval):
+        return f"guidance interval must be two integers LO,HI (model timesteps), got {interval!r}"
+    lo, hi = interval
+    if not 0 <= lo <= hi < T:
+        return f"guidance interval must have 0 <= LO <= HI < T = {T}, got {lo},{hi}"
+    if not ctx.conditional:
+        return "a guidance interval needs a class-conditional model; this one is unconditional"
+    return None
+
+
+def clip_problem(clip: object, ctx: Context) -> str | None:
+    return None if isinstance(clip, bool) else f"clip_denoised must be true or false, got {clip!r}"
+
+
+def variance_problem(variance: object, ctx: Context) -> str | None:
+    if variance not in VARIANCES:
+        return f"unknown variance {variance!r} (expected one of {', '.join(VARIANCES)})"
+    return None
+
+
+def parse_interval(text: str) -> tuple[int, int]:
+    """``"200,700"`` → (200, 700); ValueError if it is not two integers."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"guidance interval must be two integers LO,HI (model timesteps), got {text!r}") from None
+    return lo, hi
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def setting(help: str, rule: Callable[[object, Context], str | None], parse: Callable[[str], Any], *,
+            samplers: tuple[str, ...] = SAMPLERS, per_sampler: bool = False, per_image: bool = False,
+            new: bool = False) -> Any:
+    """A ``RunSettings`` field (default None = not given) and what is derived from it.
+
+    ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
+    (``--run-defaults``); ``samplers``: the samplers it applies to (given for another: an error; recommended for
+    another: not used); ``per_sampler``: a
+    recommendation of it holds for the recommended sampler only; ``per_image``: each manifest record carries it;
+    ``new``: added after run folders existed, so ``run.json`` records it only when set (older folders resume).
+    """
+    return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "samplers": samplers,
+                                         "per_sampler": per_sampler, "per_image": per_image, "new": new})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of a sampling run; ``None`` = not given (see the module docstring)."""
+
+    sampler: SamplerName | None = setting(
+        "ddpm: Algorithm 2 (respaced when steps < T); ddim: Song et al., eta 0 is deterministic; dpmpp-2m: "
+        "DPM-Solver++(2M), second-order multistep, 10-20 steps; dpmpp-2m-sde: its SDE variant (stochastic). "
+        "Default: the model's recommendation, else ddpm.", sampler_problem, str, per_image=True)
+    steps: int | None = setting(
+        "Sampling steps (1 ... T; the same evenly spaced model timesteps for every sampler). Default: the model's "
+        "recommendation for this sampler, else T for ddpm, 50 for ddim, 20 for dpmpp-2m and dpmpp-2m-sde.",
+        steps_problem, int, per_sampler=True, per_image=True)
+    eta: float | None = setting(
+        "DDIM noise scale in [0, 1] (0: deterministic, 1: DDPM-like); ddim only. Default: the model's "
+        "recommendation, else 0.", eta_problem, float, samplers=("ddim",), per_sampler=True, per_image=True)
+    guidance: float | None = setting(
+        "Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional only. "
+        "Default: the model's recommendation, else 1.", guidance_problem, float, per_image=True)
+    guidance_interval: tuple[int, int] | None = setting(
+        "LO,HI: guidance only on the steps whose model timestep t lies in [LO, HI] (0 <= LO <= HI < T; "
+        "Kynkaanniemi et al. 2024); the other steps use w = 1 and make no null-class prediction. "
+        "Default: the model's recommendation, else every step.", interval_problem, parse_interval,
+        per_image=True, new=True)
+    clip_denoised: bool | None = setting(
+        "Clip the predicted x0 to [-1, 1] in each step (ddpm: the posterior-mean form). Default: the model's "
+        "recommendation, else off.", clip_problem, parse_bool)
+    variance: Variance | None = setting(
+        "DDPM sigma^2 (ddpm only). Default: the model's recommendation, else the contract's (beta) at full T and "
+        "beta_tilde when respaced.", variance_problem, str, samplers=("ddpm",))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.guidance_interval, list):  # JSON has no tuples
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+        if isinstance(self.steps, float) and self.steps.is_integer():  # 50.0 is 50 steps
+            object.__setattr__(self, "steps", int(self.steps))
+
+    def problems(self, timesteps: int, conditional: bool) -> list[tuple[str, str]]:
+        """(field, problem) of every given setting that breaks its rule for such a model."""
+        ctx = Context(timesteps, conditional, self.sampler if self.sampler in SAMPLERS else None)
+        found = []
+        for f in SETTINGS:
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if ctx.sampler is not None and not applies(f.name, ctx.sampler):
+                found.append((f.name, f"{f.name} applies to the {' and '.join(f.metadata['samplers'])} sampler only, "
+                                      f"not to {ctx.sampler}"))
+            elif problem := f.metadata["rule"](value, ctx):
+                found.append((f.name, problem))
+        return found
+
+    def given(self) -> dict[str, Any]:
+        """The settings that are not None."""
+        return {f.name: getattr(self, f.name) for f in SETTINGS if getattr(self, f.name) is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, JSON-ready (the interval as a list)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in SETTINGS}
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any], base: RunSettings | None = None) -> RunSettings:
+        """``base`` with the named settings replaced; an unknown name is a TypeError naming it."""
+        unknown = sorted(set(kwargs) - set(NAMES))
+        if unknown:
+            raise TypeError(f"unknown run setting {unknown[0]!r} (run settings: {', '.join(NAMES)})")
+        return dataclasses.replace(base or cls(), **kwargs)
+
+    @classmethod
+    def parse(cls, text: str | None) -> RunSettings | None:
+        """``"sampler=ddim,steps=50,guidance=1.5"`` (``--run-defaults``) → RunSettings; ``""``/``"none"`` → None.
+
+        A value with a comma (the interval) is written with ``:`` or ``-``, e.g. ``guidance_interval=200:700``.
+        ValueError if malformed.
+        """
+        if text is None or text.strip().lower() in ("", "none"):
+            return None
+        values = {}
+        for item in text.split(","):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            key = key.replace("-", "_")
+            if not sep or key not in NAMES:
+                raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(NAMES)}, got {item.strip()!r}")
+            parse = FIELDS[key].metadata["parse"]
+            try:
+                values[key] = parse(value.replace(":", ",") if key == "guidance_interval" else value)
+            except ValueError as e:
+                kind = {int: "n integer", float: " number"}.get(parse)
+                raise ValueError(f"{key} needs a{kind}, got {value!r}" if kind else f"{key}: {e}") from None
+        return cls(**values)
+
+
+def applies(name: str, sampler: str) -> bool:
+    """Whether the setting ``name`` means anything for ``sampler``."""
+    return sampler in FIELDS[name].metadata["samplers"]
+
+
+def defaults(sampler: str, timesteps: int) -> dict[str, Any]:
+    """The runtime's value of every setting a run leaves unset (no recommendation either) for ``sampler``.
+
+    The paper's DDPM (Algorithm 2) at all T steps, w = 1 on every step, no clipping; DDIM takes 50 steps with
+    η = 0, the DPM-Solver++ samplers 20. ``variance`` None: ``make_plan`` takes the contract's at full T and β̃
+    when respaced.
+    """
+    return {"sampler": "ddpm", "steps": timesteps if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], timesteps),
+            "eta": 0.0 if sampler == "ddim" else None, "guidance": 1.0, "guidance_interval": None,
+            "clip_denoised": False, "variance": None}
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+SETTINGS: tuple[dataclasses.Field, ...] = dataclasses.fields(RunSettings)
+NAMES: tuple[str, ...] = tuple(f.name for f in SETTINGS)
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in SETTINGS}
+PER_IMAGE: tuple[str, ...] = tuple(f.name for f in SETTINGS if f.metadata["per_image"])

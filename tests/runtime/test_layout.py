@@ -1,0 +1,59 @@
+"""The runtime's layout: its modules import each other without cycles (module-level imports, as Python runs them)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import runtime
+
+ROOT = Path(runtime.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def top_level_imports(tree: ast.Module, name: str, modules: set[str]) -> set[str]:
+    """Runtime modules imported when this module is imported (not inside functions or ``if TYPE_CHECKING``)."""
+    found = set()
+    for node in tree.body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in modules and n != name}
+    return found
+
+
+def test_runtime_modules_import_without_cycles():
+    paths = {module_name(p): p for p in ROOT.rglob("*.py")}
+    modules = set(paths)
+    graph = {m: top_level_imports(ast.parse(p.read_text()), m, modules) for m, p in paths.items()}
+    # a package's __init__ is imported before any of its modules: count that edge too
+    for m in modules:
+        parent = m.rpartition(".")[0]
+        if parent in modules and parent != "runtime":
+            graph[m].add(parent)
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, f"import cycle: {' -> '.join([*stack, m, n])}"
+            if n not in state:
+                visit(n, [*stack, m])
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [])
+
+
+def test_runtime_is_split_by_concern():
+    top = sorted(p.stem for p in ROOT.glob("*.py"))
+    assert top == ["__init__", "bundled", "errors", "metadata", "pipeline", "tolerances"]
+    assert {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} == {
+        "sampling", "backends", "generation", "evaluate"}
