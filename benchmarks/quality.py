@@ -58,7 +58,8 @@ def run_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) ->
 
     folder = work / row_name(sampler, steps, w, interval)
     cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
-           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu"]
+           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu",
+           "--no-model-defaults"]  # every setting as the row names it, whatever the model recommends
     if interval is not None:
         cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
     start = time.perf_counter()
@@ -67,7 +68,7 @@ def run_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) ->
     scores = json.loads(subprocess.run([bin_("ddpm-eval"), str(folder), "--json"], check=True, capture_output=True,
                                        text=True).stdout)
     plan = runtime.load("fashion-mnist", "cpu", log=lambda m: None).plan(
-        sampler=sampler, steps=steps, guidance=w, guidance_interval=interval)
+        sampler=sampler, steps=steps, guidance=w, guidance_interval=interval, model_defaults=False)
     rows_per_image = int(len(plan.coefs.guidance) + np.count_nonzero(plan.coefs.guidance != 1.0))
     return {"row": folder.name, "sampler": sampler, "steps": steps, "guidance": w,
             "guidance_interval": None if interval is None else list(interval), "n": n,
@@ -111,7 +112,8 @@ def time_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) -
     """images/s of a whole ``ddpm-generate`` command of n images (PNG writing off: ``--format npz``)."""
     folder = work / row_name(sampler, steps, w, interval)
     cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
-           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu"]
+           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu",
+           "--no-model-defaults"]  # every setting as the row names it, whatever the model recommends
     if interval is not None:
         cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
     start = time.perf_counter()

@@ -32,9 +32,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-SHORT = {"n": 1, "sampler": "ddim", "steps": 20, "eta": 0.0, "guidance": 1.5}
-LONG = {"n": 16, "sampler": "ddpm", "steps": 1000, "guidance": 1.5}
-DPMPP_SHORT = {"n": 1, "sampler": "dpmpp-2m", "steps": 15, "guidance": 1.5}
+# Every setting explicit, whatever the model recommends: guidance on every step is the interval [0, T − 1] (T = 1000).
+EVERY_STEP = [0, 999]
+SHORT = {"n": 1, "sampler": "ddim", "steps": 20, "eta": 0.0, "guidance": 1.5, "guidance_interval": EVERY_STEP}
+LONG = {"n": 16, "sampler": "ddpm", "steps": 1000, "guidance": 1.5, "guidance_interval": EVERY_STEP}
+DPMPP_SHORT = {"n": 1, "sampler": "dpmpp-2m", "steps": 15, "guidance": 1.5, "guidance_interval": EVERY_STEP}
 SHORTS = {"uniform": [SHORT], "mixed": [SHORT], "mixed-dpmpp": [SHORT, DPMPP_SHORT]}  # workload -> short requests
 
 

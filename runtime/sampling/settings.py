@@ -114,9 +114,9 @@ def setting(help: str, rule: Callable[[object, Context], str | None], parse: Cal
 
     ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
     (``--run-defaults``); ``samplers``: the samplers it applies to (given for another: an error; recommended for
-    another: not used); ``per_sampler``: a
-    recommendation of it holds for the recommended sampler only; ``per_image``: each manifest record carries it;
-    ``new``: added after run folders existed, so ``run.json`` records it only when set (older folders resume).
+    another: not used); ``per_sampler``: a recommendation of it holds for the recommended sampler only;
+    ``per_image``: each manifest record carries it; ``new``: added after run folders existed, so ``run.json``
+    records it only when set (folders of earlier versions resume).
     """
     return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "samplers": samplers,
                                          "per_sampler": per_sampler, "per_image": per_image, "new": new})
@@ -143,8 +143,8 @@ class RunSettings:
     guidance_interval: tuple[int, int] | None = setting(
         "LO,HI: guidance only on the steps whose model timestep t lies in [LO, HI] (0 <= LO <= HI < T; "
         "Kynkaanniemi et al. 2024); the other steps use w = 1 and make no null-class prediction. "
-        "Default: the model's recommendation, else every step.", interval_problem, parse_interval,
-        per_image=True, new=True)
+        "Default: the model's recommendation, else every step (0,T-1 also means every step).",
+        interval_problem, parse_interval, per_image=True, new=True)
     clip_denoised: bool | None = setting(
         "Clip the predicted x0 to [-1, 1] in each step (ddpm: the posterior-mean form). Default: the model's "
         "recommendation, else off.", clip_problem, parse_bool)

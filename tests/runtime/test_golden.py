@@ -65,7 +65,8 @@ def _generate(settings: dict, **override) -> np.ndarray:
     g = {**settings["generate"], **override}
     return model.generate(settings["n"], seed=g["seed"], sampler=g["sampler"], steps=g["steps"], eta=g["eta"],
                           guidance=g["guidance"], batch_size=g["batch_size"], classes=g["classes"],
-                          clip_denoised=g["clip_denoised"], variance=g["variance"], start_index=g["start_index"])
+                          clip_denoised=g["clip_denoised"], variance=g["variance"], start_index=g["start_index"],
+                          model_defaults=False)  # settings added later (the guidance interval) take no recommendation
 
 
 def _read_golden() -> tuple[np.ndarray, dict]:

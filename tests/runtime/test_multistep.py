@@ -170,3 +170,17 @@ def test_recommended_interval_and_sampler_round_trip_and_apply():
     ddim_rec = dataclasses.replace(COND, run_defaults=RunDefaults(sampler="ddim", eta=0.5, steps=30))
     q = make_plan(ddim_rec, sampler="dpmpp-2m")
     assert (q.eta, q.steps, q.from_model) == (None, 20, ())
+
+
+def test_run_defaults_text_covers_every_setting():
+    from runtime.sampling.settings import NAMES, RunSettings
+
+    s = RunSettings.parse("sampler=dpmpp-2m,steps=15,guidance=2,guidance_interval=0:400,clip_denoised=false")
+    assert s == RunSettings(sampler="dpmpp-2m", steps=15, guidance=2.0, guidance_interval=(0, 400), clip_denoised=False)
+    assert RunSettings.parse("none") is None and RunSettings.parse("") is None
+    for text, message in (("steps=x", "steps needs an integer"), ("euler=1", "KEY one of " + ", ".join(NAMES)),
+                          ("guidance_interval=5", "two integers"), ("clip_denoised=maybe", "true or false")):
+        with pytest.raises(ValueError, match=message):
+            RunSettings.parse(text)
+    with pytest.raises(TypeError, match="unknown run setting 'sampler_name'"):
+        RunSettings.from_kwargs({"sampler_name": "ddim"})
