@@ -51,17 +51,23 @@ def bin_(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def generate_command(sampler: str, steps: int, w: float, interval, n: int, folder: Path) -> list[str]:
+    """The row's ``ddpm-generate`` command: every setting as the row names it, whatever the model recommends."""
+    cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
+           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu",
+           "--no-model-defaults"]
+    if interval is not None:
+        cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
+    return cmd
+
+
 def run_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) -> dict:
     import numpy as np
 
     import runtime
 
     folder = work / row_name(sampler, steps, w, interval)
-    cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
-           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu",
-           "--no-model-defaults"]  # every setting as the row names it, whatever the model recommends
-    if interval is not None:
-        cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
+    cmd = generate_command(sampler, steps, w, interval, n, folder)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     seconds = time.perf_counter() - start
@@ -110,12 +116,7 @@ def claim(out: Path, name: str) -> bool:
 
 def time_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) -> float:
     """images/s of a whole ``ddpm-generate`` command of n images (PNG writing off: ``--format npz``)."""
-    folder = work / row_name(sampler, steps, w, interval)
-    cmd = [bin_("ddpm-generate"), "-n", str(n), "--batch-size", str(BATCH), "--sampler", sampler, "--steps", str(steps),
-           "--guidance", str(w), "--format", "npz", "--out", str(folder), "--overwrite", "--provider", "cpu",
-           "--no-model-defaults"]  # every setting as the row names it, whatever the model recommends
-    if interval is not None:
-        cmd += ["--guidance-interval", f"{interval[0]},{interval[1]}"]
+    cmd = generate_command(sampler, steps, w, interval, n, work / row_name(sampler, steps, w, interval))
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     return n / (time.perf_counter() - start)
