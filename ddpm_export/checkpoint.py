@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ddpm_export.errors import CheckpointError
+from ddpm_export.source import ModelSource
 from runtime.metadata import Provenance, SamplingContract
 from training.config import REQUIRED_HPARAMS, ModelConfig
 from training.safe_load import explain_load_error, load_data
@@ -98,3 +99,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} has unusable hyperparameters: {str(e).splitlines()[0]}") from None
     step = data.get("global_step")
     return Checkpoint(path, dict(hp), data["state_dict"], int(step) if step is not None else None)
+
+
+def checkpoint_source(path: str | Path, weights: Literal["ema", "raw"] | None = None) -> ModelSource:
+    """A ``ddpm-train`` checkpoint as a model source: its U-Net with the chosen weights (default: EMA where present)."""
+    ckpt = load_checkpoint(path)
+    net, used_ema = ckpt.build_unet(weights)
+    contract = ckpt.contract(ema=used_ema)
+    return ModelSource(
+        net, contract, ckpt.path.with_suffix(""),
+        f"{ckpt.path}: step {ckpt.global_step}, {'EMA' if used_ema else 'raw'} weights, {contract.channels}x"
+        f"{contract.image_size}x{contract.image_size}, {contract.num_classes} classes",
+        {"checkpoint": str(ckpt.path), "source": "ddpm-train checkpoint", "weights": "ema" if used_ema else "raw"})

@@ -1,10 +1,10 @@
-"""``ddpm-export``: a thin click command over ``ddpm_export.export.export_checkpoint``."""
+"""``ddpm-export``: a thin click command over ``ddpm_export.export.export_checkpoint`` (a checkpoint or a diffusers folder)."""
 
 from __future__ import annotations
 
 import click
 
-from ddpm_export.errors import CheckpointError, ExportError
+from ddpm_export.errors import CheckpointError, ExportError, SourceError
 from ddpm_export.export import ExportOptions, export_checkpoint
 from ddpm_export.onnx_export import DEFAULT_OPSET
 from ddpm_export.run_defaults import parse_run_defaults
@@ -14,54 +14,73 @@ FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("source", metavar="SOURCE", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="onnx",
               help="What to write: ONNX (.onnx), TorchScript (.pt), an AOTInductor package (.pt2: torch.export, "
                    "compiled ahead of time; needs torch to run), or all = ONNX and TorchScript.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Output file (one format) or path stem (--format all). Default: next to the checkpoint, same stem.")
+              help="Output file (one format) or path stem (--format all). Default: beside SOURCE, same name.")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default=None,
-              help="Which weights to export. Default: ema when the checkpoint has EMA weights, else raw.")
+              help="ddpm-train checkpoints: which weights to export. Default: ema when the checkpoint has EMA "
+                   "weights, else raw.")
+@click.option("--scheduler-config", type=click.Path(dir_okay=False), default=None,
+              help="diffusers: the scheduler config (DDPMScheduler or DDIMScheduler) of a bare UNet2DModel folder, "
+                   "or one that replaces a pipeline's. Default: scheduler/scheduler_config.json of a pipeline, "
+                   "scheduler_config.json beside a UNet2DModel's config.json.")
+@click.option("--null-class", type=int, default=None, metavar="K",
+              help="diffusers, class-conditional models: the label the model was trained with for 'no class' "
+                   "(classifier-free guidance); it must be the last of num_class_embeds. Default: none, and "
+                   "guidance is refused for the model.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version.")
-@click.option("--fp16", is_flag=True,
-              help="Also write <stem>.fp16.onnx for GPU execution (GroupNorm, softmax and the timestep embedding stay "
-                   "fp32); verified on the CUDA provider, and reported as skipped where that cannot run.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              help="Precision: fp16 also writes <stem>.fp16.onnx for GPU execution (GroupNorm, softmax and the "
+                   "timestep embedding stay fp32; verified on the CUDA provider, reported as skipped where that "
+                   "cannot run); for .pt2 the precision the network computes in (bf16 or fp16 autocast; inputs "
+                   "and output stay float32), verified by the sampling trajectories against the fp32 eager model. "
+                   "TorchScript is fp32.")
+@click.option("--fp16", is_flag=True, help="The same as --dtype fp16.")
 @click.option("--verify/--no-verify", default=True,
-              help="Check the exported model against the eager U-Net (per-call ε and two short sampling trajectories, DDPM and DPM-Solver++(2M)); "
-                   "a failure exits non-zero and writes no artifact.")
+              help="Check the exported model against the eager network (per-call output and two short sampling "
+                   "trajectories, DDPM and DPM-Solver++(2M)), loaded as runtime.load loads it; a failure exits "
+                   "non-zero and writes no artifact.")
 @click.option("--optimize", is_flag=True,
               help="Also write <stem>.opt.onnx, optimized by onnxruntime (extended level) for the CPU provider.")
 @click.option("--run-defaults", "run_defaults", default=None, metavar="KEY=VALUE,...",
               help="Run settings the model recommends, stored in its contract and used by ddpm-generate and "
                    "runtime.load where they are not given: e.g. sampler=ddim,steps=50,guidance=1.5 "
-                   "(keys: the run settings: sampler, steps, eta, guidance, guidance_interval=LO:HI, clip_denoised, "
-                   "variance). Default: none (the runtime's defaults).")
+                   "(keys: the run settings, as ddpm-generate's options with _ for -; guidance_interval=LO:HI). "
+                   "They replace the source's own (a diffusers scheduler's clipping and spacing). Default: the "
+                   "source's (none for a checkpoint: the runtime's defaults).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help=".pt2: the device the package is compiled for (and verified on).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              help=".pt2: the precision the U-Net computes in (autocast; inputs and output stay float32). Reduced "
-                   "precision is verified by the sampling trajectory against the fp32 eager model.")
-def main(checkpoint: str, fmt: str, out: str | None, weights: str | None, opset: int, fp16: bool, verify: bool,
-         optimize: bool, run_defaults: str | None, device: str, dtype: str) -> None:
-    """Export a ddpm-train CHECKPOINT's U-Net to ONNX, TorchScript or an AOTInductor .pt2 package.
+def main(source: str, fmt: str, out: str | None, weights: str | None, scheduler_config: str | None,
+         null_class: int | None, opset: int, dtype: str, fp16: bool, verify: bool, optimize: bool,
+         run_defaults: str | None, device: str) -> None:
+    """Export a model to ONNX, TorchScript or an AOTInductor .pt2 package, verified against the original.
 
-    Each model file carries its sampling contract (schedule, T, image shape, classes, ...), so runtimes need
-    nothing else. Unless --no-verify, the export is compared with the eager model on every available
-    onnxruntime provider, and a JSON report is written next to each artifact as <artifact>.report.json.
+    SOURCE is a ddpm-train checkpoint (.ckpt), or a diffusers folder: a DDPM pipeline (model_index.json, unet/,
+    scheduler/) or a bare UNet2DModel (config.json and diffusion_pytorch_model.safetensors or .bin, with
+    --scheduler-config or a scheduler_config.json beside it). Each model file carries its sampling contract
+    (schedule, T, prediction type, image shape, classes, recommended settings), so runtimes need nothing else.
+    Unless --no-verify, the export is compared with the eager model on every available backend, and a JSON
+    report is written next to each artifact as <artifact>.report.json.
     """
-    if (fp16 or optimize) and "onnx" not in FORMATS[fmt]:
-        raise click.UsageError("--fp16 and --optimize apply to ONNX: use --format onnx or all")
-    if (device != "cpu" or dtype != "fp32") and fmt != "pt2":
-        raise click.UsageError("--device and --dtype apply to --format pt2")
+    if fp16 and dtype not in ("fp32", "fp16"):
+        raise click.UsageError(f"--fp16 is --dtype fp16; it cannot be combined with --dtype {dtype}")
+    if optimize and "onnx" not in FORMATS[fmt]:
+        raise click.UsageError("--optimize applies to ONNX: use --format onnx or all")
+    if device != "cpu" and fmt != "pt2":
+        raise click.UsageError("--device applies to --format pt2")
     try:
         recommended = parse_run_defaults(run_defaults)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--run-defaults") from None
-    options = ExportOptions(checkpoint, FORMATS[fmt], out, weights, opset, fp16, verify, optimize, recommended,
-                            device=device, dtype=dtype)
+    options = ExportOptions(source, FORMATS[fmt], out, weights, opset, fp16, verify, optimize, recommended,
+                            device=device, dtype="fp16" if fp16 else dtype, scheduler_config=scheduler_config,
+                            null_class=null_class)
     try:
         artifacts = export_checkpoint(options)
-    except (CheckpointError, ExportError, ContractError) as e:
+    except (CheckpointError, SourceError, ExportError, ContractError) as e:
         raise click.ClickException(str(e)) from None
     for a in artifacts:
         click.echo(a.summary())

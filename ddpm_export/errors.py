@@ -5,6 +5,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot (or must not) be loaded."""
 
 
+class SourceError(ValueError):
+    """A model folder or module that cannot be exported (what is wrong with it, in one line)."""
+
+
 class ExportError(RuntimeError):
     """An export that could not be completed or did not verify."""
 

@@ -1,7 +1,11 @@
-"""``export_checkpoint``: checkpoint → verified ONNX / TorchScript / .pt2 artifacts, each with a JSON report beside it.
+"""Model source → verified ONNX / TorchScript / .pt2 artifacts, each with a JSON report beside it.
 
-Every artifact is written under a temporary name and renamed only after its verification passed, so a
-failed or interrupted export never leaves a file that looks valid. What ``ddpm-export`` calls.
+``export_source`` exports any ``ddpm_export.source.ModelSource``; ``export_checkpoint`` opens a path first (a
+``ddpm-train`` checkpoint or a diffusers folder: what ``ddpm-export`` calls) and ``export_module`` takes any PyTorch
+module with its contract. Every artifact is written under a temporary name, loaded back the way users load it
+(``runtime.load``, through the table of backends ``runtime.backends.backend.BACKENDS``) and checked against the
+eager network; it is renamed only after its verification passed, so a failed or interrupted export never leaves a
+file that looks valid.
 """
 
 from __future__ import annotations
@@ -17,25 +21,26 @@ from typing import Literal
 
 import onnx
 
-from ddpm_export.checkpoint import Checkpoint, load_checkpoint
 from ddpm_export.errors import ExportError
 from ddpm_export.fp16 import to_fp16
 from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_summary
 from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER, Device, Precision, export_pt2
+from ddpm_export.source import ModelSource, open_source
 from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER, export_torchscript, save_torchscript
 from ddpm_export.verify import VerificationReport, torch_net, verify_backend
-from runtime.backends.backend import start_onnx
+from runtime.backends.backend import BACKENDS, Backend
+from runtime.backends.providers import PROVIDER_NAMES
+from runtime.backends.step_graph import MIN_OPSET
+from runtime.errors import ModelError
 from runtime.generation.files import atomic_path, atomic_write
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
-from runtime.backends.onnx_model import OnnxModel
-from runtime.backends.step_graph import MIN_OPSET
-from runtime.backends.providers import PROVIDER_NAMES
+from runtime.pipeline import load
 from runtime.tolerances import TOLERANCES
-from runtime.backends.torchscript_model import TorchScriptModel
 
 Format = Literal["onnx", "torchscript", "pt2"]
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
-# The per-call ε check must judge the export, not the provider's arithmetic mode: onnxruntime's CUDA provider
+# which --dtype each format can be written in (ONNX fp16: a <stem>.fp16.onnx copy beside the fp32 model)
+DTYPES: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "fp16"), "torchscript": ("fp32",), "pt2": ("fp32", "bf16", "fp16")}
+# The per-call check must judge the export, not the provider's arithmetic mode: onnxruntime's CUDA provider
 # computes fp32 convolutions and matmuls in TF32 by default, so that check runs with TF32 off; the trajectory
 # check runs with the provider's defaults, as generation does.
 STRICT_FP32_OPTIONS = {"cuda": {"use_tf32": "0"}}
@@ -43,18 +48,24 @@ STRICT_FP32_OPTIONS = {"cuda": {"use_tf32": "0"}}
 
 @dataclass
 class ExportOptions:
-    checkpoint: str | Path
+    source: str | Path | None = None  # a checkpoint file or a diffusers folder (None: export_module's module)
     formats: tuple[Format, ...] = ("onnx",)
     out: str | Path | None = None
-    weights: Literal["ema", "raw"] | None = None
+    weights: Literal["ema", "raw"] | None = None  # checkpoints: which weights
     opset: int = DEFAULT_OPSET
-    fp16: bool = False
+    fp16: bool = False  # the same as dtype="fp16" (its older name, for ONNX)
     verify: bool = True
     optimize: bool = False
-    run_defaults: RunDefaults | None = None  # run settings the model recommends (in its contract)
+    run_defaults: RunDefaults | None = None  # run settings the model recommends; given ones replace the source's
     device: Device = "cpu"  # .pt2: the device it is compiled for
-    dtype: Precision = "fp32"  # .pt2: the precision it computes in (float32 in and out either way)
+    dtype: Precision = "fp32"  # ONNX: fp16 also writes <stem>.fp16.onnx; .pt2: the precision it computes in
+    scheduler_config: str | Path | None = None  # diffusers: the scheduler of a bare UNet2DModel folder
+    null_class: int | None = None  # diffusers: the label a class-conditional model was trained with for "no class"
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr))
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else self.dtype
 
 
 @dataclass
@@ -75,34 +86,78 @@ class Artifact:
 
 
 def export_checkpoint(o: ExportOptions) -> list[Artifact]:
-    """Export the checkpoint in every requested format; raises ``ExportError`` (or ``CheckpointError``)."""
+    """Export the checkpoint or diffusers folder ``o.source`` in every requested format; raises ``ExportError``
+    (or ``CheckpointError``/``SourceError`` for a source that cannot be read)."""
+    check_options(o)
+    return export_source(open_source(o.source, weights=o.weights, scheduler_config=o.scheduler_config,
+                                     null_class=o.null_class), o)
+
+
+def export_module(module, contract: SamplingContract, out: str | Path, *, formats: tuple[Format, ...] = ("onnx",),
+                  **options) -> list[Artifact]:
+    """Export any PyTorch ``module`` — ``forward(x, t[, y])`` returning, per row at its own timestep, what
+    ``contract.prediction`` names — with ``contract`` to ``out`` (a file for one format, a path stem for several).
+
+    ``options`` are ``ExportOptions`` fields (``verify``, ``dtype``, ``opset``, ``run_defaults``, ``log`` …).
+    """
+    import ddpm_export
+    import torch
+
+    p = contract.provenance
+    provenance = dataclasses.replace(p, package=p.package or "ddpm-toolkit",
+                                     package_version=p.package_version or ddpm_export.__version__,
+                                     torch_version=p.torch_version or torch.__version__,
+                                     source=p.source or f"PyTorch module {type(module).__qualname__}")
+    contract = dataclasses.replace(contract, provenance=provenance)
+    source = ModelSource(module, contract, None, f"{type(module).__qualname__}: {contract.channels}x"
+                         f"{contract.image_size}x{contract.image_size}, {contract.prediction} prediction",
+                         {"source": provenance.source})
+    o = ExportOptions(None, tuple(formats), out, **options)
+    check_options(o)
+    return export_source(source, o)
+
+
+def check_options(o: ExportOptions) -> None:
+    """Refuse option combinations that cannot be exported (one line each)."""
     if o.opset < MIN_OPSET or o.opset > onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {o.opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
                           f"(attention and GroupNorm need at least {MIN_OPSET})")
-    ckpt = load_checkpoint(o.checkpoint)
-    paths = _output_paths(ckpt.path, o)
+    unknown = [f for f in o.formats if f not in DTYPES]
+    if unknown:
+        raise ExportError(f"unknown format {unknown[0]!r} (expected one of {', '.join(DTYPES)})")
+    if o.precision not in {d for f in o.formats for d in DTYPES[f]}:
+        fits = [f for f in DTYPES if o.precision in DTYPES[f]]
+        raise ExportError(f"--dtype {o.precision} applies to {' and '.join(fits)} (not {', '.join(o.formats)})")
+
+
+def export_source(source: ModelSource, o: ExportOptions) -> list[Artifact]:
+    """Export ``source`` in every requested format; raises ``ExportError``."""
+    if o.out is None and source.stem is None:
+        raise ExportError("give the output path (out=): a module has no file to put artifacts beside")
+    paths = _output_paths(source.stem, o)
     for p in paths.values():
         _check_writable(p)
-    net, used_ema = ckpt.build_unet(o.weights)
-    contract = dataclasses.replace(ckpt.contract(ema=used_ema), run_defaults=o.run_defaults)
-    o.log(f"{ckpt.path}: step {ckpt.global_step}, {'EMA' if used_ema else 'raw'} weights, "
-          f"{contract.channels}x{contract.image_size}x{contract.image_size}, {contract.num_classes} classes")
-    reference = torch_net(net)
+    contract = source.contract
+    if o.run_defaults is not None:  # given settings replace the source's recommendations
+        base = contract.run_defaults or RunDefaults()
+        contract = dataclasses.replace(contract, run_defaults=dataclasses.replace(base, **o.run_defaults.given()))
+    o.log(source.description)
+    reference = torch_net(source.network)
     artifacts = []
     if "onnx" in o.formats:
-        artifacts += _export_onnx(ckpt, net, contract, reference, paths["onnx"], o)
+        artifacts += _export_onnx(source, contract, reference, paths["onnx"], o)
     if "torchscript" in o.formats:
-        artifacts.append(_export_torchscript(ckpt, net, contract, reference, paths["torchscript"], o))
+        artifacts.append(_export_torchscript(source, contract, reference, paths["torchscript"], o))
     if "pt2" in o.formats:
-        artifacts.append(_export_pt2(net, contract, reference, paths["pt2"], o))
+        artifacts.append(_export_pt2(source, contract, reference, paths["pt2"], o))
     return artifacts
 
 
-def _output_paths(ckpt_path: Path, o: ExportOptions) -> dict[str, Path]:
+def _output_paths(stem: Path | None, o: ExportOptions) -> dict[str, Path]:
     if o.out is not None and len(o.formats) == 1:
         return {o.formats[0]: Path(o.out)}
-    base = Path(o.out).with_suffix("") if o.out is not None else ckpt_path.with_suffix("")
-    return {f: base.with_name(base.name + SUFFIXES[f]) for f in o.formats}
+    base = Path(o.out).with_suffix("") if o.out is not None else stem
+    return {f: base.with_name(base.name + BACKENDS[f].suffix) for f in o.formats}
 
 
 def _check_writable(path: Path) -> None:
@@ -122,7 +177,7 @@ def _write_report(path: Path, data: dict) -> Path:
 
 
 def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, report: VerificationReport,
-            skip_reason: str | None, extra: dict, o: ExportOptions) -> Artifact:
+            skip_reason: str | None, extra: dict, source: ModelSource, o: ExportOptions) -> Artifact:
     """Always write the report; raise if the verification failed, so that ``atomic_path`` drops the artifact."""
     if report.failed:
         status = "failed"
@@ -132,8 +187,7 @@ def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, repo
         status = f"skipped: {skip_reason or 'no backend could run it'}"
     size = tmp.stat().st_size
     data = {"artifact": str(path), "format": fmt, "precision": precision, "exporter": exporter, "size_bytes": size,
-            "checkpoint": str(o.checkpoint), "verification": status, **extra,
-            "checks": report.to_dict()}
+            **source.details, "verification": status, **extra, "checks": report.to_dict()}
     report_path = _write_report(path, data)
     if status == "failed":
         failures = "; ".join(r.summary() for r in report.results + report.informational if not r.passed)
@@ -144,8 +198,17 @@ def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, repo
     return Artifact(path, fmt, precision, exporter, size, status, report_path)
 
 
-def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationReport) -> Iterator[OnnxModel]:
-    """An ``OnnxModel`` per provider that starts; the others are recorded as skipped with the reason.
+def _load(tmp: Path, provider: str, report: VerificationReport, what: str, **session) -> Backend | None:
+    """The artifact loaded as users load it (``runtime.load``), or None with the reason recorded as skipped."""
+    try:
+        return load(tmp, provider, log=lambda msg: None, **session).backend
+    except ModelError as e:
+        report.skipped.append({"backend": what, "reason": str(e)})
+        return None
+
+
+def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationReport) -> Iterator[Backend]:
+    """The ONNX artifact on each provider that starts; the others are recorded as skipped with the reason.
 
     TensorRT is tried only where CUDA started.
     """
@@ -154,32 +217,32 @@ def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationRe
         if provider == "tensorrt" and cuda_failed:
             report.skipped.append({"backend": "onnx:TensorrtExecutionProvider", "reason": "needs CUDA, which did not start"})
             continue
-        ((_, model),) = start_onnx(tmp, (provider,), quiet=True)
-        if isinstance(model, OnnxModel):
-            yield model
-        else:
-            cuda_failed |= provider == "cuda"
-            report.skipped.append({"backend": f"onnx:{PROVIDER_NAMES[provider]}", "reason": str(model)})
+        backend = _load(tmp, provider, report, f"onnx:{PROVIDER_NAMES[provider]}")
+        cuda_failed |= backend is None and provider == "cuda"
+        if backend is not None:
+            yield backend
 
 
-def _verify_onnx_fp32(tmp: Path, m: OnnxModel, reference, contract: SamplingContract):
-    """The fp32 checks on one provider: per-call ε with strict fp32 arithmetic, the trajectory as generation runs."""
+def _verify_onnx_fp32(tmp: Path, m: Backend, reference, contract: SamplingContract, report: VerificationReport):
+    """The fp32 checks on one provider: per-call output with strict fp32 arithmetic, the trajectories as generation
+    runs them."""
     short = next(k for k, v in PROVIDER_NAMES.items() if v == m.provider)
     options = STRICT_FP32_OPTIONS.get(short)
-    strict = OnnxModel(tmp, short, provider_options=options, quiet=True) if options else m
+    strict = _load(tmp, short, report, f"onnx:{m.provider} (strict fp32)", provider_options=options) if options else m
+    if strict is None:
+        return None
     return verify_backend(f"onnx:{m.provider}", reference, strict.predict_eps, contract,
                           trajectory_candidate=m.predict_eps,
                           settings={"eps": options or "provider defaults", "trajectory": "provider defaults"})
 
 
-def _export_onnx(ckpt: Checkpoint, net, contract: SamplingContract, reference, path: Path,
+def _export_onnx(source: ModelSource, contract: SamplingContract, reference, path: Path,
                  o: ExportOptions) -> list[Artifact]:
     o.log(f"exporting ONNX (opset {o.opset}) ...")
-    model = export_onnx(net, contract, opset=o.opset)
+    model = export_onnx(source.network, contract, opset=o.opset)
     exported = SamplingContract.from_json({p.key: p.value for p in model.metadata_props}[CONTRACT_KEY])
     exporter = exported.provenance.exporter
-    extra = {"opset": o.opset, "weights": "ema" if contract.ema else "raw", **input_output_summary(model),
-             "contract": exported.to_dict()}
+    extra = {"opset": o.opset, **input_output_summary(model), "contract": exported.to_dict()}
     artifacts = []
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
@@ -187,17 +250,19 @@ def _export_onnx(ckpt: Checkpoint, net, contract: SamplingContract, reference, p
         if o.verify:
             for m in _onnx_backends(tmp, tuple(PROVIDER_NAMES), report):
                 o.log(f"verifying on {m.provider} ...")
-                report.results.append(_verify_onnx_fp32(tmp, m, reference, contract))
+                if (result := _verify_onnx_fp32(tmp, m, reference, contract, report)) is not None:
+                    report.results.append(result)
         artifacts.append(_finish(path, tmp, "onnx", "fp32", exporter, report,
-                                 None if o.verify else "--no-verify", extra, o))
+                                 None if o.verify else "--no-verify", extra, source, o))
     if o.optimize:
-        artifacts.append(_export_optimized(path, reference, contract, exporter, extra, o))
-    if o.fp16:
-        artifacts.append(_export_fp16(model, path, reference, contract, exporter, extra, o))
+        artifacts.append(_export_optimized(path, reference, contract, exporter, extra, source, o))
+    if o.precision == "fp16":
+        artifacts.append(_export_fp16(model, path, reference, contract, exporter, extra, source, o))
     return artifacts
 
 
-def _export_optimized(path: Path, reference, contract, exporter: str, extra: dict, o: ExportOptions) -> Artifact:
+def _export_optimized(path: Path, reference, contract, exporter: str, extra: dict, source: ModelSource,
+                      o: ExportOptions) -> Artifact:
     """onnxruntime's extended graph optimizations saved to ``<stem>.opt.onnx`` (for the CPU provider)."""
     import onnxruntime as ort
 
@@ -215,11 +280,11 @@ def _export_optimized(path: Path, reference, contract, exporter: str, extra: dic
                 report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m.predict_eps, contract))
         extra = {**extra, "optimized_for": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_EXTENDED"}
         return _finish(out, tmp, "onnx", "fp32-optimized", exporter, report,
-                       None if o.verify else "--no-verify", extra, o)
+                       None if o.verify else "--no-verify", extra, source, o)
 
 
 def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, exporter: str, extra: dict,
-                 o: ExportOptions) -> Artifact:
+                 source: ModelSource, o: ExportOptions) -> Artifact:
     """The fp16 copy ``<stem>.fp16.onnx``, verified on the CUDA provider it targets (trajectory vs fp32 eager)."""
     out = path.with_name(path.stem + ".fp16.onnx")
     _check_writable(out)
@@ -241,41 +306,43 @@ def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, export
                     reason = (f"fp16 targets CUDAExecutionProvider, which cannot run here "
                               f"(on CPUExecutionProvider, not the target: trajectory max Δ "
                               f"{r.trajectory.max_level_diff} uint8 levels)")
-        return _finish(out, tmp, "onnx", "fp16", exporter, report, reason, extra, o)
+        return _finish(out, tmp, "onnx", "fp16", exporter, report, reason, extra, source, o)
 
 
-def _export_torchscript(ckpt: Checkpoint, net, contract: SamplingContract, reference, path: Path,
+def _export_torchscript(source: ModelSource, contract: SamplingContract, reference, path: Path,
                         o: ExportOptions) -> Artifact:
     o.log("exporting TorchScript (torch.jit.trace) ...")
-    contract = dataclasses.replace(contract, provenance=dataclasses.replace(
-        contract.provenance, exporter=TS_EXPORTER, exporter_version=contract.provenance.torch_version))
-    module = export_torchscript(net, contract)
+    contract = _exported_by(contract, TS_EXPORTER)
+    module, warned = export_torchscript(source.network, contract, strict=not o.verify)
+    if warned:
+        o.log(f"  {len(warned)} tracer warning(s), e.g. {warned[0]}; the verification checks the trace on other "
+              "batch sizes and timesteps")
     with atomic_path(path) as tmp:
         save_torchscript(module, contract, tmp)
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
-        if o.verify:
-            loaded = TorchScriptModel(tmp)  # verify what was written, not the object in memory
-            report.results.append(verify_backend("torchscript:cpu", reference, loaded.predict_eps, contract))
-        extra = {"weights": "ema" if contract.ema else "raw", "contract": contract.to_dict()}
-        return _finish(path, tmp, "torchscript", "fp32", TS_EXPORTER, report,
-                       None if o.verify else "--no-verify", extra, o)
+        if o.verify and (loaded := _load(tmp, "cpu", report, "torchscript:cpu")) is not None:
+            report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract))
+        return _finish(path, tmp, "torchscript", "fp32", TS_EXPORTER, report, None if o.verify else "--no-verify",
+                       {"tracer_warnings": warned, "contract": contract.to_dict()}, source, o)
 
 
-def _export_pt2(net, contract: SamplingContract, reference, path: Path, o: ExportOptions) -> Artifact:
+def _export_pt2(source: ModelSource, contract: SamplingContract, reference, path: Path, o: ExportOptions) -> Artifact:
     """torch.export + AOTInductor for ``o.device`` at ``o.dtype``; verified on that device by loading the file."""
-    from runtime.backends.pt2_model import Pt2Model
+    o.log(f"exporting .pt2 (torch.export + AOTInductor for {o.device}, {o.precision}; compiling takes a while) ...")
+    contract = _exported_by(contract, PT2_EXPORTER)
+    with atomic_path(path) as tmp:
+        export_pt2(source.network, contract, tmp, device=o.device, precision=o.precision)
+        report = VerificationReport(dataclasses.asdict(TOLERANCES[o.precision]))
+        if o.verify and (loaded := _load(tmp, o.device, report, f"pt2:{o.device}")) is not None:
+            o.log(f"verifying on {loaded.provider} ...")  # on the device it targets
+            report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract, o.precision))
+        extra = {"device": o.device, "contract": contract.to_dict()}
+        return _finish(path, tmp, "pt2", o.precision, PT2_EXPORTER, report, None if o.verify else "--no-verify",
+                       extra, source, o)
 
-    o.log(f"exporting .pt2 (torch.export + AOTInductor for {o.device}, {o.dtype}; compiling takes a while) ...")
+
+def _exported_by(contract: SamplingContract, exporter: str) -> SamplingContract:
     import torch
 
-    contract = dataclasses.replace(contract, provenance=dataclasses.replace(
-        contract.provenance, exporter=PT2_EXPORTER, exporter_version=torch.__version__))
-    with atomic_path(path) as tmp:
-        export_pt2(net, contract, tmp, device=o.device, precision=o.dtype)
-        report = VerificationReport(dataclasses.asdict(TOLERANCES[o.dtype]))
-        if o.verify:
-            loaded = Pt2Model(tmp)  # verify what was written, on the device it targets
-            o.log(f"verifying on {loaded.provider} ...")
-            report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract, o.dtype))
-        extra = {"weights": "ema" if contract.ema else "raw", "device": o.device, "contract": contract.to_dict()}
-        return _finish(path, tmp, "pt2", o.dtype, PT2_EXPORTER, report, None if o.verify else "--no-verify", extra, o)
+    return dataclasses.replace(contract, provenance=dataclasses.replace(
+        contract.provenance, exporter=exporter, exporter_version=torch.__version__))

@@ -30,7 +30,7 @@ def example_inputs(contract: SamplingContract, batch: int = EXPORT_BATCH) -> tup
     x = torch.randn(batch, c, s, s, generator=g)
     t = torch.randint(0, contract.schedule.timesteps, (batch,), generator=g)
     if contract.conditional:
-        return x, t, torch.randint(0, contract.num_classes + 1, (batch,), generator=g)
+        return x, t, torch.randint(0, contract.labels, (batch,), generator=g)
     return x, t
 
 

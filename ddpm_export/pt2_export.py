@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -43,9 +44,15 @@ class Autocast(torch.nn.Module):
         return eps.float()
 
 
+def _export(module, args, names, max_batch: int):
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    return torch.export.export(module, args, dynamic_shapes={n: {0: batch} for n in names})
+
+
 def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Path, *, device: Device = "cpu",
                precision: Precision = "fp32") -> None:
-    """Compile ``net`` (x, t[, y] → eps, batch 1 … 65536) for ``device`` at ``precision`` and write the package.
+    """Compile ``net`` (x, t[, y] → its output, batch 1 … 65536, or the largest range its code allows: the runtime
+    runs larger batches in chunks) for ``device`` at ``precision`` and write the package.
 
     ``net`` is compiled in eval mode and left in its mode, on its device. Raises ``ExportError`` (one line).
     """
@@ -54,20 +61,27 @@ def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Pat
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: torch sees no CUDA device here")
     args = tuple(a.to(device) for a in example_inputs(contract))
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     names = ("x", "t", "y")[: len(args)]
     original = next(net.parameters()).device
     module = net.to(device) if precision == "fp32" else Autocast(net.to(device), device, DTYPES[precision])
+    max_batch = MAX_BATCH
     try:
         with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(module, args, dynamic_shapes={n: {0: batch} for n in names})
+            try:
+                program = _export(module, args, names, max_batch)
+            except torch._dynamo.exc.UserError as e:  # the code branches on the batch size (diffusers' Upsample2D
+                found = re.search(r"Dim\('batch', max=(\d+)\)", str(e))  # at 64): compile for the range it allows
+                if found is None:
+                    raise
+                max_batch = int(found.group(1))
+                program = _export(module, args, names, max_batch)
             files = torch._inductor.aot_compile(program.module(), args, options={"aot_inductor.package": True})
     except Exception as e:  # noqa: BLE001 - export or compile failure, reported in one line
         raise ExportError(f"pt2 export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
         net.to(original)
-    target = {"device": device, "precision": precision, "max_batch": MAX_BATCH, "torch_version": torch.__version__}
+    target = {"device": device, "precision": precision, "max_batch": max_batch, "torch_version": torch.__version__}
     buffer = io.BytesIO()  # package_pt2 wants a buffer or a name ending in .pt2; ``path`` may be a temporary name
     package_pt2(buffer, aoti_files=files,
                 extra_files={CONTRACT_FILE: contract.to_json(), TARGET_FILE: json.dumps(target, sort_keys=True)})

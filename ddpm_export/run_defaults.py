@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import click
 import onnx
@@ -25,21 +26,26 @@ def parse_run_defaults(text: str | None) -> RunDefaults | None:
     return RunDefaults.parse(text)
 
 
-def set_run_defaults(path: str | Path, run_defaults: RunDefaults | None) -> SamplingContract:
-    """Rewrite the contract of the ONNX model at ``path`` with ``run_defaults``; returns the new contract.
-
-    Raises ``ContractError`` when the settings do not suit the model (e.g. guidance on an unconditional one).
-    """
+def set_contract(path: str | Path, change: Callable[[SamplingContract], SamplingContract]) -> SamplingContract:
+    """Rewrite the contract of the ONNX model at ``path`` as ``change(contract)`` (atomically); returns the new one."""
     model = onnx.load(str(path))
     props = {p.key: p.value for p in model.metadata_props}
     if CONTRACT_KEY not in props:
         raise ContractError(f"{path} carries no sampling contract; export it with ddpm-export")
-    contract = dataclasses.replace(SamplingContract.from_json(props[CONTRACT_KEY]), run_defaults=run_defaults)
+    contract = change(SamplingContract.from_json(props[CONTRACT_KEY]))
     props[CONTRACT_KEY] = contract.to_json()
     onnx.helper.set_model_props(model, props)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
     return contract
+
+
+def set_run_defaults(path: str | Path, run_defaults: RunDefaults | None) -> SamplingContract:
+    """Rewrite the contract of the ONNX model at ``path`` with ``run_defaults``; returns the new contract.
+
+    Raises ``ContractError`` when the settings do not suit the model (e.g. guidance on an unconditional one).
+    """
+    return set_contract(path, lambda c: dataclasses.replace(c, run_defaults=run_defaults))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,9 +1,10 @@
-"""Proof that an exported model computes what the eager U-Net computes; checks fail, they never merely warn.
+"""Proof that an exported model computes what the eager network computes; checks fail, they never merely warn.
 
-Two checks, both over numpy nets ``net(x: (B,C,H,W) float32, t: (B,) int64, y: (B,) int64 | None) -> ε``:
+Two checks, both over numpy nets ``net(x: (B,C,H,W) float32, t: (B,) int64, y: (B,) int64 | None) -> output``
+(ε, v or x̂₀, as the contract's ``prediction`` says; "ε" below):
 
 * ``check_eps`` — per call, at t ∈ {0, T/2, T−1} and random t, batch sizes 1 and 5 (labels including the
-  null label for conditional models): |ε_exported − ε_eager| ≤ atol + rtol·|ε_eager| everywhere;
+  null label for conditional models that have one): |ε_exported − ε_eager| ≤ atol + rtol·|ε_eager| everywhere;
 * ``check_trajectory`` — a short respaced Algorithm-2 run (4 images, 20 steps), and a DPM-Solver++(2M) run of
   10 steps (which carries the solver state), through both with identical injected noise; the final uint8 images
   may differ by at most ``max_levels``.
@@ -46,6 +47,7 @@ class TrajectoryCheck:
     pixels_differing: int
     worst_index: list[int]
     sampler: str = "ddpm"
+    problem: str | None = None  # why the candidate's run could not finish, where it did not
 
 
 @dataclass
@@ -98,17 +100,18 @@ class VerificationReport:
 
 
 def eps_cases(contract: SamplingContract, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
-    """(name, x, t, y) inputs: t ∈ {0, T/2, T−1, random} at batch 1, and one batch of 5 mixing them."""
+    """(name, x, t, y) inputs: t ∈ {0, T/2, T−1, random} at batch 1, and one batch of 5 mixing them (labels: classes
+    and the null label)."""
     rng = np.random.default_rng(seed)
     T, c, s = contract.schedule.timesteps, contract.channels, contract.image_size
     special = [0, T // 2, T - 1, int(rng.integers(1, T - 1))]
-    k = contract.num_classes
+    k, last = contract.num_classes, contract.labels - 1  # the null label where there is one, else the last class
     cases = []
     for i, t in enumerate(special):
-        y = np.array([k if i % 2 else int(rng.integers(0, k))], np.int64) if k else None  # null label too
+        y = np.array([last if i % 2 else int(rng.integers(0, k))], np.int64) if k else None
         cases.append((f"batch1_t{t}", rng.standard_normal((1, c, s, s)).astype(np.float32), np.array([t], np.int64), y))
     t5 = np.array([*special, int(rng.integers(0, T))], np.int64)
-    y5 = np.array([*rng.integers(0, k, 4), k], np.int64) if k else None
+    y5 = np.array([*rng.integers(0, k, 4), last], np.int64) if k else None
     cases.append(("batch5_mixed_t", rng.standard_normal((5, c, s, s)).astype(np.float32), t5, y5))
     return cases
 
@@ -139,7 +142,7 @@ def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: Samplin
                      sampler: str = "ddpm") -> TrajectoryCheck:
     """Final uint8 images of a respaced run through both nets with identical injected noise: Algorithm 2 (σ² = β̃)
     by default, or another ``sampler``."""
-    w = guidance if guidance is not None else (2.0 if contract.conditional else 1.0)
+    w = guidance if guidance is not None else (2.0 if contract.guidable else 1.0)
     plan = make_plan(contract, sampler=sampler, steps=min(steps, contract.schedule.timesteps), guidance=w,
                      variance="beta_tilde" if sampler == "ddpm" else None, model_defaults=False)
     rng = np.random.default_rng(seed)
@@ -147,11 +150,17 @@ def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: Samplin
     x_T = rng.standard_normal(shape).astype(np.float32)
     noise = rng.standard_normal((plan.steps, *shape)).astype(np.float32)
     y = (np.arange(n) % contract.num_classes).astype(np.int64) if contract.conditional else None
-    images = [
-        to_uint8(sample(array_predictor(net, y, null_class=contract.null_class), x_T, plan.coefs,
-                        lambda i: noise[i]))
-        for net in (reference, candidate)
-    ]
+
+    def run(net):
+        return to_uint8(sample(array_predictor(net, y, null_class=contract.null_class), x_T, plan.coefs,
+                               lambda i: noise[i]))
+
+    want = run(reference)
+    try:
+        images = [want, run(candidate)]
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot even run fails the check, in one line
+        problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        return TrajectoryCheck(False, n, plan.steps, w, 255, want.size, [], sampler, problem)
     diff = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
     return TrajectoryCheck(bool(diff.max() <= tol.max_levels), n, plan.steps, w, int(diff.max()),

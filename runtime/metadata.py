@@ -4,8 +4,12 @@ One versioned dataclass with a strict JSON round trip. It travels inside every e
 ``metadata_props``, TorchScript extra files) under the key ``CONTRACT_KEY``. Reading a contract with a
 missing or unknown field, an unknown value or a newer schema version raises ``ContractError`` naming
 the field. Schema 2 added ``run_defaults`` (the run settings a model recommends: sampler, steps, eta, guidance);
-schema 3 lets it hold every run setting (``runtime.sampling.settings.RunSettings``). Older contracts read as the current
-schema: schema 1 as having no recommendations, schema 2's recommendations with the later settings not given.
+schema 3 lets it hold every run setting (``runtime.sampling.settings.RunSettings``); schema 4 (models from elsewhere)
+adds ``prediction`` (epsilon, v_prediction or sample; it replaces ``prediction_type``, which could only be epsilon),
+an explicit ``null_class`` (or none: no guidance), the scaled_linear, sigmoid and explicit β schedules (``betas``),
+``provenance.source`` and, as run settings, ``clip_range``, ``spacing`` and ``steps_offset``. Older contracts read as the current schema:
+schema 1 as having no recommendations, schema 2's recommendations with the later settings not given, schemas 1-3
+as predicting ε with the null class after the classes (the ddpm-train convention).
 """
 
 from __future__ import annotations
@@ -21,25 +25,29 @@ from runtime.errors import ContractError
 from runtime.sampling.schedule import MAX_TIMESTEPS, SCHEDULE_NAMES, NoiseSchedule, default_params, make_betas
 from runtime.sampling.settings import VARIANCES, RunSettings
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_2_RUN_DEFAULTS = ("sampler", "steps", "eta", "guidance")  # what run_defaults held before schema 3
+SCHEMA_3_RUN_DEFAULTS = (*SCHEMA_2_RUN_DEFAULTS, "guidance_interval", "clip_denoised", "variance")  # before 4
 CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
 CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
-PREDICTION_TYPES = ("epsilon",)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the network outputs (diffusers' names)
+AFTER_CLASSES = "after_classes"  # null_class default: the label num_classes (ddpm-train's convention)
 DTYPES = ("float32", "float16", "int64")
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """Which noise schedule the model was trained with: name, T and the schedule's parameters."""
+    """Which noise schedule the model was trained with: name, T and the schedule's parameters (``explicit``: its
+    T betas, e.g. diffusers' ``trained_betas``; None for the named schedules)."""
 
-    name: Literal["linear", "cosine"] = "linear"
+    name: Literal["linear", "scaled_linear", "cosine", "sigmoid", "explicit"] = "linear"
     timesteps: int = 1000
     params: dict[str, float] = field(default_factory=lambda: default_params("linear"))
+    betas: list[float] | None = None
 
     def build(self) -> NoiseSchedule:
         """The full T-step schedule tables (float64)."""
-        return NoiseSchedule.from_name(self.name, self.timesteps, **self.params)
+        return NoiseSchedule.from_name(self.name, self.timesteps, self.betas, **self.params)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Provenance:
     torch_version: str | None = None
     exporter: str | None = None
     exporter_version: str | None = None
+    source: str | None = None  # what it was exported from, e.g. "diffusers UNet2DModel + DDPMScheduler (0.42.1)"
 
 
 RunDefaults = RunSettings  # the run settings a model recommends: the same type a run gives (None: no recommendation)
@@ -72,16 +81,19 @@ class SamplingContract:
     """The sampling contract of one exported model (schema ``SCHEMA_VERSION``).
 
     Images are (B, channels, image_size, image_size) float32 in ``pixel_range``; class-conditional
-    models take labels 0 … num_classes−1 and reserve ``num_classes`` as the null (unconditional) label.
+    models take labels 0 … num_classes−1 and, for classifier-free guidance, ``null_class`` (the unconditional
+    label: ``num_classes``, as ddpm-train reserves it, by default; ``None``: the model has none, and guidance is
+    refused). The network's output is ``prediction``: ε, v or x̂₀.
     """
 
     image_size: int
     channels: int
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     pixel_range: tuple[float, float] = (-1.0, 1.0)
-    prediction_type: Literal["epsilon"] = "epsilon"
+    prediction: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     variance: Literal["beta", "beta_tilde"] = "beta"
     num_classes: int = 0
+    null_class: int | None = AFTER_CLASSES  # type: ignore[assignment]  # resolved in __post_init__
     class_names: list[str] = field(default_factory=list)
     ema: bool = False
     inputs: list[TensorSpec] = field(default_factory=list)
@@ -91,6 +103,8 @@ class SamplingContract:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if self.null_class == AFTER_CLASSES:
+            object.__setattr__(self, "null_class", self.num_classes if _is_int(self.num_classes) and self.num_classes > 0 else None)
         if not self.inputs:
             object.__setattr__(self, "inputs", default_inputs(self.channels, self.image_size, self.num_classes))
         if not self.outputs:
@@ -102,9 +116,14 @@ class SamplingContract:
         return self.num_classes > 0
 
     @property
-    def null_class(self) -> int | None:
-        """The label that means "no class" (classifier-free guidance), or None for unconditional models."""
-        return self.num_classes if self.conditional else None
+    def guidable(self) -> bool:
+        """Whether classifier-free guidance can run: the model is class-conditional and has a null label."""
+        return self.null_class is not None
+
+    @property
+    def labels(self) -> int:
+        """How many label values the network takes: the classes, and the null label where there is one."""
+        return self.num_classes + (1 if self.guidable else 0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,12 +149,14 @@ class SamplingContract:
             )
         if version == 1:  # schema 1 had no run_defaults
             data = {**data, "run_defaults": data.get("run_defaults")}
-        if version < 3 and isinstance(data.get("run_defaults"), dict):  # only four settings could be recommended
+        if version < 4 and isinstance(data.get("run_defaults"), dict):  # fewer settings could be recommended
             rd = data["run_defaults"]
-            extra = sorted(set(rd) - set(SCHEMA_2_RUN_DEFAULTS))
+            extra = sorted(set(rd) - set(SCHEMA_2_RUN_DEFAULTS if version < 3 else SCHEMA_3_RUN_DEFAULTS))
             if extra:
                 raise ContractError(f"contract field 'run_defaults.{extra[0]}': unknown field (in a schema {version} contract)")
             data = {**data, "run_defaults": {name: rd.get(name) for name in RunSettings.__dataclass_fields__}}
+        if version < 4:  # ε only, the null class after the classes, named schedules only
+            data = _as_schema_4(data)
         data = {**data, "schema_version": SCHEMA_VERSION}  # read as the current schema
         kw = _fields(cls, data, "")
         kw["schedule"] = ScheduleSpec(**_fields(ScheduleSpec, kw["schedule"], "schedule."))
@@ -158,6 +179,21 @@ class SamplingContract:
         except json.JSONDecodeError as e:
             raise ContractError(f"contract: not valid JSON ({e})") from None
         return cls.from_dict(data)
+
+
+def _as_schema_4(data: dict) -> dict:
+    """A schema 1-3 contract's dict in schema 4's fields (``prediction_type`` → ``prediction``, ``null_class``,
+    ``schedule.betas``); what it lacks or gets wrong is left for the strict reading to name."""
+    data = dict(data)
+    if "prediction_type" in data:
+        data["prediction"] = data.pop("prediction_type")
+    classes = data.get("num_classes")
+    data.setdefault("null_class", classes if _is_int(classes) and classes > 0 else None)
+    if isinstance(data.get("schedule"), dict):
+        data["schedule"] = {"betas": None, **data["schedule"]}
+    if isinstance(data.get("provenance"), dict):
+        data["provenance"] = {"source": None, **data["provenance"]}
+    return data
 
 
 def default_inputs(channels: int, image_size: int, num_classes: int) -> list[TensorSpec]:
@@ -206,8 +242,8 @@ def _validate(c: SamplingContract) -> None:
     lo_hi = c.pixel_range
     _check(len(lo_hi) == 2 and all(isinstance(v, int | float) for v in lo_hi) and tuple(lo_hi) == (-1.0, 1.0),
            "pixel_range", f"only [-1, 1] is supported, got {list(lo_hi)!r}")
-    _check(c.prediction_type in PREDICTION_TYPES, "prediction_type",
-           f"unknown value {c.prediction_type!r} (expected one of {', '.join(PREDICTION_TYPES)})")
+    _check(c.prediction in PREDICTION_TYPES, "prediction",
+           f"unknown value {c.prediction!r} (expected one of {', '.join(PREDICTION_TYPES)})")
     _check(c.variance in VARIANCES, "variance", f"unknown value {c.variance!r} (expected one of {', '.join(VARIANCES)})")
     _check(_is_int(c.num_classes) and c.num_classes >= 0, "num_classes",
            f"expected a non-negative integer, got {c.num_classes!r}")
@@ -216,6 +252,9 @@ def _validate(c: SamplingContract) -> None:
     _check(len(c.class_names) in (0, c.num_classes), "class_names",
            f"has {len(c.class_names)} names for {c.num_classes} classes")
     _check(isinstance(c.ema, bool), "ema", f"expected true or false, got {c.ema!r}")
+    _check(c.null_class is None or (_is_int(c.null_class) and c.conditional and c.null_class == c.num_classes),
+           "null_class", f"expected none or the label after the classes, num_classes = {c.num_classes}, of a "
+                         f"class-conditional model (the classes are 0 ... num_classes - 1), got {c.null_class!r}")
     s = c.schedule
     _check(s.name in SCHEDULE_NAMES, "schedule.name", f"unknown value {s.name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
     _check(_is_int(s.timesteps) and 0 < s.timesteps <= MAX_TIMESTEPS, "schedule.timesteps",
@@ -226,10 +265,16 @@ def _validate(c: SamplingContract) -> None:
            f"{s.name} schedule takes exactly {sorted(expected)}, got {sorted(s.params)}")
     for k, v in s.params.items():
         _check(isinstance(v, int | float) and math.isfinite(v), f"schedule.params.{k}", f"expected a number, got {v!r}")
+    explicit = s.name == "explicit"
+    _check((s.betas is not None) == explicit, "schedule.betas",
+           "an explicit schedule needs its betas" if explicit else f"only an explicit schedule lists betas, not {s.name}")
+    _check(s.betas is None or (isinstance(s.betas, list) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                                 for v in s.betas)),
+           "schedule.betas", "expected a list of numbers")
     try:
-        betas = make_betas(s.name, s.timesteps, **s.params)
+        betas = make_betas(s.name, s.timesteps, s.betas, **s.params)
     except ValueError as e:
-        raise ContractError(f"contract field 'schedule.params': {e}") from None
+        raise ContractError(f"contract field 'schedule.{'betas' if explicit else 'params'}': {e}") from None
     _check(bool(np.all((betas > 0) & (betas <= 1))), "schedule.params",
            f"the {s.name} schedule with {s.params} gives betas outside (0, 1]")
     for key in ("inputs", "outputs"):
@@ -249,7 +294,7 @@ def _validate(c: SamplingContract) -> None:
     r = c.run_defaults
     if r is not None:
         _check(isinstance(r, RunDefaults), "run_defaults", "expected an object")
-        for name, problem in r.problems(s.timesteps, c.conditional):
+        for name, problem in r.problems(s.timesteps, c.conditional, c.guidable):
             _check(False, f"run_defaults.{name}", problem)
     p = c.provenance
     _check(p.training_steps is None or (_is_int(p.training_steps) and p.training_steps >= 0),

@@ -24,8 +24,9 @@ from runtime.metadata import CONTRACT_KEY, Provenance, SamplingContract, Schedul
 
 
 def make_toy_predictor(path, *, channels: int = 1, image_size: int = 8, num_classes: int = 0, timesteps: int = 100,
-                       seed: int = 0, class_names: list[str] | None = None) -> Path:
-    """Build, check and save a toy noise predictor at ``path``; returns ``Path(path)``."""
+                       seed: int = 0, class_names: list[str] | None = None, prediction: str = "epsilon") -> Path:
+    """Build, check and save a toy noise predictor at ``path``; returns ``Path(path)``. ``prediction`` is what the
+    contract says the output is (ε, v or x̂₀): the graph is the same, the samplers read it differently."""
     rng = np.random.default_rng(seed)
     C, S = channels, image_size
     conditional = num_classes > 0
@@ -70,6 +71,7 @@ def make_toy_predictor(path, *, channels: int = 1, image_size: int = 8, num_clas
         image_size=S, channels=C,
         schedule=ScheduleSpec("linear", timesteps, {"beta_start": 1e-4, "beta_end": 0.02}),
         num_classes=num_classes, class_names=list(class_names or []), provenance=Provenance(dataset="toy"),
+        prediction=prediction,
     )
     helper.set_model_props(model, {CONTRACT_KEY: contract.to_json()})
     onnx.checker.check_model(model, full_check=True)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from training.config import ModelConfig
+from training.config import TRAINABLE_SCHEDULES, ModelConfig
 from training.train import TrainError, TrainOptions, train
 
 # The flags that define the model (``ModelConfig``'s fields; --timesteps is t_range), apart from run flags.
@@ -37,7 +37,7 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps (counted from step 0, also when resuming).")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Stop after this many epochs (default: 1 when --max-steps is not given).")
 @click.option("--lr", default=2e-4, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
-@click.option("--schedule", default="linear", type=click.Choice(["linear", "cosine"]), help="Noise schedule: linear beta 1e-4..0.02 (Ho et al.) or cosine (Nichol & Dhariwal).")
+@click.option("--schedule", default="linear", type=click.Choice(TRAINABLE_SCHEDULES), help="Noise schedule: linear beta 1e-4..0.02 (Ho et al.), scaled_linear (sqrt(beta) linear, 0.00085..0.012), cosine (Nichol & Dhariwal) or sigmoid (GeoDiff, beta 1e-4..0.02); runtime/sampling/schedule.py has the formulas.")
 @click.option("--timesteps", default=1000, type=click.IntRange(min=2), help="Diffusion steps T.")
 @click.option("--base-channels", default=32, type=click.IntRange(min=1), help="U-Net channels at full resolution.")
 @click.option("--channel-mult", default="1,2,2", callback=_int_list, help="Channel multiplier per U-Net level (comma-separated); each level after the first halves the resolution.")

@@ -13,7 +13,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from runtime.metadata import Provenance, RunDefaults, SamplingContract, ScheduleSpec
-from runtime.sampling.schedule import default_params
+from runtime.sampling.schedule import SCHEDULE_NAMES, default_params
+
+TRAINABLE_SCHEDULES = tuple(n for n in SCHEDULE_NAMES if n != "explicit")  # the named ones: a trainer makes its betas
 from training.unet import UNetConfig
 
 # Every ddpm-train checkpoint has these; the other fields were added later and read as their defaults.
@@ -36,7 +38,7 @@ class ModelConfig:
     in_size: int = 32 * 32
     t_range: int = 1000
     img_depth: int = 1
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: Literal["linear", "scaled_linear", "cosine", "sigmoid"] = "linear"
     schedule_params: dict[str, float] | None = None
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
@@ -68,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.schedule not in TRAINABLE_SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r} (expected one of {', '.join(TRAINABLE_SCHEDULES)})")
         put("schedule_params", {**default_params(self.schedule), **(self.schedule_params or {})})
 
     @property

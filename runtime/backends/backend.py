@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -36,7 +37,10 @@ class Backend(Protocol):
         for this plan and one batch's labels (B,) int64, running on the backend's device."""
 
 
-def model_format(path: Path) -> Literal["onnx", "torchscript", "pt2"]:
+Format = Literal["onnx", "torchscript", "pt2"]
+
+
+def model_format(path: Path) -> Format:
     """What a model file is, read from its layout without unpickling anything.
 
     ONNX files are protobuf; TorchScript (torch.jit.save) and .pt2 packages are zip archives: a .pt2 has an
@@ -79,36 +83,25 @@ def start_onnx(path: str | os.PathLike, providers: tuple[str, ...], **session) -
             yield name, e
 
 
-def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: int | None = None,
-                 cpu_arena: bool = True, provider_options: dict | None = None, session_options=None,
-                 log: Callable[[str], None] = lambda msg: None) -> Backend:
-    """The backend for a model file: TorchScript for a .pt archive, else onnxruntime on ``provider``.
+@dataclass(frozen=True)
+class BackendKind:
+    """One kind of model file: how it is recognised (``model_format``), what it is written as, how it loads and
+    where it runs. ``load(path, provider, onnx_session)`` returns the backend."""
 
-    ``auto`` takes the first of tensorrt, cuda, cpu that starts and, where a GPU is visible
-    (``runtime.backends.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly (onnxruntime
-    logs a failure in several lines); one asked for by name that does not start is one ``ModelError``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
-    if provider not in CHOICES:
-        raise ModelError(f"unknown provider {provider!r} (expected {', '.join(CHOICES)})")
-    fmt = model_format(path)
-    if fmt == "pt2":
-        from runtime.backends.pt2_model import Pt2Model
+    format: Format
+    suffix: str
+    recognised_by: str
+    devices: str
+    load: Callable[[Path, str, dict], Backend]
 
-        if provider == "tensorrt":
-            raise ModelError("provider tensorrt runs .onnx models only; use cuda or cpu for torch models")
-        return Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
-    if fmt == "torchscript":
-        from runtime.backends.torchscript_model import TorchScriptModel
 
-        return TorchScriptModel(path, _torch_device(provider))
+def _load_onnx(path: Path, provider: str, session: dict) -> Backend:
     failures = []
+    log = session.pop("log", lambda msg: None)
+    provider_options = session.pop("provider_options", None)
     for name in AUTO_ORDER if provider == "auto" else (provider,):
         options = provider_options if name == provider or (provider == "auto" and name == "cuda") else None
-        ((_, model),) = start_onnx(path, (name,), threads=threads, cpu_arena=cpu_arena, provider_options=options,
-                                   session_options=session_options, quiet=name in GPU_PROVIDERS)
+        ((_, model),) = start_onnx(path, (name,), provider_options=options, quiet=name in GPU_PROVIDERS, **session)
         if isinstance(model, ModelError):
             if name == "cpu" or provider != "auto":
                 if name in GPU_PROVIDERS and not gpu_visible():  # the quiet probe dropped onnxruntime's reason
@@ -120,6 +113,52 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
             log(f"provider auto: {', '.join(failures)} did not start here; using {model.provider}")
         return model
     raise AssertionError("unreachable: the CPU provider always starts")
+
+
+def _load_torchscript(path: Path, provider: str, session: dict) -> Backend:
+    from runtime.backends.torchscript_model import TorchScriptModel
+
+    return TorchScriptModel(path, _torch_device(provider))
+
+
+def _load_pt2(path: Path, provider: str, session: dict) -> Backend:
+    from runtime.backends.pt2_model import Pt2Model
+
+    if provider == "tensorrt":
+        raise ModelError("provider tensorrt runs .onnx models only; use cuda or cpu for torch models")
+    return Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
+
+
+BACKENDS: dict[str, BackendKind] = {k.format: k for k in (
+    BackendKind("onnx", ".onnx", "protobuf (anything that is not a zip or a pickle)",
+                "onnxruntime: tensorrt, cuda or cpu (auto: the first that starts)", _load_onnx),
+    BackendKind("torchscript", ".pt", "a zip with */constants.pkl and */code/ (torch.jit.save)",
+                "torch: cuda where asked for or available, else cpu", _load_torchscript),
+    BackendKind("pt2", ".pt2", "a zip with an archive_format entry (torch.export's package)",
+                "torch: the device it was compiled for", _load_pt2),
+)}
+
+
+def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: int | None = None,
+                 cpu_arena: bool = True, provider_options: dict | None = None, session_options=None,
+                 log: Callable[[str], None] = lambda msg: None) -> Backend:
+    """The backend for a model file, by its kind (``BACKENDS[model_format(path)]``).
+
+    ONNX: ``auto`` takes the first of tensorrt, cuda, cpu that starts and, where a GPU is visible
+    (``runtime.backends.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly (onnxruntime
+    logs a failure in several lines); one asked for by name that does not start is one ``ModelError``. The session
+    settings (``threads``, ``cpu_arena``, ``provider_options``, ``session_options``) apply to ONNX models.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not a model file (export a model folder with ddpm-export first)")
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if provider not in CHOICES:
+        raise ModelError(f"unknown provider {provider!r} (expected {', '.join(CHOICES)})")
+    session = dict(threads=threads, cpu_arena=cpu_arena, provider_options=provider_options,
+                   session_options=session_options, log=log)
+    return BACKENDS[model_format(path)].load(path, provider, session)
 
 
 def _torch_device(provider: str) -> str:

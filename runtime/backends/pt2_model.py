@@ -58,10 +58,18 @@ class Pt2Model(TorchBackend):
         finally:
             quiet.setLevel(level)
         self.provider = f"pt2:{self.device}:{self.precision}"
+        self.max_batch, self.torch = int(target.get("max_batch", 65536)), torch
 
     def net(self, x, t, y=None):
-        """The compiled U-Net on torch tensors of its device."""
-        return self.runner(x, t) if y is None else self.runner(x, t, y)
+        """The compiled network on torch tensors of its device; a batch above the package's range (``max_batch``
+        in its target: a network whose code branches on the batch size compiles for a bounded range) runs in even
+        chunks."""
+        b = x.shape[0]
+        if b <= self.max_batch:
+            return self.runner(x, t) if y is None else self.runner(x, t, y)
+        size = -(-b // -(-b // self.max_batch))  # the fewest chunks, as even as they come
+        parts = [self.net(x[i:i + size], t[i:i + size], None if y is None else y[i:i + size]) for i in range(0, b, size)]
+        return self.torch.cat(parts)
 
 
 def _first_line(e: Exception) -> str:

@@ -8,7 +8,9 @@ step's coefficients. The loops that run a plan (``samplers.sample`` on host arra
 step (``runtime.sampling.step``).
 
 DDPM's σ² is the contract's variance at full T and β̃ when respaced (Improved DDPM). Every sampler runs on the same
-respaced schedule: K evenly spaced model timesteps ``round(linspace(0, T−1, K))`` (``schedule.spaced_indices``).
+respaced schedule: the K model timesteps of the run's ``spacing`` (``schedule.timestep_indices``; by default
+``round(linspace(0, T−1, K))``). The coefficients are written for an ε-predictor and re-expressed in what the
+model predicts (``for_prediction``: v or x̂₀), so no loop needs to know.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime.errors import SettingsError
-from runtime.sampling.schedule import NoiseSchedule
+from runtime.sampling.schedule import NoiseSchedule, timestep_indices
 from runtime.sampling.settings import (FLOAT32_MAX, NAMES, PER_IMAGE, SETTINGS, RunSettings, Variance, applies, defaults,
                               eta_problem, Context)
 
@@ -75,8 +77,8 @@ TABLE_COLUMNS = ("x_coef", "eps_coef", "noise_coef", "x0_coef", "x0_from_x", "x0
 NOISE_COLUMN = TABLE_COLUMNS.index("noise_coef")
 
 
-def ddpm_coefficients(schedule: NoiseSchedule, variance: Variance = "beta",
-                      clip_denoised: bool = False) -> StepCoefficients:
+def ddpm_coefficients(schedule: NoiseSchedule, variance: Variance = "beta", clip_denoised: bool = False,
+                      clip_range: float = 1.0) -> StepCoefficients:
     """Algorithm 2 (Ho et al. 2020): x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t + σ_t z, σ_t² = β_t or β̃_t.
 
     With ``clip_denoised`` the mean is the posterior mean μ̃ = coef1·x̂_0 + coef2·x_t (eq. 7) of the clipped
@@ -91,17 +93,19 @@ def ddpm_coefficients(schedule: NoiseSchedule, variance: Variance = "beta",
     if clip_denoised:
         return StepCoefficients(s.timesteps, x_coef=s.posterior_mean_coef2, eps_coef=zero, noise_coef=sigma,
                                 x0_coef=s.posterior_mean_coef1, x0_from_x=s.sqrt_recip_alphas_cumprod,
-                                x0_from_eps=-s.sqrt_recipm1_alphas_cumprod, x0_clip=1.0)
+                                x0_from_eps=-s.sqrt_recipm1_alphas_cumprod, x0_clip=clip_range)
     return StepCoefficients(s.timesteps, x_coef=1.0 / np.sqrt(s.alphas),
                             eps_coef=-s.betas / (s.sqrt_one_minus_alphas_cumprod * np.sqrt(s.alphas)),
                             noise_coef=sigma, x0_coef=zero, x0_from_x=zero, x0_from_eps=zero)
 
 
-def ddim_coefficients(schedule: NoiseSchedule, eta: float = 0.0, clip_denoised: bool = False) -> StepCoefficients:
+def ddim_coefficients(schedule: NoiseSchedule, eta: float = 0.0, clip_denoised: bool = False,
+                      clip_range: float = 1.0) -> StepCoefficients:
     """DDIM (Song et al. 2021, eq. 12) on the schedule's steps:
 
     x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t,  x_{t−1} = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ_t²)·ε + σ_t z,
-    σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}); η = 0 is deterministic. ``clip_denoised`` clips x̂_0.
+    σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}); η = 0 is deterministic. ``clip_denoised`` clips x̂_0 to
+    ±``clip_range``.
     """
     if problem := eta_problem(eta, Context(len(schedule), True, "ddim")):
         raise SettingsError(problem)
@@ -112,13 +116,14 @@ def ddim_coefficients(schedule: NoiseSchedule, eta: float = 0.0, clip_denoised: 
     zero = np.zeros_like(ab)
     if clip_denoised:
         return StepCoefficients(schedule.timesteps, x_coef=zero, eps_coef=dir_coef, noise_coef=sigma,
-                                x0_coef=np.sqrt(ab_prev), x0_from_x=x0_x, x0_from_eps=x0_eps, x0_clip=1.0)
+                                x0_coef=np.sqrt(ab_prev), x0_from_x=x0_x, x0_from_eps=x0_eps, x0_clip=clip_range)
     return StepCoefficients(schedule.timesteps, x_coef=np.sqrt(ab_prev) * x0_x,
                             eps_coef=np.sqrt(ab_prev) * x0_eps + dir_coef, noise_coef=sigma,
                             x0_coef=zero, x0_from_x=zero, x0_from_eps=zero)
 
 
-def dpmpp_coefficients(schedule: NoiseSchedule, *, sde: bool = False, clip_denoised: bool = False) -> StepCoefficients:
+def dpmpp_coefficients(schedule: NoiseSchedule, *, sde: bool = False, clip_denoised: bool = False,
+                       clip_range: float = 1.0) -> StepCoefficients:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2; data prediction, second-order multistep) on the
     schedule's steps, or with ``sde`` its SDE variant (SDE-DPM-Solver++(2M), ibid. App. B).
 
@@ -132,7 +137,8 @@ def dpmpp_coefficients(schedule: NoiseSchedule, *, sde: bool = False, clip_denoi
     (x̂_0' the previous step's, r = h'/h with h' the previous step's h): what diffusers'
     ``DPMSolverMultistepScheduler`` computes with ``solver_order=2``, ``solver_type="midpoint"``,
     ``lower_order_final=True`` and ``final_sigmas_type="zero"`` on the same timesteps. e^{−h} is formed as
-    (α_s·σ_t)/(σ_s·α_t), so the last step's h = ∞ gives exactly 0. ``clip_denoised`` clips x̂_0 (also as stored).
+    (α_s·σ_t)/(σ_s·α_t), so the last step's h = ∞ gives exactly 0. ``clip_denoised`` clips x̂_0 to ±``clip_range``
+    (also as stored).
     """
     ab = schedule.alphas_cumprod
     K = len(ab)
@@ -154,17 +160,43 @@ def dpmpp_coefficients(schedule: NoiseSchedule, *, sde: bool = False, clip_denoi
     prev = np.where(second, -d_coef * 0.5 / r, 0.0)
     return StepCoefficients(schedule.timesteps, x_coef=x_coef, eps_coef=np.zeros(K), noise_coef=noise,
                             x0_coef=x0_coef, x0_from_x=1.0 / alpha, x0_from_eps=-sigma / alpha, prev_x0_coef=prev,
-                            x0_clip=1.0 if clip_denoised else NO_CLIP)
+                            x0_clip=clip_range if clip_denoised else NO_CLIP)
 
 
 def coefficients(sampler: str, schedule: NoiseSchedule, *, eta: float | None, clip_denoised: bool,
-                 variance: Variance | None) -> StepCoefficients:
-    """The step table of a named sampler on ``schedule``."""
+                 variance: Variance | None, clip_range: float = 1.0) -> StepCoefficients:
+    """The step table of a named sampler on ``schedule``, for a noise (ε) predictor."""
     if sampler == "ddpm":
-        return ddpm_coefficients(schedule, variance, clip_denoised)
+        return ddpm_coefficients(schedule, variance, clip_denoised, clip_range)
     if sampler == "ddim":
-        return ddim_coefficients(schedule, float(eta), clip_denoised)
-    return dpmpp_coefficients(schedule, sde=sampler == "dpmpp-2m-sde", clip_denoised=clip_denoised)
+        return ddim_coefficients(schedule, float(eta), clip_denoised, clip_range)
+    return dpmpp_coefficients(schedule, sde=sampler == "dpmpp-2m-sde", clip_denoised=clip_denoised,
+                              clip_range=clip_range)
+
+
+def for_prediction(coefs: StepCoefficients, schedule: NoiseSchedule, prediction: str) -> StepCoefficients:
+    """``coefs`` (written for ε) re-expressed in what the network predicts, so every loop applies them to the
+    network's output unchanged.
+
+    With α = √ᾱ_t and σ = √(1−ᾱ_t) at each step's model timestep, the output o gives ε = a·x_t + b·o:
+    ``v_prediction`` (v = α·ε − σ·x_0, Salimans & Ho 2022): ε = σ·x_t + α·v; ``sample`` (o = x̂_0):
+    ε = (x_t − α·x̂_0)/σ. Every step is linear in ε and x̂_0 = x0_from_x·x_t + x0_from_eps·ε, so substituting
+    gives the same form in o: x_coef + eps_coef·a, eps_coef·b, x0_from_x + x0_from_eps·a, x0_from_eps·b (float64;
+    classifier-free guidance is linear in o as it is in ε). ``epsilon`` returns ``coefs`` itself.
+    """
+    if prediction == "epsilon":
+        return coefs
+    ab = schedule.alphas_cumprod
+    alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
+    if prediction == "v_prediction":
+        a, b = sigma, alpha
+    elif prediction == "sample":
+        a, b = 1.0 / sigma, -alpha / sigma
+    else:
+        raise ValueError(f"unknown prediction {prediction!r} (expected epsilon, v_prediction or sample)")
+    c = coefs
+    return dataclasses.replace(c, x_coef=c.x_coef + c.eps_coef * a, eps_coef=c.eps_coef * b,
+                               x0_from_x=c.x0_from_x + c.x0_from_eps * a, x0_from_eps=c.x0_from_eps * b)
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
@@ -204,7 +236,8 @@ class SamplingPlan:
         """E.g. ``ddim 50 steps, eta 0, guidance 1.5``."""
         eta = f", eta {self.eta:g}" if self.eta is not None else ""
         interval = "" if self.guidance_interval is None else " on t in [{}, {}]".format(*self.guidance_interval)
-        return f"{self.sampler} {self.steps} steps{eta}, guidance {self.guidance:g}{interval}"
+        spacing = "" if self.spacing is None else f" ({self.spacing}{f' + {self.steps_offset}' if self.steps_offset else ''})"
+        return f"{self.sampler} {self.steps} steps{spacing}{eta}, guidance {self.guidance:g}{interval}"
 
 
 def make_plan(contract: SamplingContract, settings: RunSettings | None = None, *, model_defaults: bool = True,
@@ -217,8 +250,8 @@ def make_plan(contract: SamplingContract, settings: RunSettings | None = None, *
     ``schedule`` is the contract's full schedule, if already built. Raises ``SettingsError`` with a one-line reason.
     """
     given_settings = RunSettings.from_kwargs(given, settings)
-    T, conditional = contract.schedule.timesteps, contract.conditional
-    if problems := given_settings.problems(T, conditional):
+    T, conditional, guidable = contract.schedule.timesteps, contract.conditional, contract.null_class is not None
+    if problems := given_settings.problems(T, conditional, guidable):
         raise SettingsError(problems[0][1])
     rec = contract.run_defaults if model_defaults else None
     values: dict[str, Any] = {}
@@ -233,20 +266,34 @@ def make_plan(contract: SamplingContract, settings: RunSettings | None = None, *
             from_model.append(f.name)
         if value is None:
             value = defaults(sampler or "ddpm", T)[f.name]
+        if f.metadata["new"] and value == f.metadata["implicit"]:
+            value = None  # the same run reads the same whether or not it named the implicit value
+            if from_model and from_model[-1] == f.name:
+                from_model.pop()
         values[f.name] = value
     if values["sampler"] == "ddpm" and values["variance"] is None:
         # Full T: the contract's variance (Algorithm 2); respaced: β̃ of the respaced schedule (Improved DDPM).
         values["variance"] = contract.variance if values["steps"] == T else "beta_tilde"
-    for name in ("eta", "guidance"):
+    if values["steps_offset"] is not None and values["spacing"] != "leading":
+        if "steps_offset" not in from_model:
+            raise SettingsError(f"steps_offset applies to leading spacing only, not to {values['spacing'] or 'linspace'}")
+        values["steps_offset"] = None  # a recommendation for the recommended spacing, not for this one
+        from_model.remove("steps_offset")
+    for name in ("eta", "guidance", "clip_range"):
         values[name] = None if values[name] is None else float(values[name])
     resolved = RunSettings(**values)
-    if problems := resolved.problems(T, conditional):
+    if problems := resolved.problems(T, conditional, guidable):
         raise SettingsError(problems[0][1])
     schedule = schedule or contract.schedule.build()
     if resolved.steps != T:
-        schedule = schedule.respace(int(resolved.steps))
+        try:
+            keep = timestep_indices(T, int(resolved.steps), resolved.spacing or "linspace", resolved.steps_offset or 0)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        schedule = schedule.respace(keep)
     coefs = coefficients(resolved.sampler, schedule, eta=resolved.eta, clip_denoised=resolved.clip_denoised,
-                         variance=resolved.variance)
+                         variance=resolved.variance, clip_range=resolved.clip_range or 1.0)
+    coefs = for_prediction(coefs, schedule, contract.prediction)
     w = np.full(len(schedule), resolved.guidance)
     if resolved.guidance_interval is not None:
         lo, hi = resolved.guidance_interval

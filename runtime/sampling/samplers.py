@@ -69,7 +69,7 @@ def guided_predictor(net: Callable[[Array, int, Array | None], Array], y: Array 
     call of 2B images, combined by ``guided_eps``. ``concat`` joins arrays on axis 0 (``np.concatenate`` or
     ``torch.cat``), so one implementation serves every backend.
     """
-    y2 = None if y is None else concat([y, y * 0 + null_class])
+    y2 = None if y is None or null_class is None else concat([y, y * 0 + null_class])
 
     def predict(x: Array, t: int, w: float = 1.0) -> Array:
         if y is None or w == 1.0:

@@ -12,45 +12,89 @@ import math
 from dataclasses import dataclass, field
 import numpy as np
 
-SCHEDULE_NAMES: tuple[str, ...] = ("linear", "cosine")
+SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "sigmoid", "explicit")
 DEFAULT_TIMESTEPS = 1000
 MAX_TIMESTEPS = 100_000  # T beyond this is a mistake: the float64 tables alone would take T × 100 bytes
 LINEAR_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
 COSINE_DEFAULTS = {"s": 0.008, "max_beta": 0.999}
+# each named schedule's parameters and their defaults; "explicit" takes its β table itself (``betas=``)
+PARAMS: dict[str, dict[str, float]] = {"linear": LINEAR_DEFAULTS, "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
+                                       "cosine": COSINE_DEFAULTS, "sigmoid": LINEAR_DEFAULTS, "explicit": {}}
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """β_t evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020): (T,) float64."""
     _check_timesteps(timesteps)
-    if not 0.0 < beta_start <= beta_end < 1.0:
-        raise ValueError(f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    _check_range("linear", beta_start, beta_end)
     return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
 
 
+def scaled_linear_betas(timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> np.ndarray:
+    """√β_t evenly spaced from √beta_start to √beta_end (latent diffusion; diffusers' ``scaled_linear``)."""
+    _check_timesteps(timesteps)
+    _check_range("scaled_linear", beta_start, beta_end)
+    return np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), timesteps, dtype=np.float64) ** 2
+
+
+def sigmoid_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """β_t = beta_start + (beta_end − beta_start)·sigmoid(u_t), u evenly spaced on [−6, 6] (GeoDiff; diffusers'
+    ``sigmoid``)."""
+    _check_timesteps(timesteps)
+    _check_range("sigmoid", beta_start, beta_end)
+    u = np.linspace(-6.0, 6.0, timesteps, dtype=np.float64)
+    return beta_start + (beta_end - beta_start) / (1.0 + np.exp(-u))
+
+
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-    """Nichol & Dhariwal 2021: ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at ``max_beta``."""
+    """Nichol & Dhariwal 2021: ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2), β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at ``max_beta``
+    (diffusers' ``squaredcos_cap_v2``)."""
     _check_timesteps(timesteps)
     steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps
     f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
     return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
 
 
-def make_betas(name: str, timesteps: int = DEFAULT_TIMESTEPS, **params: float) -> np.ndarray:
-    """β table of a named schedule; ``params`` override that schedule's defaults."""
-    if name == "linear":
-        return linear_betas(timesteps, **{**LINEAR_DEFAULTS, **params})
-    if name == "cosine":
-        return cosine_betas(timesteps, **{**COSINE_DEFAULTS, **params})
-    raise ValueError(f"unknown schedule {name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+def explicit_betas(timesteps: int, betas) -> np.ndarray:
+    """A given β table (diffusers' ``trained_betas``): T numbers in (0, 1)."""
+    _check_timesteps(timesteps)
+    table = np.asarray(betas, dtype=np.float64)
+    if table.shape != (timesteps,):
+        raise ValueError(f"an explicit schedule needs T = {timesteps} betas, got {table.size}")
+    if not np.all((table > 0) & (table < 1)):
+        raise ValueError("explicit betas must all lie in (0, 1)")
+    return table
+
+
+_BUILDERS = {"linear": linear_betas, "scaled_linear": scaled_linear_betas, "cosine": cosine_betas,
+             "sigmoid": sigmoid_betas}
+
+
+def make_betas(name: str, timesteps: int = DEFAULT_TIMESTEPS, betas=None, **params: float) -> np.ndarray:
+    """β table of a named schedule; ``params`` override that schedule's defaults; ``explicit`` takes ``betas``."""
+    if name == "explicit":
+        if params:
+            raise ValueError(f"an explicit schedule takes no parameters, got {sorted(params)}")
+        if betas is None:
+            raise ValueError("an explicit schedule needs its betas")
+        return explicit_betas(timesteps, betas)
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown schedule {name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+    if betas is not None:
+        raise ValueError(f"the {name} schedule computes its betas; only an explicit schedule is given them")
+    return _BUILDERS[name](timesteps, **{**PARAMS[name], **params})
 
 
 def default_params(name: str) -> dict[str, float]:
     """The parameters a named schedule uses when none are given."""
-    if name == "linear":
-        return dict(LINEAR_DEFAULTS)
-    if name == "cosine":
-        return dict(COSINE_DEFAULTS)
-    raise ValueError(f"unknown schedule {name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+    if name not in PARAMS:
+        raise ValueError(f"unknown schedule {name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+    return dict(PARAMS[name])
+
+
+def _check_range(name: str, beta_start: float, beta_end: float) -> None:
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"{name} schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
 
 
 def _check_timesteps(timesteps: int) -> None:
@@ -123,8 +167,8 @@ class NoiseSchedule:
     posterior_mean_coef2: np.ndarray = field(init=False, repr=False)
 
     @classmethod
-    def from_name(cls, name: str, timesteps: int = DEFAULT_TIMESTEPS, **params: float) -> NoiseSchedule:
-        return cls(make_betas(name, timesteps, **params))
+    def from_name(cls, name: str, timesteps: int = DEFAULT_TIMESTEPS, betas=None, **params: float) -> NoiseSchedule:
+        return cls(make_betas(name, timesteps, betas, **params))
 
     def __len__(self) -> int:
         return len(self.betas)
@@ -145,6 +189,33 @@ class NoiseSchedule:
         abar = self.alphas_cumprod[keep]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
         return NoiseSchedule(betas, self.timesteps[keep])
+
+
+def timestep_indices(num_steps: int, count: int, spacing: str = "linspace", offset: int = 0) -> np.ndarray:
+    """The ``count`` model timesteps a respaced run visits, ascending, with diffusers' ``timestep_spacing`` meaning:
+
+    * ``linspace``: ``round(linspace(0, T−1, K))`` (first and last kept; ``spaced_indices``);
+    * ``leading``: ``k·(T // K) + offset`` for k = 0 … K−1 (``steps_offset``: diffusers' default spacing);
+    * ``trailing``: ``round(T − k·T/K) − 1`` for k = 0 … K−1 (ends at T − 1; Lin et al. 2024, Table 2).
+
+    ``count == num_steps`` is every timestep, whatever the spacing. ValueError for a count, spacing or offset
+    that gives no valid timesteps.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r} (expected one of {', '.join(SPACINGS)})")
+    if spacing == "linspace" or count == num_steps:
+        return spaced_indices(num_steps, count)
+    if int(count) != count or not 1 <= count <= num_steps:
+        raise ValueError(f"the number of sampling steps must be between 1 and {num_steps}, got {count!r}")
+    count = int(count)
+    if spacing == "leading":
+        keep = np.arange(count, dtype=np.int64) * (num_steps // count) + int(offset)
+    else:
+        keep = (np.round(num_steps - np.arange(count) * (num_steps / count)).astype(np.int64) - 1)[::-1]
+    if keep[-1] >= num_steps or keep[0] < 0:
+        raise ValueError(f"{spacing} spacing of {count} steps with offset {offset} gives timestep {int(keep[-1])}, "
+                         f"past T - 1 = {num_steps - 1}")
+    return keep
 
 
 def spaced_indices(num_steps: int, count: int) -> np.ndarray:

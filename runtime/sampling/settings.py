@@ -15,8 +15,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
+from runtime.sampling.schedule import SPACINGS
+
 SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde"]
 Variance = Literal["beta", "beta_tilde"]
+Spacing = Literal[SPACINGS]  # type: ignore[valid-type]  # linspace, leading, trailing
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 VARIANCES: tuple[str, ...] = get_args(Variance)
 MULTISTEP = ("dpmpp-2m", "dpmpp-2m-sde")  # samplers that keep the previous step's x̂₀
@@ -26,11 +29,22 @@ FLOAT32_MAX = 3.4028234663852886e38  # the samplers compute in float32
 
 @dataclass(frozen=True)
 class Context:
-    """What a setting's rule depends on: the model's T and whether it is class-conditional, and the sampler."""
+    """What a setting's rule depends on: the model's T, whether it is class-conditional and has a null class
+    (``guidable``: classifier-free guidance needs one), and the sampler."""
 
     timesteps: int
     conditional: bool
     sampler: str | None = None
+    guidable: bool | None = None  # None: as conditional (a model of this project reserves its null class)
+
+    def unguidable(self, what: str) -> str | None:
+        """Why ``what`` cannot be used with this model, or None."""
+        if not self.conditional:
+            return f"{what} needs a class-conditional model; this one is unconditional"
+        if self.guidable is False:
+            return (f"{what} needs the model's null ('no class') label, and this model has none: it was not trained "
+                    "with one (export it with ddpm-export --null-class K if its training reserved label K for it)")
+        return None
 
 
 # -- each setting's rule: a one-line problem, or None --------------------------------------------------------------
@@ -63,9 +77,7 @@ def eta_problem(eta: object, ctx: Context) -> str | None:
 def guidance_problem(guidance: object, ctx: Context) -> str | None:
     if not _is_real(guidance) or not abs(guidance) <= FLOAT32_MAX:
         return f"guidance must be a finite number (in float32), got {guidance!r}"
-    if guidance != 1.0 and not ctx.conditional:
-        return "guidance needs a class-conditional model; this one is unconditional"
-    return None
+    return ctx.unguidable("guidance") if guidance != 1.0 else None
 
 
 def interval_problem(interval: object, ctx: Context) -> str | None:
@@ -75,9 +87,7 @@ def interval_problem(interval: object, ctx: Context) -> str | None:
     lo, hi = interval
     if not 0 <= lo <= hi < T:
         return f"guidance interval must have 0 <= LO <= HI < T = {T}, got {lo},{hi}"
-    if not ctx.conditional:
-        return "a guidance interval needs a class-conditional model; this one is unconditional"
-    return None
+    return ctx.unguidable("a guidance interval")
 
 
 def clip_problem(clip: object, ctx: Context) -> str | None:
@@ -88,6 +98,21 @@ def variance_problem(variance: object, ctx: Context) -> str | None:
     if variance not in VARIANCES:
         return f"unknown variance {variance!r} (expected one of {', '.join(VARIANCES)})"
     return None
+
+
+def clip_range_problem(bound: object, ctx: Context) -> str | None:
+    if _is_real(bound) and 0 < bound <= FLOAT32_MAX:
+        return None
+    return f"clip_range must be a positive number, got {bound!r}"
+
+
+def spacing_problem(spacing: object, ctx: Context) -> str | None:
+    return None if spacing in SPACINGS else f"unknown spacing {spacing!r} (expected one of {', '.join(SPACINGS)})"
+
+
+def offset_problem(offset: object, ctx: Context) -> str | None:
+    ok = _is_int(offset) and 0 <= offset < ctx.timesteps
+    return None if ok else f"steps_offset must be an integer from 0 to T - 1 = {ctx.timesteps - 1}, got {offset!r}"
 
 
 def parse_interval(text: str) -> tuple[int, int]:
@@ -109,17 +134,19 @@ def parse_bool(text: str) -> bool:
 
 def setting(help: str, rule: Callable[[object, Context], str | None], parse: Callable[[str], Any], *,
             samplers: tuple[str, ...] = SAMPLERS, per_sampler: bool = False, per_image: bool = False,
-            new: bool = False) -> Any:
+            new: bool = False, implicit: Any = None) -> Any:
     """A ``RunSettings`` field (default None = not given) and what is derived from it.
 
     ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
     (``--run-defaults``); ``samplers``: the samplers it applies to (given for another: an error; recommended for
     another: not used); ``per_sampler``: a recommendation of it holds for the recommended sampler only;
     ``per_image``: each manifest record carries it; ``new``: added after run folders existed, so ``run.json``
-    records it only when set (folders of earlier versions resume).
+    records it only when set (folders of earlier versions resume); ``implicit``: a new setting's value when not
+    set (a run that gives exactly it is recorded as not setting it, so the same run reads the same).
     """
     return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "samplers": samplers,
-                                         "per_sampler": per_sampler, "per_image": per_image, "new": new})
+                                         "per_sampler": per_sampler, "per_image": per_image, "new": new,
+                                         "implicit": implicit})
 
 
 @dataclass(frozen=True)
@@ -146,8 +173,18 @@ class RunSettings:
         "Default: the model's recommendation, else every step (0,T-1 also means every step).",
         interval_problem, parse_interval, per_image=True, new=True)
     clip_denoised: bool | None = setting(
-        "Clip the predicted x0 to [-1, 1] in each step (ddpm: the posterior-mean form). Default: the model's "
-        "recommendation, else off.", clip_problem, parse_bool)
+        "Clip the predicted x0 to [-clip_range, clip_range] in each step (ddpm: the posterior-mean form). "
+        "Default: the model's recommendation, else off.", clip_problem, parse_bool)
+    clip_range: float | None = setting(
+        "The bound of clip_denoised (diffusers' clip_sample_range). Default: the model's recommendation, else 1.",
+        clip_range_problem, float, new=True, implicit=1.0)
+    spacing: Spacing | None = setting(
+        "Which model timesteps a run of fewer than T steps visits (diffusers' timestep_spacing): linspace = "
+        "round(linspace(0, T-1, steps)); leading = k*(T//steps) + steps_offset; trailing = round(T - k*T/steps) - 1. "
+        "Default: the model's recommendation, else linspace.", spacing_problem, str, new=True, implicit="linspace")
+    steps_offset: int | None = setting(
+        "Added to every timestep of leading spacing (diffusers' steps_offset). Default: the model's "
+        "recommendation, else 0.", offset_problem, int, new=True, implicit=0)
     variance: Variance | None = setting(
         "DDPM sigma^2 (ddpm only). Default: the model's recommendation, else the contract's (beta) at full T and "
         "beta_tilde when respaced.", variance_problem, str, samplers=("ddpm",))
@@ -158,9 +195,9 @@ class RunSettings:
         if isinstance(self.steps, float) and self.steps.is_integer():  # 50.0 is 50 steps
             object.__setattr__(self, "steps", int(self.steps))
 
-    def problems(self, timesteps: int, conditional: bool) -> list[tuple[str, str]]:
+    def problems(self, timesteps: int, conditional: bool, guidable: bool | None = None) -> list[tuple[str, str]]:
         """(field, problem) of every given setting that breaks its rule for such a model."""
-        ctx = Context(timesteps, conditional, self.sampler if self.sampler in SAMPLERS else None)
+        ctx = Context(timesteps, conditional, self.sampler if self.sampler in SAMPLERS else None, guidable)
         found = []
         for f in SETTINGS:
             value = getattr(self, f.name)
@@ -223,11 +260,11 @@ def defaults(sampler: str, timesteps: int) -> dict[str, Any]:
 
     The paper's DDPM (Algorithm 2) at all T steps, w = 1 on every step, no clipping; DDIM takes 50 steps with
     η = 0, the DPM-Solver++ samplers 20. ``variance`` None: ``make_plan`` takes the contract's at full T and β̃
-    when respaced.
+    when respaced. The new settings' None is their ``implicit`` value (clip range 1, linspace spacing, offset 0).
     """
     return {"sampler": "ddpm", "steps": timesteps if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], timesteps),
             "eta": 0.0 if sampler == "ddim" else None, "guidance": 1.0, "guidance_interval": None,
-            "clip_denoised": False, "variance": None}
+            "clip_denoised": False, "variance": None, "clip_range": None, "spacing": None, "steps_offset": None}
 
 
 def _jsonable(value: Any) -> Any:

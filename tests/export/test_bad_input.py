@@ -88,7 +88,12 @@ def test_bad_checkpoints(tmp_path, uncond_ckpt, kind, message):
         (["--out", "{tmp}"], "directory"),
         (["--format", "tflite"], "tflite"),
         (["--opset", "11"], "opset 11 is not supported"),
-        (["--format", "torchscript", "--fp16"], "apply to ONNX"),
+        (["--format", "torchscript", "--fp16"], "--dtype fp16 applies to onnx and pt2 (not torchscript)"),
+        (["--format", "onnx", "--dtype", "bf16"], "--dtype bf16 applies to pt2 (not onnx)"),
+        (["--format", "pt2", "--fp16", "--dtype", "bf16"], "cannot be combined"),
+        (["--format", "onnx", "--device", "cuda"], "--device applies to --format pt2"),
+        (["--scheduler-config", "{file}"], "apply to diffusers folders"),
+        (["--null-class", "3"], "apply to diffusers folders"),
     ],
 )
 def test_bad_options(tmp_path, uncond_ckpt, extra, message):
@@ -104,5 +109,6 @@ def test_bad_options(tmp_path, uncond_ckpt, extra, message):
 def test_help_explains_every_option():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for option in ("--format", "--out", "--weights", "--opset", "--fp16", "--verify / --no-verify", "--optimize"):
+    for option in ("--format", "--out", "--weights", "--opset", "--fp16", "--verify / --no-verify", "--optimize",
+                   "--dtype", "--scheduler-config", "--null-class", "--run-defaults", "--device"):
         assert option in result.output

@@ -74,7 +74,7 @@ def test_pt2_bad_requests_are_one_line_errors(cond_rgb_ckpt, cond_pt2, fresh_cop
 
     ckpt = fresh_copy(cond_rgb_ckpt)
     r = CliRunner().invoke(main, [str(ckpt), "--format", "onnx", "--dtype", "bf16"])
-    assert r.exit_code != 0 and "--device and --dtype apply to --format pt2" in r.output
+    assert r.exit_code != 0 and "--dtype bf16 applies to pt2 (not onnx)" in r.output
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, [str(ckpt), "--format", "pt2", "--device", "cuda"])
         assert r.exit_code != 0 and "torch sees no CUDA device" in r.output and "Traceback" not in r.output
@@ -101,3 +101,27 @@ def test_pt2_cuda_export_runs_on_the_gpu(cond_rgb_ckpt, fresh_copy, cond_pt2):
     settings = dict(sampler="ddim", steps=6, guidance=2.0, batch_size=5)
     cpu_images = runtime.load(cond_pt2[0], "cpu").generate(5, **settings)
     assert np.abs(gpu.generate(5, **settings).astype(int) - cpu_images).max() <= FP32.max_levels
+
+
+def test_a_package_of_a_bounded_batch_range_runs_larger_batches_in_even_chunks():
+    """A network that branches on the batch size (diffusers' Upsample2D at 64) compiles for batch 1 ... 63; the
+    backend splits what is larger into the fewest even chunks and joins the results in order."""
+    import torch
+
+    from runtime.backends.pt2_model import Pt2Model
+
+    calls = []
+
+    def runner(x, t):
+        calls.append(x.shape[0])
+        assert x.shape[0] <= 63
+        return x * 2 + t.view(-1, 1, 1, 1)
+
+    model = object.__new__(Pt2Model)
+    model.runner, model.max_batch, model.torch = runner, 63, torch
+    x, t = torch.randn(130, 1, 2, 2), torch.arange(130)
+    assert torch.equal(model.net(x, t), x * 2 + t.view(-1, 1, 1, 1))
+    assert calls == [44, 44, 42]
+    calls.clear()
+    model.net(x[:63], t[:63])
+    assert calls == [63]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -43,8 +46,16 @@ def test_default_tensor_specs_follow_conditioning():
         (lambda d: d["schedule"].pop("timesteps"), "schedule.timesteps"),
         (lambda d: d.update(extra=1), "extra"),
         (lambda d: d.update(variance="learned"), "variance"),
-        (lambda d: d["schedule"].update(name="sigmoid"), "schedule.name"),
-        (lambda d: d.update(prediction_type="v"), "prediction_type"),
+        (lambda d: d["schedule"].update(name="laplace"), "schedule.name"),
+        (lambda d: d["schedule"].update(name="sigmoid"), "schedule.params"),  # sigmoid takes beta_start, beta_end
+        (lambda d: d["schedule"].update(betas=[0.1] * 1000), "schedule.betas"),  # only explicit lists them
+        (lambda d: d["schedule"].update(name="explicit", params={}), "schedule.betas"),  # it needs them
+        (lambda d: d["schedule"].update(name="explicit", params={}, betas=[0.1] * 999), "schedule.betas"),
+        (lambda d: d["schedule"].update(name="explicit", params={}, betas=[0.1] * 999 + [1.0]), "schedule.betas"),
+        (lambda d: d.update(null_class=2), "null_class"),  # a class cannot be the null label
+        (lambda d: d.update(null_class=5), "null_class"),  # the label after the classes or none
+        (lambda d: d.update(null_class="3"), "null_class"),
+        (lambda d: d.update(prediction="v"), "prediction"),
         (lambda d: d.update(channels=4), "channels"),
         (lambda d: d.update(pixel_range=[0, 1]), "pixel_range"),
         (lambda d: d.update(class_names=["a"]), "class_names"),
@@ -91,3 +102,30 @@ def test_schema_2_contracts_as_main_wrote_them_still_load():
     data["run_defaults"]["guidance_interval"] = [0, 10]  # a schema 2 file could not hold it
     with pytest.raises(ContractError, match="run_defaults.guidance_interval': unknown field"):
         SamplingContract.from_dict(data)
+
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "schema3"
+
+
+def test_schema_3_files_made_by_the_previous_main_load_and_sample_as_before(tmp_path):
+    """tests/data/schema3/*.onnx were written by main before schema 4 (commit ad46dbd, tests.toy_onnx and
+    ddpm_export.run_defaults); they read as ε-predictors with the null class after the classes, keep their
+    recommendations, and sample exactly what the same toy model written today samples."""
+    import runtime
+    from tests.toy_onnx import make_toy_predictor
+
+    old = runtime.load(DATA / "toy-cond.onnx", "cpu")
+    c = old.contract
+    assert (c.prediction, c.num_classes, c.null_class, c.schema_version) == ("epsilon", 3, 3, SCHEMA_VERSION)
+    assert c.schedule.betas is None and c.provenance.source is None
+    rd = c.run_defaults
+    assert (rd.sampler, rd.steps, rd.guidance, rd.guidance_interval, rd.clip_denoised) == ("ddim", 10, 1.5, (0, 30), True)
+    assert rd.spacing is None and rd.clip_range is None and rd.steps_offset is None
+    new = runtime.load(make_toy_predictor(tmp_path / "cond.onnx", num_classes=3, timesteps=50,
+                                          class_names=["a", "b", "c"]), "cpu")
+    settings = dict(sampler="ddim", steps=10, guidance=1.5, guidance_interval=(0, 30), clip_denoised=True)
+    assert np.array_equal(old.generate(3, seed=4, classes=[0, 1, 2]), new.generate(3, seed=4, classes=[0, 1, 2], **settings))
+    uncond = runtime.load(DATA / "toy-uncond.onnx", "cpu")
+    assert uncond.contract.null_class is None and not uncond.contract.guidable
+    fresh = runtime.load(make_toy_predictor(tmp_path / "u.onnx", channels=3, timesteps=50), "cpu")
+    assert np.array_equal(uncond.generate(2, seed=1), fresh.generate(2, seed=1))

@@ -78,7 +78,7 @@ def test_tables_are_read_only_and_bad_input_is_refused():
     with pytest.raises(ValueError):
         s.alphas_cumprod[0] = 0.5
     with pytest.raises(ValueError, match="unknown schedule"):
-        make_betas("sigmoid", 10)
+        make_betas("laplace", 10)
     with pytest.raises(ValueError, match="an integer from 1 to 100000"):
         linear_betas(0)
     with pytest.raises(ValueError, match="an integer from 1 to 100000"):

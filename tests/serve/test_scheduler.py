@@ -57,6 +57,17 @@ def test_images_equal_offline_generation(cond_model, batching):
         assert max(stats["batch_fill"]) > 6  # guided images doubled in the same call
 
 
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_v_and_x0_models_serve_what_they_generate_offline(tmp_path, prediction):
+    from tests.toy_onnx import make_toy_predictor
+
+    model = runtime.load(make_toy_predictor(tmp_path / "m.onnx", channels=3, image_size=16, num_classes=3,
+                                            prediction=prediction), "cpu")
+    requests = REQUESTS[:3] + REQUESTS[4:6]
+    for request, images in zip(requests, run(Scheduler(model, max_batch=6), requests)):
+        assert np.abs(np.stack(images).astype(int) - offline(model, **request)).max() <= LEVELS, request
+
+
 def test_a_short_request_overtakes_a_long_one(cond_model):
     scheduler = Scheduler(cond_model, max_batch=8)
     long = scheduler.submit(2, sampler="ddpm", steps=100)

@@ -93,7 +93,7 @@ def test_unknown_or_missing_hparams_are_named(change, message):
     [(dict(in_size=1000), "in_size must be a square number of pixels"),
      (dict(num_classes=2, class_names=["a"]), "1 class names given for 2 classes"),
      (dict(p_uncond=1.0), r"p_uncond must be in \[0, 1\)"), (dict(ema_decay=-0.1), r"ema_decay must be in \[0, 1\)"),
-     (dict(schedule="sigmoid"), "unknown schedule")],
+     (dict(schedule="laplace"), "unknown schedule"), (dict(schedule="explicit"), "unknown schedule")],
 )
 def test_bad_values_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -178,7 +178,7 @@ def test_bad_sampler_settings_are_refused(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(in_size=1000), "square"), (dict(num_classes=2, class_names=["a"]), "class names"),
-     (dict(ema_decay=1.0), "ema_decay"), (dict(schedule="sigmoid"), "unknown schedule")],
+     (dict(ema_decay=1.0), "ema_decay"), (dict(schedule="laplace"), "unknown schedule")],
 )
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
