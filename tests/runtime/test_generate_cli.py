@@ -80,8 +80,12 @@ def test_shards_running_at_once_equal_one_run(cond_onnx, tmp_path):
 # Runs the CLI with one function wrapped to stop the run at a known point: it touches HELD, then sleeps until a
 # signal comes. Interruption tests send their signal there, however fast or slow the machine is.
 HELD_CLI = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+
+# Its own signal dispositions, whatever it inherited: a test runner started in the background (nohup, CI jobs)
+# hands children SIGINT ignored, and this child must take Ctrl-C as a user's terminal delivers it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import runtime
 import runtime.generation.output
@@ -160,7 +164,12 @@ def test_ctrl_c_stops_cleanly_and_resumes(uncond_onnx, tmp_path):
     args = [uncond_onnx, "-n", 8, "--batch-size", 2, "--steps", 3, "--provider", "cpu", "--out", out]
     p, log = held_process(tmp_path, "after-batch", 2, *args)
     p.send_signal(signal.SIGINT)
-    p.wait(timeout=60)
+    try:
+        p.wait(timeout=60)
+    finally:  # a test that times out kills what it started
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     err = log.read_text()
     assert p.returncode != 0 and "interrupted; rerun the same command" in err and "Traceback" not in err, err
     assert not list(out.glob(".*tmp*"))
