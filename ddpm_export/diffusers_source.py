@@ -21,6 +21,7 @@ carries pickled code is refused as our checkpoints are) and must match the confi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -254,8 +255,6 @@ def load_unet(unet_dir: Path) -> torch.nn.Module:
 
 
 def _with_provenance(contract: SamplingContract, source: str) -> SamplingContract:
-    import dataclasses
-
     import ddpm_export
 
     return dataclasses.replace(contract, provenance=Provenance(

@@ -97,6 +97,7 @@ class BackendKind:
 
 def _load_onnx(path: Path, provider: str, session: dict) -> Backend:
     failures = []
+    session = dict(session)  # the caller's settings stay as given
     log = session.pop("log", lambda msg: None)
     provider_options = session.pop("provider_options", None)
     for name in AUTO_ORDER if provider == "auto" else (provider,):
