@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ddpm_export.errors import CheckpointError
+from runtime.errors import reason
 from ddpm_export.source import ModelSource
 from runtime.metadata import Provenance, SamplingContract
 from training.config import REQUIRED_HPARAMS, ModelConfig
@@ -60,7 +61,7 @@ class Checkpoint:
             net.load_state_dict(sd, strict=True)
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{self.path}: the {weights} weights do not fit the saved U-Net configuration "
-                                  f"({str(e).splitlines()[0]})") from None
+                                  f"({reason(e)})") from None
         return net.eval(), weights == "ema"
 
     def contract(self, *, ema: bool, exporter: str | None = None) -> SamplingContract:
@@ -96,7 +97,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         ModelConfig.from_hparams(hp)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} has unusable hyperparameters: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} has unusable hyperparameters: {reason(e)}") from None
     step = data.get("global_step")
     return Checkpoint(path, dict(hp), data["state_dict"], int(step) if step is not None else None)
 

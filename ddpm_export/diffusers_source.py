@@ -32,7 +32,7 @@ import torch
 
 from ddpm_export.errors import SourceError
 from ddpm_export.source import ModelSource
-from runtime.errors import ContractError
+from runtime.errors import ContractError, reason
 from runtime.metadata import PREDICTION_TYPES, Provenance, RunDefaults, SamplingContract, ScheduleSpec
 from runtime.sampling.schedule import SPACINGS, default_params
 
@@ -123,7 +123,7 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
+        raise SourceError(f"{path}: not a readable JSON file ({reason(e)})") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object")
     return data

@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from ddpm_export.errors import OnnxExportError
+from runtime.errors import reason
 from runtime.metadata import CONTRACT_KEY, SamplingContract
 from training.eval_mode import eval_mode
 
@@ -50,7 +51,7 @@ def export_onnx(net: torch.nn.Module, contract: SamplingContract, *, opset: int 
                     model = fn(net, args, names, opset)
                 break
             except Exception as e:  # noqa: BLE001 - any exporter failure means: try the next one
-                errors.append(f"{exporter}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                errors.append(f"{exporter}: {reason(e)}")
         else:
             raise OnnxExportError("ONNX export failed with both exporters (" + "; ".join(errors) + ")")
     contract = dataclasses.replace(
@@ -60,7 +61,7 @@ def export_onnx(net: torch.nn.Module, contract: SamplingContract, *, opset: int 
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise OnnxExportError(f"the exported model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise OnnxExportError(f"the exported model fails onnx.checker: {reason(e)}") from None
     return model
 
 

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from ddpm_export.errors import ExportError
+from runtime.errors import reason
 from ddpm_export.onnx_export import example_inputs
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 from runtime.backends.pt2_model import TARGET_FILE
@@ -78,7 +79,7 @@ def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Pat
                 program = _export(module, args, names, max_batch)
             files = torch._inductor.aot_compile(program.module(), args, options={"aot_inductor.package": True})
     except Exception as e:  # noqa: BLE001 - export or compile failure, reported in one line
-        raise ExportError(f"pt2 export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ExportError(f"pt2 export failed: {type(e).__name__}: {reason(e)}") from None
     finally:
         net.to(original)
     target = {"device": device, "precision": precision, "max_batch": max_batch, "torch_version": torch.__version__}

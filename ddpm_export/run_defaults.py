@@ -14,7 +14,7 @@ from typing import Callable
 import click
 import onnx
 
-from runtime.errors import ContractError
+from runtime.errors import ContractError, reason
 from runtime.generation.files import atomic_path
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 
@@ -59,7 +59,7 @@ def main(model: str, settings: str) -> None:
     try:
         contract = set_run_defaults(model, parse_run_defaults(settings))
     except (ValueError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0]) from None
+        raise click.ClickException(reason(e)) from None
     click.echo(f"{model}: run_defaults = {contract.run_defaults}")
 
 

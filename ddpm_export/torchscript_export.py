@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ddpm_export.errors import TorchScriptExportError
+from runtime.errors import reason
 from ddpm_export.onnx_export import example_inputs
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 from training.eval_mode import eval_mode
@@ -33,12 +34,12 @@ def export_torchscript(net: torch.nn.Module, contract: SamplingContract, *,
         try:
             module = torch.jit.trace(net, args, strict=True, check_trace=True)
         except Exception as e:  # noqa: BLE001 - a trace failure
-            raise TorchScriptExportError(f"tracing failed: {_first_line(e)}") from None
+            raise TorchScriptExportError(f"tracing failed: {reason(e)}") from None
     risky = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) and not _only_raises(w)]
     for w in caught:
         if not issubclass(w.category, torch.jit.TracerWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    notes = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in risky]
+    notes = [f"{w.filename}:{w.lineno}: {reason(w.message)}" for w in risky]
     if notes and strict:
         raise TorchScriptExportError(f"tracing failed: {notes[0]} (a tracer warning, and no verification to check "
                                      "that the trace generalises)")
@@ -50,11 +51,6 @@ def _only_raises(w: warnings.WarningMessage) -> bool:
     line = linecache.getline(w.filename, w.lineno).strip()
     following = linecache.getline(w.filename, w.lineno + 1).strip()
     return line.startswith("assert ") or (line.startswith("if ") and following.startswith("raise"))
-
-
-def _first_line(e: Exception) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def save_torchscript(module: torch.jit.ScriptModule, contract: SamplingContract, path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.errors import reason
 from runtime.generation.images import to_uint8
 from runtime.metadata import SamplingContract
 from runtime.sampling.plan import make_plan
@@ -159,7 +160,7 @@ def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: Samplin
     try:
         images = [want, run(candidate)]
     except Exception as e:  # noqa: BLE001 - a candidate that cannot even run fails the check, in one line
-        problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        problem = f"{type(e).__name__}: {reason(e)}"
         return TrajectoryCheck(False, n, plan.steps, w, 255, want.size, [], sampler, problem)
     diff = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)

@@ -27,3 +27,9 @@ class EvalError(RuntimeError):
 
 class IdxError(ValueError):
     """A missing, unreadable or malformed IDX file; the message names it."""
+
+
+def reason(e: BaseException) -> str:
+    """An exception's message as one line for a user: its first non-blank line (some of torch's start with a
+    newline), else the exception's type name."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

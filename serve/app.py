@@ -9,6 +9,7 @@ period (``begin_shutdown`` marks the start of that period: new requests get 503 
 # no `from __future__ import annotations`: FastAPI and pydantic resolve the request model defined in create_app
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
 import json
@@ -19,14 +20,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI, Request
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from runtime.errors import GenerationError
+from runtime.errors import GenerationError, reason
 from runtime.generation.output import png_bytes
 from runtime.pipeline import Pipeline
 from runtime.sampling.settings import NAMES, SETTINGS, RunSettings
@@ -37,9 +41,12 @@ MAX_BODY_BYTES = 16 * 1024  # a request is a few settings; this is generous
 RETRY_AFTER_FULL_S = 1  # 429: the queue drains continuously
 RETRY_AFTER_STOPPING_S = 5  # 503: this process is going away; another replica (or its restart) will answer
 DISCONNECT_POLL_S = 0.1
-METRICS_SYNC_S = 1.0
 OPEN_PATHS = ("/healthz",)  # everything else needs the API key when one is set
 IMAGES_PATH = "/v1/images"
+KEY_HEADERS = "Authorization: Bearer KEY or X-API-Key: KEY; X-API-Key wins when both are sent"
+QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "x-api-key"})
+BODY_EXAMPLE = '{"n": 4, "class": 1}'
+CLIENT_CLOSED = 499  # nginx's "client closed request": no response reached the client
 MAX_INDEX = 2**53 - 1  # seed and start_index: exact in every JSON client, far inside int64 image indices
 
 
@@ -52,6 +59,8 @@ def _one_line(errors) -> str:
         if e.get("type") == "json_invalid":
             msg = f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
             loc = []
+        elif e.get("type") in ("model_type", "model_attributes_type") and not loc:
+            msg = f"the body must be a JSON object of settings, such as {BODY_EXAMPLE}"
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return "; ".join(dict.fromkeys(parts)) or "invalid request"
 
@@ -63,11 +72,71 @@ def settings_fields() -> dict[str, tuple]:
     out = {}
     for f in SETTINGS:
         kind = hints[f.name]
-        extra = {"ge": 1} if f.name == "steps" else {}
+        lo, hi = f.metadata["bounds"]  # documented in the schema; the setting's rule enforces them (one line, 422)
+        extra = {"json_schema_extra": {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}}
         if typing.get_origin(typing.get_args(kind)[0]) is tuple:
             kind, extra = list[int] | None, {"min_length": 2, "max_length": 2}
         out[f.name] = (kind, Field(None, description=f.metadata["help"], **extra))
     return out
+
+
+def body_problem(body: bytes) -> str | None:
+    """Why ``body`` is not a JSON object of settings (one line), or None. An empty body is ``{}``. Every way JSON
+    decoding can fail is caught here (not UTF-8, nesting too deep, integers past Python's digit limit), so each is a
+    422 with its reason rather than a bare 400."""
+    if not body.strip():
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else reason(e)
+        return f"the body is not valid JSON ({why}); send a JSON object of settings, such as {BODY_EXAMPLE}"
+    if not isinstance(value, dict):
+        return f"the body must be a JSON object of settings, such as {BODY_EXAMPLE}; got a JSON {type(value).__name__}"
+    return None
+
+
+def _key_digest(key: bytes) -> bytes:
+    """SHA-256 of a key: what is compared, so the comparison takes the same time for keys of any length."""
+    return hashlib.sha256(key).digest()
+
+
+class Problem(BaseModel):
+    """Every error answer: one line under ``detail``."""
+
+    detail: str
+
+
+class ImageRecord(BaseModel):
+    index: int
+    seed: int
+    class_: int | None = Field(alias="class")
+    class_name: str | None
+    png_base64: str
+
+
+class ImagesResponse(BaseModel):
+    model_sha256: str
+    provider: str
+    settings: dict = Field(description="The run settings, as run.json records them.")
+    images: list[ImageRecord]
+
+
+ERRORS = {  # status -> when the server answers it; every one is a Problem
+    401: "API key missing or wrong, or sent in the URL (only when the server has a key)",
+    413: "the body is larger than the server's limit",
+    422: "bad settings, or a body that is not a JSON object (one line under detail)",
+    429: "the queue is full; retry after Retry-After seconds",
+    499: "the client closed the connection before its images were done (for the log and metrics; nobody reads it)",
+    500: "the model produced NaN or Inf for this request's images",
+    503: "the server is stopping; retry after Retry-After seconds (another replica, or this one restarted)",
+    504: "the request's deadline passed; it was cancelled",
+}
+
+
+def problems(*statuses: int) -> dict:
+    """``responses=`` for FastAPI: the given error statuses, each documented with the ``Problem`` body."""
+    return {code: {"model": Problem, "description": ERRORS[code]} for code in statuses}
 
 
 def _error(status: int, detail: str, retry_after: int | None = None) -> JSONResponse:
@@ -90,12 +159,13 @@ def begin_shutdown(app: FastAPI) -> None:
 
 
 class _Guard:
-    """Pure ASGI middleware (keeps ``request.is_disconnected()`` working): the API key, the body limit, and the
+    """Pure ASGI middleware (keeps ``request.is_disconnected()`` working): the API key, the request body (its
+    size, and for ``POST /v1/images`` a JSON object whatever the Content-Type, an empty body being ``{}``), and the
     status and latency of ``POST /v1/images`` for the metrics."""
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics) -> None:
         self.app = app
-        self.api_key = None if api_key is None else api_key.encode()
+        self.key_digest = None if api_key is None else _key_digest(api_key.encode())
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
 
@@ -104,14 +174,14 @@ class _Guard:
         auth = headers.get(b"authorization", b"")
         if given is None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        # compare_digest on bytes: the same time for every wrong key of a length
-        return given is not None and hmac.compare_digest(given, self.api_key)
+        # digests of a fixed size: neither the key's length nor a prefix shows in the time taken
+        return given is not None and hmac.compare_digest(_key_digest(given), self.key_digest)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.monotonic(), 500
+        start, status = time.monotonic(), None
         timed = scope["path"] == IMAGES_PATH and scope["method"] == "POST"
 
         async def send_status(message) -> None:
@@ -122,25 +192,34 @@ class _Guard:
 
         try:
             await self._handle(scope, receive, send_status)
+        except Exception:
+            status = status or 500  # uvicorn answers 500 for what escapes the app
+            raise
         finally:
-            if timed:
-                self.metrics.observe_request(status, time.monotonic() - start)
+            if timed:  # no response started: the client left first (say, in the middle of its body)
+                self.metrics.observe_request(status or CLIENT_CLOSED, time.monotonic() - start)
 
     async def _handle(self, scope, receive, send) -> None:
         headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
-            response = JSONResponse(
-                {"detail": "a valid API key is needed (Authorization: Bearer KEY or X-API-Key: KEY)"},
-                status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, send)
+        if self.key_digest is not None and scope["path"] not in OPEN_PATHS:
+            in_query = {k.lower() for k, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1"))}
+            if in_query & QUERY_KEY_NAMES:
+                detail = f"send the API key in a header ({KEY_HEADERS}), never in the URL"
+            elif not self._authorized(headers):
+                detail = f"a valid API key is needed ({KEY_HEADERS})"
+            else:
+                detail = None
+            if detail is not None:
+                response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        if scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
             return
         too_large = _error(413, f"the request body is larger than {self.max_body_bytes} bytes")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             await too_large(scope, receive, send)
-            return
-        if scope["method"] in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
             return
         # Read the body here (at most max_body_bytes + one chunk), then replay it: also limits chunked bodies.
         chunks, size = [], 0
@@ -155,13 +234,24 @@ class _Guard:
                 return
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        if scope["path"] == IMAGES_PATH:
+            problem = body_problem(body)
+            if problem is not None:
+                await _error(422, problem)(scope, receive, send)
+                return
+            body = body if body.strip() else b"{}"
+            # the settings are JSON whatever the client called them (curl -d sends a form type)
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
+                                          if k not in (b"content-type", b"content-length")]
+                     + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
         replayed = False
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: http.disconnect when the client goes away
 
         await self.app(scope, replay, send)
@@ -185,17 +275,9 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
-
-        async def sync_metrics() -> None:
-            while True:
-                await asyncio.sleep(METRICS_SYNC_S)
-                metrics.sync()
-
-        syncing = asyncio.ensure_future(sync_metrics())
         try:
             yield
         finally:
-            syncing.cancel()
             begin_shutdown(app)
             left = max(0.0, grace_s - (time.monotonic() - state.stop_started))
             await run_in_threadpool(scheduler.stop, left)
@@ -203,6 +285,10 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
     app = FastAPI(title="ddpm-serve", version="1", lifespan=lifespan,
                   description="Generate images from one DDPM model; requests share the batch (continuous batching).")
     app.state.serve = state
+    # The key is checked by _Guard; these only document it (auto_error=False: they never answer themselves).
+    guarded = [] if api_key is None else [Security(HTTPBearer(auto_error=False)),
+                                          Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
+    locked = (401,) if api_key is not None else ()
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
 
     class ImagesRequest(BaseModel):
@@ -248,14 +334,11 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
 
-    @app.post(IMAGES_PATH, responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "JSON (format png) or npz bytes"},
-        401: {"description": "API key missing or wrong"}, 413: {"description": "body too large"},
-        422: {"description": "bad settings (one line under detail)"},
-        429: {"description": "queue full; retry after Retry-After seconds"},
-        500: {"description": "the model produced NaN/Inf for this request"},
-        503: {"description": "the server is stopping"}, 504: {"description": "deadline passed; request cancelled"}})
-    async def images(body: ImagesRequest, request: Request) -> Response:
+    @app.post(IMAGES_PATH, dependencies=guarded, response_class=JSONResponse, responses={
+        200: {"model": ImagesResponse, "description": "JSON with base64 PNGs (format png), or npz bytes (format npz)",
+              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        **problems(*locked, 413, 422, 429, 499, 500, 503, 504)})
+    async def images(body: ImagesRequest, request: Request) -> Response:  # noqa: C901
         """Generate ``n`` images with the given settings; they join the running batch at once.
 
         Response (``format`` png): ``{"model_sha256", "provider", "settings": {the run settings as run.json records
@@ -297,7 +380,7 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                 done.cancel()
         if not done.done() or done.cancelled():
             if gone.done() and not gone.cancelled():
-                return _error(499, "client closed the request")  # nobody reads it; for the log and metrics
+                return _error(CLIENT_CLOSED, "client closed the request")  # nobody reads it; for the log and metrics
             return _error(504, f"not done within the deadline of {deadline_s:g} s; the request was cancelled")
         try:
             results = done.result()
@@ -307,14 +390,16 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
             return _error(503, "the server stopped before this request finished", RETRY_AFTER_STOPPING_S)
         return await run_in_threadpool(encode, results, job.plan, body.format)
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", dependencies=guarded, responses=problems(*locked))
     async def model() -> dict:
         """The model's sampling contract, its provider and SHA-256, the run settings it recommends (what a request
         that gives none runs with) and this server's per-request image limit."""
         return {"contract": contract.to_dict(), "provider": pipeline.provider, "model_sha256": sha256,
                 "recommended_settings": pipeline.plan().run_settings(), "max_images": max_images}
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+                                    503: {"description": "shutdown has begun", "content": {"application/json": {
+                                        "example": {"status": "stopping"}}}}})
     async def healthz() -> JSONResponse:
         """``{"status": "ok"}``, or 503 ``{"status": "stopping"}`` once shutdown has begun. Needs no API key."""
         if state.stopping:
@@ -322,9 +407,20 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                                 headers={"Retry-After": str(RETRY_AFTER_STOPPING_S)})
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=guarded, response_class=Response,  # no media type: the one below only
+             responses={200: {"description": "Prometheus text exposition",
+                              "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **problems(*locked)})
     async def prometheus() -> Response:
         """Prometheus text: queue depth, images in flight, images done, batch fill per predictor call, latency."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    def openapi() -> dict:  # FastAPI's document, plus what its route declarations cannot say
+        if app.openapi_schema is None:
+            document = FastAPI.openapi(app)
+            document["paths"][IMAGES_PATH]["post"]["requestBody"]["required"] = False  # empty: {}
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     return app

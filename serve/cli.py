@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import errno
 import ipaddress
+import logging
 import os
 import signal
+import socket
 
 import click
 
@@ -26,6 +29,43 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # another host name: it may resolve to any interface
         return False
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything slow happens (a port in use fails at once, in one line); bound as
+    uvicorn binds (IPv6 for an address with a colon, SO_REUSEADDR). uvicorn listens on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        why = "the address is already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise click.ClickException(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
+class StripQuery(logging.Filter):
+    """Drops the query string from uvicorn's access-log lines: no endpoint takes one, and a client that puts a key or
+    token in the URL must not find it in the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5:  # (client, method, path?query, http, status)
+            client, method, path, http, status = record.args
+            record.args = (client, method, str(path).split("?", 1)[0], http, status)
+        return True
+
+
+def log_config() -> dict:
+    """uvicorn's logging, with the access log on stderr (results go nowhere else) and without query strings."""
+    import uvicorn
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config.setdefault("filters", {})["strip_query"] = {"()": StripQuery}
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config["handlers"]["access"]["filters"] = ["strip_query"]
+    return config
 
 
 def read_api_key(path: str | None) -> str | None:
@@ -89,6 +129,7 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
     if api_key is None and not is_loopback(host):
         raise click.UsageError(f"--host {host} is not a loopback address: give an API key (--api-key-file or "
                                f"${API_KEY_ENV}), or listen on 127.0.0.1")
+    sock = listen(host, port)  # before the model loads: a port in use fails in a moment, not after the load
     try:
         path, bundled = resolve(model)
         if bundled:
@@ -96,6 +137,7 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
         pipeline = load(path, provider, threads=threads)
         sha256 = pipeline.sha256
     except ModelError as e:
+        sock.close()
         raise click.ClickException(str(e)) from None
     if max_batch is None:
         max_batch = CPU_MAX_BATCH if pipeline.provider == "CPUExecutionProvider" else GPU_MAX_BATCH
@@ -107,9 +149,15 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
             begin_shutdown(app)
             super().handle_exit(sig, frame)
 
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # results go nowhere else; logs to stderr
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_config=log_config,
+        async def startup(self, sockets=None) -> None:  # uvicorn says where it listens only on sockets it bound
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                bound = sock.getsockname()[1]
+                address = f"[{host.strip('[]')}]" if ":" in host else host
+                logging.getLogger("uvicorn.error").info(f"Uvicorn running on http://{address}:{bound} "
+                                                        "(Press CTRL+C to quit)")
+
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_config=log_config(),
                             lifespan="on")
     click.echo(f"serving {path.name} (sha256 {sha256[:12]}, provider {pipeline.provider}, "
                f"{'continuous batching up to ' + str(max_batch) if not no_batching else 'no batching'}, "
@@ -117,7 +165,7 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
     # uvicorn re-raises the signal that stopped it once it is done; a drained server then exits 0, not killed by it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    Server(config).run()
+    Server(config).run(sockets=[sock])
     click.echo("ddpm-serve stopped", err=True)
 
 

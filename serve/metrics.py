@@ -1,13 +1,11 @@
 """``/metrics``: Prometheus text for one app, from its own ``CollectorRegistry`` (never the process-global one).
 
-Gauges and counters are read from ``Scheduler.stats()`` at scrape time; the batch-fill histogram is fed from the
-stats' recent ``batch_fill`` window (``sync``, called on every scrape and about once a second by the app);
-request latency and status are observed by the app for each ``POST /v1/images``.
+Gauges and counters are read from ``Scheduler.stats()`` at scrape time; the batch-fill histogram observes every
+predictor call as it is made (``Scheduler.on_call``); request latency and status are observed by the app for each
+``POST /v1/images``.
 """
 
 from __future__ import annotations
-
-import threading
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -52,23 +50,11 @@ class Metrics:
                                  ["status"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("ddpm_serve_requests", "POST /v1/images requests by response status.", ["status"],
                                 registry=self.registry)
-        self._calls_seen = 0
-        self._lock = threading.Lock()
+        scheduler.on_call.append(self.batch_fill.observe)
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests.labels(str(status)).inc()
         self.latency.labels(str(status)).observe(seconds)
 
-    def sync(self) -> None:
-        """Observe the predictor calls made since the last sync (as many as the stats' recent window still holds)."""
-        with self._lock:
-            s = self.scheduler.stats()
-            new = s["predictor_calls"] - self._calls_seen
-            self._calls_seen = s["predictor_calls"]
-            fills = list(s["batch_fill"])
-            for rows in fills[max(0, len(fills) - new):] if new > 0 else ():
-                self.batch_fill.observe(rows)
-
     def render(self) -> bytes:
-        self.sync()
         return generate_latest(self.registry)

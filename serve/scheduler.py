@@ -21,6 +21,7 @@ import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from runtime.sampling.samplers import guided_eps
 from runtime.sampling.settings import RunSettings
 from runtime.sampling.step import step
 
-RECENT = 2048  # how many batch sizes and latencies stats() keeps
+RECENT = 2048  # how many batch sizes and latencies stats() keeps (the metrics see every call: ``on_call``)
 
 
 class QueueFull(RuntimeError):
@@ -120,7 +121,8 @@ class Scheduler:
     recommendation, as ``Pipeline.generate`` does) and raises ``QueueFull`` beyond ``queue_limit`` images waiting
     or in flight, ``Cancelled`` once stopping. ``max_batch``: images per predictor call (guided ones count once
     but make two rows); on a CPU a few dozen rows per call are fastest, a GPU wants thousands. ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls,
-    batch_fill (rows per recent call), latencies (seconds of recent requests).
+    batch_fill (rows per recent call), latencies (seconds of recent requests). ``on_call``: functions called with
+    the rows of every predictor call (the metrics' batch-fill histogram), from the loop's thread.
     """
 
     def __init__(self, pipeline: Pipeline, *, max_batch: int = 256, queue_limit: int = 1024,
@@ -133,12 +135,14 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()  # submitted, not yet turned into images
         self._pool: list[_Image] = []  # live images of admitted requests
         self._flight: list[_Image] = []  # the images of the current (or last) predictor call
+        self._alone_flight = 0  # batching=False: the images of the batch being denoised
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.images_done = self.requests_done = self.predictor_calls = 0
         self.batch_fill: collections.deque[int] = collections.deque(maxlen=RECENT)
         self.latencies: collections.deque[float] = collections.deque(maxlen=RECENT)
+        self.on_call: list[Callable[[int], None]] = []
 
     # -- admission -----------------------------------------------------------------------------------------------
     def submit(self, n: int, *, seed: int = 0, start_index: int = 0, classes=None, settings: RunSettings | None = None,
@@ -162,8 +166,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"queue_depth": self._pending_images() - len(self._flight),
-                    "images_in_flight": len(self._flight), "images_done": self.images_done,
+            flight = len(self._flight) + self._alone_flight
+            return {"queue_depth": self._pending_images() - flight, "images_in_flight": flight, "images_done": self.images_done,
                     "requests_done": self.requests_done, "predictor_calls": self.predictor_calls,
                     "batch_fill": list(self.batch_fill), "latencies": list(self.latencies)}
 
@@ -261,6 +265,8 @@ class Scheduler:
         x_next, x0 = step(x, eps, np.stack([im.x0 for im in flight]), z, coef)
         self.predictor_calls += 1
         self.batch_fill.append(len(xs))
+        for observe in self.on_call:
+            observe(len(xs))
         self._advance(flight, x_next, x0)
 
     def _advance(self, flight: list[_Image], x_next: np.ndarray, x0: np.ndarray) -> None:
@@ -294,23 +300,32 @@ class Scheduler:
         job._finish()
 
     def _run_alone(self, job: Job) -> None:
-        """The naive server: the whole request at once through the offline pipeline, one request at a time."""
+        """The naive server: the whole request through the offline pipeline, one request at a time. A cancelled
+        request (client gone, deadline, shutdown) stops at the next sampler step, as in the batching loop."""
+
+        def step_done(batch: int) -> None:
+            if job.cancelled:
+                raise Cancelled("the request was cancelled")
+            with self._cond:
+                self._alone_flight = batch
+
         try:
             out = []
             for idx, y, images in self.pipeline.generate_batches(job.indices, job.plan, seed=job.seed,
-                                                                 batch_size=self.max_batch, labels=job.labels):
+                                                                 batch_size=self.max_batch, labels=job.labels,
+                                                                 progress=step_done):
                 out += [ImageResult(i, job.seed, None if y is None else int(y[k]), images[k])
                         for k, i in enumerate(idx)]
-                if job.cancelled:
-                    raise Cancelled("the request was cancelled")
             job.results = out
             with self._cond:
+                self._alone_flight = 0
                 self.images_done += job.n
                 self.predictor_calls += len(job.plan.coefs.timesteps) * -(-job.n // self.max_batch)
                 self._waiting.popleft()
                 self._complete(job)
         except (GenerationError, Cancelled) as e:
             with self._cond:
+                self._alone_flight = 0
                 if self._waiting and self._waiting[0] is job:
                     self._waiting.popleft()
             job._finish(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -9,6 +10,7 @@ import torch
 from torchvision.utils import save_image
 
 from runtime.generation.files import atomic_path
+from training.interrupt import StopOnSignal, StopRequested
 
 
 class SampleGrid(pl.Callback):
@@ -16,15 +18,18 @@ class SampleGrid(pl.Callback):
 
     Conditional models get ``per_class`` images of each class, one column per class; unconditional models
     ``n_samples`` images. ``guidance`` applies to conditional models only. ``every_n_steps`` = 0 writes only at
-    the end. Only global rank 0 samples; a grid appears whole or not at all.
+    the end. Only global rank 0 samples; a grid appears whole or not at all. With ``stop``, a stop request
+    (SIGTERM, Ctrl-C) ends the grid being drawn at its next sampling step, and no grid is written.
     """
 
     def __init__(self, out_dir: str | Path, every_n_steps: int = 0, n_samples: int = 16, per_class: int = 4,
-                 steps: int | None = None, guidance: float = 1.0, seed: int = 0) -> None:
+                 steps: int | None = None, guidance: float = 1.0, seed: int = 0,
+                 stop: StopOnSignal | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
         self.n_samples, self.per_class = n_samples, per_class
         self.steps, self.guidance, self.seed = steps, guidance, seed
+        self.stop = stop
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -43,7 +48,14 @@ class SampleGrid(pl.Callback):
         n, nrow = (k * self.per_class, k) if k > 0 else (self.n_samples, max(1, int(self.n_samples ** 0.5)))
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         guidance = self.guidance if k > 0 else 1.0
-        images = pl_module.sample(n, steps=self.steps, guidance=guidance, generator=generator)
+        check = None if self.stop is None else (lambda i, x: self.stop.check())
+        try:
+            if check is not None:
+                self.stop.check()
+            images = pl_module.sample(n, steps=self.steps, guidance=guidance, generator=generator, on_step=check)
+        except StopRequested as e:
+            print(f"{e}: the sample grid {path.name} was not drawn", file=sys.stderr)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # the temporary name has no .png suffix: name the format
             save_image(images.float().cpu(), tmp, format="png", nrow=nrow, normalize=True, value_range=(-1, 1),

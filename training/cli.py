@@ -7,6 +7,7 @@ import sys
 import click
 
 from training.config import TRAINABLE_SCHEDULES, ModelConfig
+from training.errors import TrainInterrupted
 from training.train import TrainError, TrainOptions, train
 
 # The flags that define the model (``ModelConfig``'s fields; --timesteps is t_range), apart from run flags.
@@ -79,6 +80,8 @@ def main(**kwargs) -> None:
         last = train(TrainOptions(model=model, **kwargs))
     except TrainError as e:
         raise click.UsageError(str(e)) from None
+    except TrainInterrupted as e:
+        raise click.ClickException(str(e)) from None
     click.echo(str(last))
 
 

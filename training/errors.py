@@ -7,3 +7,7 @@ class DatasetError(ValueError):
 
 class TrainError(ValueError):
     """A training request that cannot run."""
+
+
+class TrainInterrupted(RuntimeError):
+    """SIGTERM or Ctrl-C stopped the run; a resumable checkpoint was written (the message says where)."""

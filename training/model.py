@@ -153,6 +153,7 @@ class DiffusionModel(pl.LightningModule):
         use_ema: bool = True,
         generator: torch.Generator | None = None,
         settings: RunSettings | None = None,
+        on_step: samplers.OnStep | None = None,
         **run_settings,
     ) -> torch.Tensor:
         """Sample on the model's device with the runtime's plan and loop -> (n_samples, C, H, W) float32 in [−1, 1].
@@ -163,7 +164,8 @@ class DiffusionModel(pl.LightningModule):
         ``labels`` (conditional models; default: classes cycle over the images) and guidance w give
         ε = ε_uncond + w·(ε_cond − ε_uncond); w ≠ 1 needs a conditional model. The EMA weights are used when
         present unless ``use_ema=False``. The model's train/eval mode is left as it was. Bad settings raise
-        ValueError (``runtime.errors.SettingsError``).
+        ValueError (``runtime.errors.SettingsError``). ``on_step(i, x)`` is called after each sampler step (as by
+        ``runtime.sampling.samplers.sample``); what it raises ends the sampling.
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
@@ -187,5 +189,5 @@ class DiffusionModel(pl.LightningModule):
 
         with eval_mode(unet):
             predict = eps_predictor(unet, y, null_class=self.null_class)
-            x0 = samplers.sample(predict, x_T, plan.coefs, noise)
+            x0 = samplers.sample(predict, x_T, plan.coefs, noise, on_step=on_step)
         return x0.clamp(-1.0, 1.0)

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+from runtime.errors import reason
+
+# torch.save's legacy (non-zip, before PyTorch 1.6) format pickles torch.serialization.MAGIC_NUMBER first
+LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 def load_data(path: str | Path) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU, without torch's warnings (the caller explains failures)."""
@@ -26,10 +30,13 @@ def load_data(path: str | Path) -> object:
 
 
 def explain_load_error(path: Path, e: Exception) -> str:
-    """One line for a ``load_data`` failure: pickled code refused, a damaged archive, or not a checkpoint at all."""
+    """One line for a ``load_data`` failure: pickled code refused, a damaged archive, a legacy-format file the
+    weights-only loader cannot read, or not a checkpoint at all."""
     text = str(e)
     with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+        head = f.read(64)
+    is_zip = head[:4] == b"PK\x03\x04"  # torch.save's format is a zip archive
+    legacy = head[:1] == b"\x80" and LEGACY_MAGIC in head
     found = re.search(r"(?:GLOBAL|global)\s+([\w.]+)", text)
     # A refused global is code; other refusals count only inside a torch.save archive (a bare pickle.dump file
     # fails on an opcode the weights-only unpickler lacks, which says nothing about code).
@@ -39,4 +46,11 @@ def explain_load_error(path: Path, e: Exception) -> str:
                 "must hold only tensors and plain data")
     if is_zip or isinstance(e, zipfile.BadZipFile):
         return f"{path} is truncated or corrupt (a damaged torch.save archive)"
+    if legacy:
+        unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        why = ("it is truncated or corrupt" if isinstance(e, EOFError) or "EOF" in text else
+               f"PyTorch's weights-only loader cannot read it: {unpickler.group(1) if unpickler else reason(e)}")
+        return (f"{path} is a torch.save checkpoint in the legacy (non-zip, pickle protocol {head[1]}) format, and "
+                f"{why}; it is refused because reading it otherwise would unpickle it, which can run code. If you "
+                "trust the file, re-save it: torch.save(torch.load(OLD, weights_only=False), NEW)")
     return f"{path} is not a PyTorch checkpoint (expected a torch.save archive)"

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from training.config import ModelConfig
-from training.errors import DatasetError, TrainError
+from training.errors import DatasetError, TrainError, TrainInterrupted
+from runtime.errors import reason
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _checkpoint_config(path: str) -> ModelConfig:
     try:
         return ModelConfig.from_hparams(hparams)
     except (ValueError, TypeError) as e:
-        raise TrainError(f"{path} has unusable hyperparameters: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"{path} has unusable hyperparameters: {reason(e)}") from None
 
 
 def train(o: TrainOptions) -> Path:
@@ -120,8 +121,11 @@ def train(o: TrainOptions) -> Path:
     from pytorch_lightning.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from training.callbacks import SampleGrid
     from training.dataset import Diffset
+    from training.interrupt import StopOnSignal
 
     if o.channels not in (None, 1, 3):
         raise TrainError(f"--channels must be 1 or 3, got {o.channels}")
@@ -139,6 +143,8 @@ def train(o: TrainOptions) -> Path:
 
     out = Path(o.out_dir)
     ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    stop = StopOnSignal(last)
     loader = DataLoader(data, batch_size=o.batch_size, shuffle=True, drop_last=len(data) >= o.batch_size,
                         num_workers=o.num_workers, persistent_workers=o.num_workers > 0)
     trainer = pl.Trainer(
@@ -151,20 +157,29 @@ def train(o: TrainOptions) -> Path:
             ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                             every_n_train_steps=o.checkpoint_every, save_top_k=-1, save_last=True),
             SampleGrid(out / "samples", every_n_steps=o.sample_every, steps=o.sample_steps,
-                       guidance=o.guidance, seed=o.seed),
+                       guidance=o.guidance, seed=o.seed, stop=stop),
+            stop,
         ],
         log_every_n_steps=min(50, max(1, len(loader))),
         enable_model_summary=False,
     )
     if o.resume:
         print(f"resuming from {o.resume}", file=sys.stderr)
-    with warnings.catch_warnings():
-        # A mid-epoch checkpoint finishes its epoch on a fresh shuffle (not resumable); --resume's help says so.
-        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
-        trainer.fit(model, loader, ckpt_path=o.resume)
-    last = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)  # the newest full state, also after an interrupt
-    if trainer.interrupted:
-        print(f"interrupted at step {trainer.global_step}", file=sys.stderr)
+    stop.install()
+    try:
+        with warnings.catch_warnings():
+            # A mid-epoch checkpoint finishes its epoch on a fresh shuffle (not resumable); --resume's help says so.
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(model, loader, ckpt_path=o.resume)
+    except SIGTERMException:  # Lightning's own SIGTERM flag, raised at the epoch's end after our stop
+        if stop.signum is None:
+            raise
+    finally:
+        stop.restore()
+    if stop.saved_step is None:
+        trainer.save_checkpoint(last, weights_only=False)  # the newest full state
+    if stop.signum is not None:
+        raise TrainInterrupted(f"stopped by {stop.signal_name} at step {stop.saved_step or trainer.global_step}; "
+                               f"checkpoint: {last}; to go on, run the same command with --resume {last}")
     print(f"trained to step {trainer.global_step}; last checkpoint: {last}", file=sys.stderr)
     return last

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ContractError, ModelError
+from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_KEY, SamplingContract
 from runtime.backends.providers import PROVIDER_NAMES, full_name
 
@@ -39,7 +39,7 @@ def _session(path, providers: list, options, quiet: bool = False):
         with contextlib.redirect_stdout(io.StringIO() if quiet else sys.stderr):
             return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
-        raise ModelError(f"cannot load {path} with {providers[0]}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load {path} with {providers[0]}: {reason(e)}") from None
 
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}

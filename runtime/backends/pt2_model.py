@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 
-from runtime.errors import ContractError, ModelError
+from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 from runtime.backends.torch_backend import TorchBackend, require_torch
 
@@ -54,7 +54,7 @@ class Pt2Model(TorchBackend):
         try:
             self.runner = load_pt2(io.BytesIO(self.path.read_bytes())).aoti_runners["model"]  # any file name
         except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot load {path} as a .pt2 package: {_first_line(e)}") from None
+            raise ModelError(f"cannot load {path} as a .pt2 package: {reason(e)}") from None
         finally:
             quiet.setLevel(level)
         self.provider = f"pt2:{self.device}:{self.precision}"
@@ -72,10 +72,6 @@ class Pt2Model(TorchBackend):
         return self.torch.cat(parts)
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def _extra_files(path: Path) -> tuple[str, dict]:
     """The contract JSON and the compile target of a package, read without loading its compiled code."""
     try:
@@ -87,4 +83,4 @@ def _extra_files(path: Path) -> tuple[str, dict]:
     except (zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         if isinstance(e, ModelError):
             raise
-        raise ModelError(f"cannot load {path} as a .pt2 package: {_first_line(e)}") from None
+        raise ModelError(f"cannot load {path} as a .pt2 package: {reason(e)}") from None

@@ -6,7 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
-from runtime.errors import ContractError, ModelError
+from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 from runtime.backends.torch_backend import TorchBackend, require_torch
 
@@ -25,7 +25,7 @@ class TorchScriptModel(TorchBackend):
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
                 self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
         except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot load {path} as TorchScript: {str(e).splitlines()[0]}") from None
+            raise ModelError(f"cannot load {path} as TorchScript: {reason(e)}") from None
         if not extra[CONTRACT_FILE]:
             raise ModelError(f"{path} carries no sampling contract ({CONTRACT_FILE}); export it with ddpm-export")
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.errors import EvalError
+from runtime.errors import EvalError, reason
 from runtime.generation.output import RUN_FILE, read_png
 
 
@@ -29,11 +29,6 @@ class Generated:
         return 0 if self.expected is None else self.expected - len(self.images)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _shape(shape: tuple[int, ...]) -> str:
     return "×".join(map(str, shape))
 
@@ -46,7 +41,7 @@ def _run_n(folder: Path) -> int | None:
     try:
         settings = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise EvalError(f"cannot read {path}: {_first_line(e)}") from None
+        raise EvalError(f"cannot read {path}: {reason(e)}") from None
     n = settings.get("n") if isinstance(settings, dict) else None
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise EvalError(f"{path} has no image count n (a positive integer)")
@@ -60,7 +55,7 @@ def _records(path: Path, *, shard: bool) -> list[tuple[int, dict]]:
     try:
         text = path.read_text(errors="replace" if shard else "strict")
     except (OSError, ValueError) as e:
-        raise EvalError(f"cannot read {path}: {_first_line(e)}") from None
+        raise EvalError(f"cannot read {path}: {reason(e)}") from None
     records = []
     for k, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -93,7 +88,7 @@ def _read_image(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise EvalError(f"{path} does not exist") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise EvalError(f"{path} cannot be read (corrupt or cut short: {_first_line(e)})") from None
+        raise EvalError(f"{path} cannot be read (corrupt or cut short: {reason(e)})") from None
     if image.dtype != np.uint8 or image.ndim != 3:
         raise EvalError(f"{path} is not an 8-bit grayscale or colour image ({image.dtype}, shape {image.shape})")
     return image
@@ -122,7 +117,7 @@ def _read_npz(path: Path) -> np.ndarray:
                 raise EvalError(f"{path} holds no arr_0 (where ddpm-generate puts the images)")
             images = data["arr_0"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise EvalError(f"{path} is not a readable .npz archive (corrupt or cut short: {_first_line(e)})") from None
+        raise EvalError(f"{path} is not a readable .npz archive (corrupt or cut short: {reason(e)})") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise EvalError(f"{path}: arr_0 is {images.dtype} of shape {images.shape}; expected (N, H, W, C) uint8")
     return images

@@ -25,6 +25,7 @@ VARIANCES: tuple[str, ...] = get_args(Variance)
 MULTISTEP = ("dpmpp-2m", "dpmpp-2m-sde")  # samplers that keep the previous step's x̂₀
 DEFAULT_STEPS = {"ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 20}  # ddpm: all T
 FLOAT32_MAX = 3.4028234663852886e38  # the samplers compute in float32
+GUIDANCE_RANGE = (0.0, 50.0)  # w = 0: the unconditional model, 1: the conditional one; images saturate long before 50
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,12 @@ def eta_problem(eta: object, ctx: Context) -> str | None:
 
 
 def guidance_problem(guidance: object, ctx: Context) -> str | None:
+    lo, hi = GUIDANCE_RANGE
     if not _is_real(guidance) or not abs(guidance) <= FLOAT32_MAX:
-        return f"guidance must be a finite number (in float32), got {guidance!r}"
+        return f"guidance must be a finite number from {lo:g} to {hi:g}, got {guidance!r}"
+    if not lo <= guidance <= hi:
+        return (f"guidance must be from {lo:g} (unconditional) to {hi:g}, got {guidance:g} (1 is the conditional "
+                "model; useful values are about 1 to 10)")
     return ctx.unguidable("guidance") if guidance != 1.0 else None
 
 
@@ -134,7 +139,7 @@ def parse_bool(text: str) -> bool:
 
 def setting(help: str, rule: Callable[[object, Context], str | None], parse: Callable[[str], Any], *,
             samplers: tuple[str, ...] = SAMPLERS, per_sampler: bool = False, per_image: bool = False,
-            new: bool = False, implicit: Any = None) -> Any:
+            new: bool = False, implicit: Any = None, bounds: tuple[float | None, float | None] = (None, None)) -> Any:
     """A ``RunSettings`` field (default None = not given) and what is derived from it.
 
     ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
@@ -142,11 +147,12 @@ def setting(help: str, rule: Callable[[object, Context], str | None], parse: Cal
     another: not used); ``per_sampler``: a recommendation of it holds for the recommended sampler only;
     ``per_image``: each manifest record carries it; ``new``: added after run folders existed, so ``run.json``
     records it only when set (folders of earlier versions resume); ``implicit``: a new setting's value when not
-    set (a run that gives exactly it is recorded as not setting it, so the same run reads the same).
+    set (a run that gives exactly it is recorded as not setting it, so the same run reads the same); ``bounds``:
+    (min, max) of a number, for documents such as the OpenAPI schema (``rule`` enforces them).
     """
     return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "samplers": samplers,
                                          "per_sampler": per_sampler, "per_image": per_image, "new": new,
-                                         "implicit": implicit})
+                                         "implicit": implicit, "bounds": bounds})
 
 
 @dataclass(frozen=True)
@@ -160,13 +166,15 @@ class RunSettings:
     steps: int | None = setting(
         "Sampling steps (1 ... T; the same evenly spaced model timesteps for every sampler). Default: the model's "
         "recommendation for this sampler, else T for ddpm, 50 for ddim, 20 for dpmpp-2m and dpmpp-2m-sde.",
-        steps_problem, int, per_sampler=True, per_image=True)
+        steps_problem, int, per_sampler=True, per_image=True, bounds=(1, None))
     eta: float | None = setting(
         "DDIM noise scale in [0, 1] (0: deterministic, 1: DDPM-like); ddim only. Default: the model's "
-        "recommendation, else 0.", eta_problem, float, samplers=("ddim",), per_sampler=True, per_image=True)
+        "recommendation, else 0.", eta_problem, float, samplers=("ddim",), per_sampler=True, per_image=True,
+        bounds=(0, 1))
     guidance: float | None = setting(
         "Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional only. "
-        "Default: the model's recommendation, else 1.", guidance_problem, float, per_image=True)
+        f"Default: the model's recommendation, else 1. From {GUIDANCE_RANGE[0]:g} to {GUIDANCE_RANGE[1]:g}.",
+        guidance_problem, float, per_image=True, bounds=GUIDANCE_RANGE)
     guidance_interval: tuple[int, int] | None = setting(
         "LO,HI: guidance only on the steps whose model timestep t lies in [LO, HI] (0 <= LO <= HI < T; "
         "Kynkaanniemi et al. 2024); the other steps use w = 1 and make no null-class prediction. "
@@ -184,7 +192,7 @@ class RunSettings:
         "Default: the model's recommendation, else linspace.", spacing_problem, str, new=True, implicit="linspace")
     steps_offset: int | None = setting(
         "Added to every timestep of leading spacing (diffusers' steps_offset). Default: the model's "
-        "recommendation, else 0.", offset_problem, int, new=True, implicit=0)
+        "recommendation, else 0.", offset_problem, int, new=True, implicit=0, bounds=(0, None))
     variance: Variance | None = setting(
         "DDPM sigma^2 (ddpm only). Default: the model's recommendation, else the contract's (beta) at full T and "
         "beta_tilde when respaced.", variance_problem, str, samplers=("ddpm",))

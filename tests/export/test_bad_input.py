@@ -61,6 +61,11 @@ def make_bad(tmp_path: Path, kind: str, good: Path) -> Path:
         torch.save({"weights": torch.zeros(3)}, path)
     elif kind == "pickle":
         path.write_bytes(pickle.dumps({"weights": [0.0, 1.0]}))
+    elif kind.startswith("legacy"):  # torch.save before PyTorch 1.6: not a zip; protocol 4 frames its pickles
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, path, _use_new_zipfile_serialization=False,
+                   pickle_protocol=2 if kind == "legacy-truncated" else 4)  # protocol 2 loads, when whole
+        if kind == "legacy-truncated":
+            path.write_bytes(path.read_bytes()[:200])
     return path
 
 
@@ -68,7 +73,10 @@ def make_bad(tmp_path: Path, kind: str, good: Path) -> Path:
     "kind, message",
     [("missing", "does not exist"), ("text", "not a PyTorch checkpoint"), ("truncated", "truncated or corrupt"),
      ("nohparams", "lacks this project's hyperparameters"), ("plain", "not a ddpm-train checkpoint"),
-     ("pickle", "not a PyTorch checkpoint")],
+     ("pickle", "not a PyTorch checkpoint"),
+     ("legacy", "is a torch.save checkpoint in the legacy (non-zip, pickle protocol 4) format, and PyTorch's "
+                "weights-only loader cannot read it: Unsupported operand 149; it is refused because"),
+     ("legacy-truncated", "in the legacy (non-zip, pickle protocol 2) format, and it is truncated or corrupt")],
 )
 def test_bad_checkpoints(tmp_path, uncond_ckpt, kind, message):
     ckpt = make_bad(tmp_path, kind, uncond_ckpt)

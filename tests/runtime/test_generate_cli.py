@@ -244,6 +244,8 @@ def test_nan_from_the_model_stops_the_run_naming_the_step(tmp_path):
         ("interval-outside", "0 <= LO <= HI < T = 100, got 10,100"),
         ("interval-reversed", "0 <= LO <= HI < T = 100, got 50,10"),
         ("interval-on-uncond", "a guidance interval needs a class-conditional model"),
+        ("guidance-huge", "guidance must be from 0 (unconditional) to 50, got 3e+38"),
+        ("guidance-negative", "guidance must be from 0 (unconditional) to 50, got -1"),
     ],
 )
 def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, cond_onnx):
@@ -270,8 +272,10 @@ def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, con
         "interval-not-two": ["--guidance-interval", "5"], "interval-not-numbers": ["--guidance-interval", "a,b"],
         "interval-outside": ["--guidance-interval", "10,100"], "interval-reversed": ["--guidance-interval", "50,10"],
         "interval-on-uncond": ["--guidance-interval", "0,50"],
+        "guidance-huge": ["--guidance", "3e38"], "guidance-negative": ["--guidance", "-1"],
     }.get(case, [])
-    if case == "unknown-class" or case.startswith("interval-") and case != "interval-on-uncond":
+    if case.startswith(("unknown-class", "guidance-huge", "guidance-negative")) or (
+            case.startswith("interval-") and case != "interval-on-uncond"):
         model = cond_onnx
     if case == "out-is-a-file":
         out = a_file
@@ -288,7 +292,7 @@ def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, con
     assert "Traceback" not in r.output
     if out.is_dir():
         assert not list(out.glob("*.png"))
-    if case.startswith(("interval-", "eta-", "unknown-sampler")):  # refused before anything is written
+    if case.startswith(("interval-", "eta-", "unknown-sampler", "guidance-")):  # refused before anything is written
         assert not out.exists()
 
 

@@ -57,7 +57,10 @@ def test_explicit_settings_give_the_same_coefficients_with_or_without_recommenda
     (dict(sampler="ddim", eta=float("nan")), "eta must be a number between 0 and 1"),
     (dict(guidance=float("nan")), "guidance must be a finite number"),
     (dict(guidance=float("inf")), "guidance must be a finite number"),
-    (dict(guidance=1e300), "guidance must be a finite number \\(in float32\\)"),
+    (dict(guidance=1e300), "guidance must be a finite number from 0 to 50"),
+    (dict(guidance=3e38), "guidance must be from 0 \\(unconditional\\) to 50, got 3e\\+38"),
+    (dict(guidance=50.5), "guidance must be from 0 \\(unconditional\\) to 50, got 50.5"),
+    (dict(guidance=-0.5), "guidance must be from 0 \\(unconditional\\) to 50, got -0.5"),
     (dict(variance="learned"), "unknown variance"),
 ])
 def test_bad_settings_are_one_line_errors(kwargs, message):

@@ -192,3 +192,20 @@ def test_with_a_full_batch_a_short_request_takes_a_long_ones_slot_and_both_are_r
     assert np.abs(first[0].image.astype(int) - offline(cond_model, 1, sampler="ddim", steps=3, seed=6)[0]).max() <= LEVELS
     expected = offline(cond_model, 4, sampler=long_sampler, steps=long_steps, seed=5)
     assert np.abs(np.stack([im.image for im in rest]).astype(int) - expected).max() <= LEVELS
+
+
+def test_the_batch_fill_histogram_counts_every_call_however_many_come_between_scrapes(cond_model):
+    """More predictor calls than the stats' recent window (RECENT) between two scrapes: all are counted."""
+    pytest.importorskip("prometheus_client", reason="needs the serve extra")
+    from serve.metrics import Metrics
+    from serve.scheduler import RECENT
+
+    scheduler = Scheduler(cond_model, max_batch=1)  # one image per call: calls = images x steps
+    metrics = Metrics(scheduler, 1)
+    steps = cond_model.contract.schedule.timesteps  # DDPM at all T
+    n_jobs = RECENT // steps + 1
+    run(scheduler, [dict(n=1, seed=k, sampler="ddpm", guidance=1.0) for k in range(n_jobs)])
+    calls = scheduler.stats()["predictor_calls"]
+    assert calls > RECENT
+    text = metrics.render().decode()
+    assert f"ddpm_serve_batch_fill_count {float(calls)}" in text, [ln for ln in text.splitlines() if "count" in ln]

@@ -50,9 +50,24 @@ def test_bad_options_are_one_line_errors(uncond_onnx, tmp_path):
     for args, message in (((uncond_onnx, "--host", "0.0.0.0", "--api-key-file", empty), f"{empty} is empty"),
                           ((uncond_onnx, "--api-key-file", tmp_path / "missing"), "cannot read"),
                           ((uncond_onnx, "--max-images", 10, "--queue-limit", 5), "must be at least --max-images"),
-                          ((tmp_path / "missing.onnx",), "does not exist")):
+                          ((tmp_path / "missing.onnx",), "does not exist"),
+                          ((tmp_path,), f"{tmp_path} is a directory, not a model file")):
         r = serve(*args)
         assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_a_port_in_use_fails_at_once_before_the_model_loads(uncond_onnx, monkeypatch):
+    import socket
+
+    import runtime.pipeline
+
+    loads = []
+    monkeypatch.setattr(runtime.pipeline, "load", lambda *a, **k: loads.append(a))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = serve(uncond_onnx, "--port", port)
+    assert r.exit_code == 1 and loads == [], r.output
+    assert r.output.strip() == f"Error: cannot listen on 127.0.0.1:{port}: the address is already in use"
 
 
 def test_with_a_key_it_serves_beyond_loopback_and_the_app_checks_the_key(uncond_onnx, tmp_path, monkeypatch):
@@ -78,15 +93,19 @@ def test_with_a_key_it_serves_beyond_loopback_and_the_app_checks_the_key(uncond_
             assert client.get("/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("grace, n, status", [(20, 32, 200), (0.3, 64, 503)], ids=["drained", "grace-over"])
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(slow_onnx, grace, n, status):
+@pytest.mark.parametrize("grace, n, status, options", [
+    (20, 32, 200, ("--max-batch", 64)), (0.3, 64, 503, ("--max-batch", 64)),
+    (0.3, 256, 503, ("--max-batch", 256, "--max-images", 256, "--no-batching"))],
+    ids=["drained", "grace-over", "grace-over-no-batching"])
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(slow_onnx, grace, n, status, options):
     """SIGTERM: the request in flight completes (200) within --grace; one that would outlast it gets 503 when the
-    grace period ends. Either way the process exits 0."""
+    grace period ends. Either way the process exits 0, also --no-batching while a predictor call runs (one batch of
+    256 DDPM-1000 images takes about 8 s: it stops at its next step, not after the batch)."""
     key = {"X-API-Key": "k"}
     env = {**os.environ, API_KEY_ENV: "k", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", slow_onnx, "--port", "0", "--threads", "1", "--max-batch", "64",
-                             "--grace", str(grace)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", slow_onnx, "--port", "0", "--threads", "1",
+                             *map(str, options), "--grace", str(grace)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []
 
     def read_stderr() -> None:  # keeps the pipe drained; the lines arrive one by one
@@ -104,6 +123,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(slow_onnx, grace, n
         wait_until(address, timeout=30, what="ddpm-serve to start")
         base = address()
         assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{base}/healthz?api_key=topsecret").status_code == 200  # a key in the URL: not logged
         result = {}
         request = threading.Thread(target=lambda: result.update(r=httpx.post(
             f"{base}/v1/images", json={"n": n, "sampler": "ddpm"}, headers=key, timeout=60)))
@@ -126,6 +146,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(slow_onnx, grace, n
         assert time.monotonic() - sent < 15  # drained or cut at the grace period, not waited out
         assert out == "" and "Shutting down" in err and "ddpm-serve stopped" in err and "Traceback" not in err
         assert f'"POST /v1/images HTTP/1.1" {status}' in err  # the access log is on stderr too
+        assert '"GET /healthz HTTP/1.1" 200' in err and "topsecret" not in err and "?" not in err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -94,23 +94,28 @@ def test_requests_with_different_settings_share_one_batch(serving, long_cond_onn
     assert max(fills) > 2 * 16, f"no predictor call held rows of more than one request: {sorted(set(fills))}"
 
 
-def test_a_request_past_its_deadline_is_cancelled_and_leaves_the_batch(serving, slow_onnx):
-    client, scheduler, _ = serving(slow_onnx, deadline_s=0.3)
-    r = client.post("/v1/images", json={"n": 64, "sampler": "ddpm"})  # DDPM-1000 of 64 images: seconds
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_request_past_its_deadline_is_cancelled_and_leaves_the_batch(serving, slow_onnx, batching):
+    """Also one at a time (--no-batching): the request stops at its next sampler step, not at the end of its batch
+    (256 DDPM-1000 images in one call of 256 take about 5 s)."""
+    client, scheduler, _ = serving(slow_onnx, deadline_s=0.3, batching=batching, max_batch=256, max_images=256)
+    r = client.post("/v1/images", json={"n": 256, "sampler": "ddpm"})
     assert r.status_code == 504 and "deadline of 0.3 s" in r.json()["detail"]
-    wait_until(lambda: in_flight(scheduler) == 0 and scheduler.stats()["queue_depth"] == 0, timeout=2,
+    wait_until(lambda: in_flight(scheduler) == 0 and scheduler.stats()["queue_depth"] == 0, timeout=1.0,
                what="the cancelled images to leave the batch")
     assert scheduler.stats()["images_done"] == 0
     r = client.post("/v1/images", json={"n": 1, "sampler": "ddim", "steps": 5})  # the server goes on
     assert r.status_code == 200, r.text
 
 
-def test_a_client_that_disconnects_cancels_its_images(slow_onnx):
-    """A real server (uvicorn, in a thread): closing the socket mid-request drops the request's images."""
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_client_that_disconnects_cancels_its_images(slow_onnx, batching):
+    """A real server (uvicorn, in a thread): closing the socket mid-request drops the request's images at the next
+    step, also one at a time (--no-batching), where /metrics counts the batch being denoised as in flight."""
     import uvicorn
 
     pipeline = runtime.load(slow_onnx, "cpu", threads=1, log=lambda m: None)
-    scheduler = Scheduler(pipeline)
+    scheduler = Scheduler(pipeline, batching=batching, max_batch=64)
     app = create_app(scheduler, pipeline, api_key=None, max_images=64, deadline_s=60, grace_s=5)
     listener = socket.create_server(("127.0.0.1", 0))  # bound here: no race for the port
     port = listener.getsockname()[1]
@@ -124,7 +129,7 @@ def test_a_client_that_disconnects_cancels_its_images(slow_onnx):
             sock.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             wait_until(lambda: in_flight(scheduler) == 64, what="the request in the batch")
-        wait_until(lambda: in_flight(scheduler) == 0 and scheduler.stats()["queue_depth"] == 0, timeout=2,
+        wait_until(lambda: in_flight(scheduler) == 0 and scheduler.stats()["queue_depth"] == 0, timeout=1.0,
                    what="the disconnected request's images to leave the batch")
         assert scheduler.stats()["images_done"] == 0
     finally:
@@ -182,6 +187,7 @@ BAD_REQUESTS = [  # body -> what the one-line reason says
     ({"guidance_interval": "5,10"}, "guidance_interval: Input should be a valid list"),
     ({"guidance_interval": [600, 100]}, "guidance interval must have 0 <= LO <= HI < T = 1000, got 600,100"),
     ({"guidance_interval": [0, 1000]}, "guidance interval must have 0 <= LO <= HI < T = 1000, got 0,1000"),
+    ({"guidance": 3e38}, "guidance must be from 0 (unconditional) to 50, got 3e+38"),  # fits float32; was NaN: 500
 ]
 
 
@@ -191,8 +197,8 @@ def test_bad_requests_get_one_line_reasons_and_never_reach_the_batch(serving, lo
         r = client.post("/v1/images", json=body)
         detail = r.json()["detail"]
         assert r.status_code == 422 and detail.startswith(reason) and "\n" not in detail, (body, r.text)
-    for raw, reason in ((b'{"guidance": NaN}', "guidance must be a finite number (in float32), got nan"),
-                        (b'{"n": ', "the body is not valid JSON (Expecting value)")):
+    for raw, reason in ((b'{"guidance": NaN}', "guidance must be a finite number from 0 to 50, got nan"),
+                        (b'{"n": ', 'the body is not valid JSON (Expecting value: line 1 column 7 (char 6)); send a JSON object of settings, such as {"n": 4, "class": 1}')):
         r = client.post("/v1/images", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json() == {"detail": reason}, (raw, r.text)
     big = json.dumps({"n": 1, "pad": "x" * 600}).encode()
@@ -212,6 +218,81 @@ def test_bad_requests_get_one_line_reasons_and_never_reach_the_batch(serving, lo
     r = client.post("/v1/images", json={"guidance_interval": [0, 50]})
     assert r.status_code == 422
     assert r.json() == {"detail": "a guidance interval needs a class-conditional model; this one is unconditional"}
+
+
+def test_a_body_is_json_whatever_its_content_type_and_empty_is_no_settings(serving, long_cond_onnx):
+    """curl -d sends a form type, some clients none, some text/plain: the settings are read as JSON all the same; an
+    empty body takes the model's recommendations. A body that is not a JSON object says exactly what to send."""
+    client, _, _ = serving(long_cond_onnx)
+    body = json.dumps({"n": 2, "seed": 5, "sampler": "ddim", "steps": 4}).encode()
+    want = decode(client.post("/v1/images", content=body, headers={"Content-Type": "application/json"}).json())
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        r = client.post("/v1/images", content=body, headers=headers)
+        assert r.status_code == 200 and np.array_equal(decode(r.json()), want), (headers, r.text)
+    recommended = client.get("/v1/model").json()["recommended_settings"]
+    for headers in ({}, {"Content-Type": "application/json"}):
+        r = client.post("/v1/images", content=b"", headers=headers)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1 and r.json()["settings"] == recommended, r.text
+    documented = client.get("/openapi.json").json()["paths"]["/v1/images"]["post"]["responses"]
+    example = 'send a JSON object of settings, such as {"n": 4, "class": 1}'
+    for raw, reason in (
+            (b"n=2&seed=3", f"the body is not valid JSON (Expecting value: line 1 column 1 (char 0)); {example}"),
+            (b'{"n": "\xff"}', "the body is not valid JSON ('utf-8' codec can't decode byte 0xff"),
+            (b"[" * 5000 + b"]" * 5000, f"the body is not valid JSON (nested too deeply); {example}"),
+            (b'{"n": ' + b"1" * 5000 + b"}", "the body is not valid JSON (Exceeds the limit (4300 digits)"),
+            (b"[1, 2]", 'the body must be a JSON object of settings, such as {"n": 4, "class": 1}; got a JSON list'),
+            (b'"n"', "the body must be a JSON object of settings, such as {\"n\": 4, \"class\": 1}; got a JSON str")):
+        r = client.post("/v1/images", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and str(r.status_code) in documented, (raw[:20], r.status_code, r.text)
+        assert r.json()["detail"].startswith(reason) and "\n" not in r.json()["detail"], (raw[:20], r.text)
+
+
+def test_a_client_that_leaves_mid_body_is_not_counted_as_a_server_error(serving, long_cond_onnx):
+    """No response was sent: ddpm_serve_requests_total counts it as 499 (client closed), never as a 500."""
+    import asyncio
+
+    client, scheduler, app = serving(long_cond_onnx)
+    messages = iter([{"type": "http.request", "body": b'{"n": ', "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/images", "raw_path": b"/v1/images", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app.middleware_stack(scope, receive, send))
+    assert sent == [] and scheduler.stats()["predictor_calls"] == 0
+    text = client.get("/metrics").text
+    assert 'ddpm_serve_requests_total{status="499"} 1.0' in text and 'status="500"' not in text, text
+
+
+def test_keys_are_compared_as_fixed_size_digests_and_never_taken_from_the_url(serving, uncond_onnx, monkeypatch):
+    import hmac
+
+    import serve.app
+
+    compared, real = [], hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(serve.app.hmac, "compare_digest", compare_digest)
+    client, _, _ = serving(uncond_onnx, api_key="s3cret")
+    for key in ("x", "s3cre", "s3cret", "y" * 100):
+        client.get("/v1/model", headers={"X-API-Key": key})
+    assert compared == [(32, 32)] * 4  # the time taken says nothing about the key's length
+    both = {"X-API-Key": "s3cret", "Authorization": "Bearer wrong"}
+    assert client.get("/v1/model", headers=both).status_code == 200  # X-API-Key wins (README)
+    for query in ("api_key=s3cret", "token=s3cret", "KEY=s3cret"):
+        r = client.get(f"/v1/model?{query}", headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 401 and "never in the URL" in r.json()["detail"], (query, r.text)
+    assert client.get("/healthz?api_key=s3cret").status_code == 200  # open: no key is asked for there
 
 
 def test_api_key_guards_everything_but_healthz(serving, uncond_onnx):

@@ -46,6 +46,23 @@ def test_a_torchscript_archive_is_still_torchscript(tmp_path: Path):
         runtime.load(path, "cpu")
 
 
+def test_a_torchscript_archive_that_does_not_load_says_why(tmp_path: Path):
+    """torch's message starts with a newline here ("\\nUnknown type name ..."): the reason is its first real line."""
+    import zipfile
+
+    whole = tmp_path / "whole.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(whole))
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(whole) as src, zipfile.ZipFile(broken, "w") as dst:
+        for name in src.namelist():
+            code = b"def forward(self, x: Tensor) -> Tensor:\n  return x\n"
+            dst.writestr(name, code if name.endswith(".py") else src.read(name))
+    assert model_format(broken) == "torchscript"
+    with pytest.raises(runtime.ModelError) as caught:
+        runtime.load(broken, "cpu")
+    assert str(caught.value).startswith(f"cannot load {broken} as TorchScript: Unknown type name"), caught.value
+
+
 def resume(tmp_path: Path, fashion_root: Path, ckpt: Path):
     from training.cli import main
 
