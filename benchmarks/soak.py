@@ -1,10 +1,11 @@
 """``python -m benchmarks.soak``: a ``ddpm-serve`` process under minutes of mixed load, ended by SIGTERM.
 
-Load (closed loop, ``--clients`` threads, every setting explicit so each request can be made again offline):
+Load (closed-loop client threads, every setting explicit so each request can be made again offline):
 
-- ``short``: DDIM-20 or DPM-Solver++(2M)-15, n = 1 to 4, guidance 1.5, a random class;
-- ``long`` (``--long-share`` of requests): DDPM-1000, n = 4, guidance 1.5;
-- ``disconnect`` (``--disconnect-share``): a short or long request whose client hangs up after 0.1 to 1 s;
+- ``short`` (``--clients`` threads): DDIM-20 or DPM-Solver++(2M)-15, n = 1 to 4, guidance 1.5, a random class;
+- ``long`` (``--long-clients`` threads of their own, so that short clients never all wait in long requests):
+  DDPM-1000, n = 4, guidance 1.5;
+- ``disconnect`` (``--disconnect-share`` of either kind): a request whose client hangs up after 0.1 to 1 s;
 - ``burst``: every ``--burst-every`` seconds, ``--burst`` requests of 32 images at once, past the server's queue limit
   (429 with Retry-After is the expected answer for most of them).
 
@@ -70,10 +71,9 @@ class Load:
     """The clients: records of every request (class, start, latency, status), and the bodies and images of the
     completed requests picked for the offline comparison."""
 
-    def __init__(self, url: str, classes: int, seed: int, long_share: float, disconnect_share: float,
-                 check_every: int) -> None:
+    def __init__(self, url: str, classes: int, seed: int, disconnect_share: float, check_every: int) -> None:
         self.url, self.classes, self.seed = url, classes, seed
-        self.long_share, self.disconnect_share, self.check_every = long_share, disconnect_share, check_every
+        self.disconnect_share, self.check_every = disconnect_share, check_every
         self.records: list[dict] = []
         self.checks: list[dict] = []
         self.lock = threading.Lock()
@@ -102,13 +102,12 @@ class Load:
                 if self._completed % self.check_every == 1 or self.check_every == 1:
                     self.checks.append({"body": body, "images": [rec["png_base64"] for rec in r.json()["images"]]})
 
-    def client(self, k: int) -> None:
+    def client(self, k: int, long: bool) -> None:
         import httpx
 
         rng = random.Random(self.seed * 1000 + k)
         with httpx.Client(timeout=None) as http:
             while not self.stopping.is_set():
-                long = rng.random() < self.long_share
                 body = dict(LONG) if long else {"n": rng.randint(1, 4), **rng.choice(SHORTS)}
                 body.update(seed=rng.randrange(1 << 30), start_index=rng.randrange(1000),
                             **({"class": rng.randrange(self.classes)} if self.classes else {}))
@@ -172,8 +171,8 @@ def compare_offline(model: str | None, checks: list[dict]) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [f"# ddpm-serve soak — {r['model']}", "",
-             f"Machine: {r['machine']}. {r['minutes']:g} min, {r['clients']} clients (closed loop), "
-             f"{100 * r['long_share']:.0f} % long (DDPM-1000, n = 4), {100 * r['disconnect_share']:.0f} % hanging up "
+             f"Machine: {r['machine']}. {r['minutes']:g} min; closed-loop clients: {r['clients']} of short requests, "
+             f"{r['long_clients']} of long ones (DDPM-1000, n = 4); {100 * r['disconnect_share']:.0f} % hanging up "
              f"after 0.1–1 s, a burst of {r['burst']} × 32 images every {r['burst_every']:g} s past the queue limit "
              f"({QUEUE_LIMIT} images); short = DDIM-20 or DPM-Solver++(2M)-15, n = 1–4; guidance 1.5. Then SIGTERM "
              f"(grace {r['grace']:g} s).", "",
@@ -221,8 +220,8 @@ def plot(r: dict, records: list[dict], rss: list[tuple[float, float]], path: Pat
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--model", default=None, help="Model file for the server (default: the bundled model).")
 @click.option("--minutes", type=click.FloatRange(min=0.1), default=10.0, help="How long the load runs.")
-@click.option("--clients", type=click.IntRange(min=1), default=8, help="Closed-loop client threads.")
-@click.option("--long-share", type=click.FloatRange(0, 1), default=0.05, help="Share of long requests.")
+@click.option("--clients", type=click.IntRange(min=1), default=8, help="Closed-loop clients of short requests.")
+@click.option("--long-clients", type=click.IntRange(min=0), default=2, help="Closed-loop clients of long requests.")
 @click.option("--disconnect-share", type=click.FloatRange(0, 1), default=0.05,
               help="Share of requests whose client hangs up mid-request.")
 @click.option("--burst", type=click.IntRange(min=1), default=8, help="Requests of 32 images in each burst.")
@@ -234,7 +233,7 @@ def plot(r: dict, records: list[dict], rss: list[tuple[float, float]], path: Pat
               help="The server's --grace: long enough to drain the requests in flight at SIGTERM.")
 @click.option("--seed", type=int, default=0, help="Seed of the clients' request sequences.")
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results/soak-latest")
-def main(model, minutes, clients, long_share, disconnect_share, burst, burst_every, check_every, threads, grace,
+def main(model, minutes, clients, long_clients, disconnect_share, burst, burst_every, check_every, threads, grace,
          seed, out) -> None:
     """Soak ddpm-serve: mixed load with disconnects and bursts, then SIGTERM; statuses, latency, RSS, equality."""
     import httpx
@@ -243,14 +242,15 @@ def main(model, minutes, clients, long_share, disconnect_share, burst, burst_eve
 
     proc, url, log = start_server(model, threads, grace)
     classes = httpx.get(f"{url}/v1/model", timeout=10).json()["contract"]["num_classes"]
-    load = Load(url, classes, seed, long_share, disconnect_share, check_every)
+    load = Load(url, classes, seed, disconnect_share, check_every)
     with httpx.Client(timeout=None) as http:  # warm-up: full batches (the arena's largest shapes), every sampler
         for body in [BURST, *SHORTS, {**LONG, "steps": 50}]:
             http.post(f"{url}/v1/images", json={**body, "n": 32})
     rss = [(0.0, rss_mb(proc.pid))]
     rss_start = rss[0][1]
     load.t0 = time.monotonic()
-    workers = [threading.Thread(target=load.client, args=(k,), daemon=True) for k in range(clients)]
+    workers = [threading.Thread(target=load.client, args=(k, k >= clients), daemon=True)
+               for k in range(clients + long_clients)]
     for w in workers:
         w.start()
     end = load.t0 + 60 * minutes
@@ -295,7 +295,7 @@ def main(model, minutes, clients, long_share, disconnect_share, burst, burst_eve
     growth = rss_end - rss_start
     after_1min = next((m for t, m in rss if t >= 60), rss_end)
     results = {"model": model or "the bundled fashion-mnist model", "machine": f"{cpu_name()} ({os.cpu_count()} cores)",
-               "platform": platform.platform(), "minutes": minutes, "clients": clients, "long_share": long_share,
+               "platform": platform.platform(), "minutes": minutes, "clients": clients, "long_clients": long_clients,
                "disconnect_share": disconnect_share, "burst": burst, "burst_every": burst_every, "grace": grace,
                "client_statuses": by_status, "server_statuses": statuses, "latency": latency,
                "rss_start_mb": rss_start, "rss_1min_mb": after_1min, "rss_end_mb": rss_end,

@@ -1,4 +1,5 @@
-"""``create_app``: the HTTP face of a ``Scheduler`` — FastAPI routes, limits, authentication and metrics.
+"""``create_app``: the HTTP face of a ``Scheduler`` — FastAPI routes and the OpenAPI document of every answer they
+give; the key, the body and the request metrics are ``serve.guard``'s.
 
 The model is fixed when the app is made: no request names a file. Every request's settings are checked (pydantic,
 then the model's plan in ``Scheduler.submit``) before any of its images joins the batch; errors are one line under
@@ -9,8 +10,6 @@ period (``begin_shutdown`` marks the start of that period: new requests get 503 
 # no `from __future__ import annotations`: FastAPI and pydantic resolve the request model defined in create_app
 import asyncio
 import base64
-import hashlib
-import hmac
 import io
 import json
 import time
@@ -20,8 +19,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from urllib.parse import parse_qsl
-
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -30,23 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from runtime.errors import GenerationError, reason
+from runtime.errors import GenerationError
 from runtime.generation.output import png_bytes
 from runtime.pipeline import Pipeline
 from runtime.sampling.settings import NAMES, SETTINGS, RunSettings
+from serve.guard import BODY_EXAMPLE, CLIENT_CLOSED, IMAGES_PATH, MAX_BODY_BYTES, Guard, error
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.scheduler import Cancelled, ImageResult, QueueFull, Scheduler
 
-MAX_BODY_BYTES = 16 * 1024  # a request is a few settings; this is generous
 RETRY_AFTER_FULL_S = 1  # 429: the queue drains continuously
 RETRY_AFTER_STOPPING_S = 5  # 503: this process is going away; another replica (or its restart) will answer
 DISCONNECT_POLL_S = 0.1
-OPEN_PATHS = ("/healthz",)  # everything else needs the API key when one is set
-IMAGES_PATH = "/v1/images"
-KEY_HEADERS = "Authorization: Bearer KEY or X-API-Key: KEY; X-API-Key wins when both are sent"
-QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "x-api-key"})
-BODY_EXAMPLE = '{"n": 4, "class": 1}'
-CLIENT_CLOSED = 499  # nginx's "client closed request": no response reached the client
 MAX_INDEX = 2**53 - 1  # seed and start_index: exact in every JSON client, far inside int64 image indices
 
 
@@ -78,27 +69,6 @@ def settings_fields() -> dict[str, tuple]:
             kind, extra = list[int] | None, {"min_length": 2, "max_length": 2}
         out[f.name] = (kind, Field(None, description=f.metadata["help"], **extra))
     return out
-
-
-def body_problem(body: bytes) -> str | None:
-    """Why ``body`` is not a JSON object of settings (one line), or None. An empty body is ``{}``. Every way JSON
-    decoding can fail is caught here (not UTF-8, nesting too deep, integers past Python's digit limit), so each is a
-    422 with its reason rather than a bare 400."""
-    if not body.strip():
-        return None
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        why = "nested too deeply" if isinstance(e, RecursionError) else reason(e)
-        return f"the body is not valid JSON ({why}); send a JSON object of settings, such as {BODY_EXAMPLE}"
-    if not isinstance(value, dict):
-        return f"the body must be a JSON object of settings, such as {BODY_EXAMPLE}; got a JSON {type(value).__name__}"
-    return None
-
-
-def _key_digest(key: bytes) -> bytes:
-    """SHA-256 of a key: what is compared, so the comparison takes the same time for keys of any length."""
-    return hashlib.sha256(key).digest()
 
 
 class Problem(BaseModel):
@@ -139,11 +109,6 @@ def problems(*statuses: int) -> dict:
     return {code: {"model": Problem, "description": ERRORS[code]} for code in statuses}
 
 
-def _error(status: int, detail: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
 @dataclass
 class _State:
     stopping: bool = False
@@ -156,105 +121,6 @@ def begin_shutdown(app: FastAPI) -> None:
     if not state.stopping:
         state.stop_started = time.monotonic()
         state.stopping = True
-
-
-class _Guard:
-    """Pure ASGI middleware (keeps ``request.is_disconnected()`` working): the API key, the request body (its
-    size, and for ``POST /v1/images`` a JSON object whatever the Content-Type, an empty body being ``{}``), and the
-    status and latency of ``POST /v1/images`` for the metrics."""
-
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics) -> None:
-        self.app = app
-        self.key_digest = None if api_key is None else _key_digest(api_key.encode())
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        given = headers.get(b"x-api-key")
-        auth = headers.get(b"authorization", b"")
-        if given is None and auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
-        # digests of a fixed size: neither the key's length nor a prefix shows in the time taken
-        return given is not None and hmac.compare_digest(_key_digest(given), self.key_digest)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start, status = time.monotonic(), None
-        timed = scope["path"] == IMAGES_PATH and scope["method"] == "POST"
-
-        async def send_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_status)
-        except Exception:
-            status = status or 500  # uvicorn answers 500 for what escapes the app
-            raise
-        finally:
-            if timed:  # no response started: the client left first (say, in the middle of its body)
-                self.metrics.observe_request(status or CLIENT_CLOSED, time.monotonic() - start)
-
-    async def _handle(self, scope, receive, send) -> None:
-        headers = dict(scope["headers"])
-        if self.key_digest is not None and scope["path"] not in OPEN_PATHS:
-            in_query = {k.lower() for k, _ in parse_qsl(scope.get("query_string", b"").decode("latin-1"))}
-            if in_query & QUERY_KEY_NAMES:
-                detail = f"send the API key in a header ({KEY_HEADERS}), never in the URL"
-            elif not self._authorized(headers):
-                detail = f"a valid API key is needed ({KEY_HEADERS})"
-            else:
-                detail = None
-            if detail is not None:
-                response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
-        if scope["method"] in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
-            return
-        too_large = _error(413, f"the request body is larger than {self.max_body_bytes} bytes")
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await too_large(scope, receive, send)
-            return
-        # Read the body here (at most max_body_bytes + one chunk), then replay it: also limits chunked bodies.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if scope["path"] == IMAGES_PATH:
-            problem = body_problem(body)
-            if problem is not None:
-                await _error(422, problem)(scope, receive, send)
-                return
-            body = body if body.strip() else b"{}"
-            # the settings are JSON whatever the client called them (curl -d sends a form type)
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
-                                          if k not in (b"content-type", b"content-length")]
-                     + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: http.disconnect when the client goes away
-
-        await self.app(scope, replay, send)
 
 
 def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None, max_images: int,
@@ -285,11 +151,11 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
     app = FastAPI(title="ddpm-serve", version="1", lifespan=lifespan,
                   description="Generate images from one DDPM model; requests share the batch (continuous batching).")
     app.state.serve = state
-    # The key is checked by _Guard; these only document it (auto_error=False: they never answer themselves).
+    # The key is checked by Guard; these only document it (auto_error=False: they never answer themselves).
     guarded = [] if api_key is None else [Security(HTTPBearer(auto_error=False)),
                                           Security(APIKeyHeader(name="X-API-Key", auto_error=False))]
     locked = (401,) if api_key is not None else ()
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
 
     class ImagesRequest(BaseModel):
         """Run settings, as ``ddpm-generate`` takes them; settings left out take the model's recommendations."""
@@ -314,8 +180,8 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                                  **settings_fields())
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, _one_line(exc.errors()))
+    async def validationerror(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(422, _one_line(exc.errors()))
 
     def encode(results: list[ImageResult], plan, fmt: str) -> Response:
         meta = {"model_sha256": sha256, "provider": pipeline.provider, "settings": plan.run_settings(), "images": [
@@ -338,7 +204,7 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         200: {"model": ImagesResponse, "description": "JSON with base64 PNGs (format png), or npz bytes (format npz)",
               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         **problems(*locked, 413, 422, 429, 499, 500, 503, 504)})
-    async def images(body: ImagesRequest, request: Request) -> Response:  # noqa: C901
+    async def images(body: ImagesRequest, request: Request) -> Response:
         """Generate ``n`` images with the given settings; they join the running batch at once.
 
         Response (``format`` png): ``{"model_sha256", "provider", "settings": {the run settings as run.json records
@@ -349,18 +215,18 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         """
         start = time.monotonic()
         if state.stopping:
-            return _error(503, "the server is stopping", RETRY_AFTER_STOPPING_S)
+            return error(503, "the server is stopping", RETRY_AFTER_STOPPING_S)
         try:
             settings = RunSettings(**{name: getattr(body, name) for name in NAMES})
             job = await run_in_threadpool(
                 lambda: scheduler.submit(body.n, seed=body.seed, start_index=body.start_index, classes=body.classes,
                                          settings=settings))
         except GenerationError as e:  # SettingsError: settings the model or the sampler cannot take
-            return _error(422, str(e))
+            return error(422, str(e))
         except QueueFull as e:
-            return _error(429, str(e) or "the queue is full; retry later", RETRY_AFTER_FULL_S)
+            return error(429, str(e) or "the queue is full; retry later", RETRY_AFTER_FULL_S)
         except Cancelled:
-            return _error(503, "the server is stopping", RETRY_AFTER_STOPPING_S)
+            return error(503, "the server is stopping", RETRY_AFTER_STOPPING_S)
         done = asyncio.ensure_future(job.wait())
         done.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, also when abandoned
         gone = asyncio.ensure_future(client_gone(request))
@@ -371,7 +237,7 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
             if not state.stopping:
                 raise
             # uvicorn cancels what is still running when the grace period ends: answer instead of a bare 500
-            return _error(503, "the server stopped before this request finished (grace period over)",
+            return error(503, "the server stopped before this request finished (grace period over)",
                           RETRY_AFTER_STOPPING_S)
         finally:  # the job leaves the batch unless it finished: deadline, client gone, or cancelled above
             gone.cancel()
@@ -380,14 +246,14 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                 done.cancel()
         if not done.done() or done.cancelled():
             if gone.done() and not gone.cancelled():
-                return _error(CLIENT_CLOSED, "client closed the request")  # nobody reads it; for the log and metrics
-            return _error(504, f"not done within the deadline of {deadline_s:g} s; the request was cancelled")
+                return error(CLIENT_CLOSED, "client closed the request")  # nobody reads it; for the log and metrics
+            return error(504, f"not done within the deadline of {deadline_s:g} s; the request was cancelled")
         try:
             results = done.result()
         except GenerationError as e:
-            return _error(500, str(e))
+            return error(500, str(e))
         except Cancelled:
-            return _error(503, "the server stopped before this request finished", RETRY_AFTER_STOPPING_S)
+            return error(503, "the server stopped before this request finished", RETRY_AFTER_STOPPING_S)
         return await run_in_threadpool(encode, results, job.plan, body.format)
 
     @app.get("/v1/model", dependencies=guarded, responses=problems(*locked))

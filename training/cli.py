@@ -70,6 +70,8 @@ def main(**kwargs) -> None:
 
     Checkpoints go to OUT/checkpoints/ (the newest is always OUT/checkpoints/last.ckpt), sample grids to
     OUT/samples/, and the loss to OUT/logs/ (CSV). The path of the last checkpoint is printed at the end.
+    SIGTERM or Ctrl-C stops the run after the training step in progress (or at the next sampling step of a grid
+    being drawn), writes OUT/checkpoints/last.ckpt and prints the --resume line to go on; a second one stops at once.
     """
     att = kwargs.pop("attention_resolutions")
     attention = () if att.strip().lower() in ("", "none") else _int_list(None, None, att)

@@ -274,7 +274,7 @@ def test_a_client_that_leaves_mid_body_is_not_counted_as_a_server_error(serving,
 def test_keys_are_compared_as_fixed_size_digests_and_never_taken_from_the_url(serving, uncond_onnx, monkeypatch):
     import hmac
 
-    import serve.app
+    import serve.guard
 
     compared, real = [], hmac.compare_digest
 
@@ -282,7 +282,7 @@ def test_keys_are_compared_as_fixed_size_digests_and_never_taken_from_the_url(se
         compared.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(serve.app.hmac, "compare_digest", compare_digest)
+    monkeypatch.setattr(serve.guard.hmac, "compare_digest", compare_digest)
     client, _, _ = serving(uncond_onnx, api_key="s3cret")
     for key in ("x", "s3cre", "s3cret", "y" * 100):
         client.get("/v1/model", headers={"X-API-Key": key})
