@@ -2,9 +2,10 @@
 predictor call, at its own timestep, with its own plan, class and guidance.
 
 Each tick the loop stacks up to ``max_batch`` live images into one predictor call with per-image ``t`` and labels;
-the guided images are doubled in the same call with the null class. Which images: shortest remaining work first —
-the images of the request with the fewest steps left to make (ties: the older request) —, so a short request
-overtakes a long one at the next tick instead of waiting for it; an image that sits out a tick keeps its state
+the guided images are doubled in the same call with the null class. Which images: a quarter of the slots (at least
+one) to the oldest request, so that no request starves; the rest shortest remaining work first — the images of
+the request with the fewest steps left to make (ties: the older request) —, so a short request overtakes a long
+one at the next tick instead of waiting for it; an image that sits out a tick keeps its state
 and goes on later, unchanged (its x and its solver state, the previous x̂₀ of a multistep sampler). Then every
 image takes its own step with its own plan's coefficients (``runtime.sampling.step.step`` with per-image coefficient arrays),
 its own guidance scale on this step (``runtime.sampling.samplers.guided_eps``; only images whose step is guided are doubled,
@@ -219,13 +220,20 @@ class Scheduler:
             self._pool += [_Image(job, k, self.shape) for k in range(job.n)]
 
     def _select(self) -> list[_Image]:
-        """Up to ``max_batch`` live images, shortest remaining work first (called under the lock)."""
+        """Up to ``max_batch`` live images (called under the lock): the reserved slots (``max_batch // 4``, at least
+        one from 2 on) to the oldest request's images, so that a long request is never starved by a stream of short
+        ones; the rest shortest remaining work first."""
         if len(self._pool) <= self.max_batch:
             return list(self._pool)
+        reserved = self.max_batch // 4 or min(1, self.max_batch - 1)
+        oldest = sorted(self._pool, key=lambda im: (im.job.submitted, im.k))[:reserved]
+        taken = set(map(id, oldest))
         left: dict[Job, int] = collections.Counter()
         for im in self._pool:
             left[im.job] += im.i + 1
-        return sorted(self._pool, key=lambda im: (left[im.job], im.job.submitted, im.k))[:self.max_batch]
+        shortest = sorted((im for im in self._pool if id(im) not in taken),
+                          key=lambda im: (left[im.job], im.job.submitted, im.k))
+        return oldest + shortest[:self.max_batch - len(oldest)]
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave: their images stop, the caller gets ``Cancelled`` (called under the lock)."""

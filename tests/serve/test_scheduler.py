@@ -209,3 +209,19 @@ def test_the_batch_fill_histogram_counts_every_call_however_many_come_between_sc
     assert calls > RECENT
     text = metrics.render().decode()
     assert f"ddpm_serve_batch_fill_count {float(calls)}" in text, [ln for ln in text.splitlines() if "count" in ln]
+
+
+def test_a_stream_of_short_requests_never_starves_a_long_one(cond_model):
+    """The batch stays full of short requests; the oldest request keeps a reserved slot, so the long one ends long
+    before the shorts do (shortest-remaining-work-first alone would make it wait for every one of them)."""
+    scheduler = Scheduler(cond_model, max_batch=4, queue_limit=10_000)  # one slot reserved
+    long = scheduler.submit(1, sampler="ddpm", steps=100, seed=1)
+    shorts = [scheduler.submit(3, sampler="ddim", steps=3, seed=10 + k) for k in range(100)]  # 900 image-steps
+    scheduler.start()
+    try:
+        long.result(timeout=60)
+        assert sum(not s.done for s in shorts) > 50  # 100 ticks in: about a third of the shorts' work is done
+        for s in shorts:
+            s.result(timeout=60)
+    finally:
+        scheduler.stop(grace=5)
