@@ -16,12 +16,13 @@ import time
 import typing
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
@@ -38,6 +39,7 @@ from serve.scheduler import Cancelled, ImageResult, QueueFull, Scheduler
 RETRY_AFTER_FULL_S = 1  # 429: the queue drains continuously
 RETRY_AFTER_STOPPING_S = 5  # 503: this process is going away; another replica (or its restart) will answer
 DISCONNECT_POLL_S = 0.1
+PLAYGROUND = Path(__file__).with_name("playground.html")
 MAX_INDEX = 2**53 - 1  # seed and start_index: exact in every JSON client, far inside int64 image indices
 
 
@@ -262,6 +264,12 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         that gives none runs with) and this server's per-request image limit."""
         return {"contract": contract.to_dict(), "provider": pipeline.provider, "model_sha256": sha256,
                 "recommended_settings": pipeline.plan().run_settings(), "max_images": max_images}
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """The playground page: the model card, the settings, Generate, the images (plain HTML and JavaScript that
+        calls this API; nothing is fetched from elsewhere)."""
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @app.get("/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
                                     503: {"description": "shutdown has begun", "content": {"application/json": {

@@ -16,7 +16,7 @@ from runtime.errors import reason
 from serve.metrics import Metrics
 
 MAX_BODY_BYTES = 16 * 1024  # a request is a few settings; this is generous
-OPEN_PATHS = ("/healthz",)  # everything else needs the API key when one is set
+OPEN_PATHS = ("/healthz", "/")  # the rest needs the API key when one is set (the page asks for it itself)
 IMAGES_PATH = "/v1/images"
 KEY_HEADERS = "Authorization: Bearer KEY or X-API-Key: KEY; X-API-Key wins when both are sent"
 QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "x-api-key"})

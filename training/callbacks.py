@@ -10,6 +10,7 @@ import torch
 from torchvision.utils import save_image
 
 from runtime.generation.files import atomic_path
+from training.config import GRID_SAMPLER
 from training.interrupt import StopOnSignal, StopRequested
 
 
@@ -17,18 +18,19 @@ class SampleGrid(pl.Callback):
     """Writes ``out_dir/step_XXXXXXX.png`` (and ``out_dir/last.png`` at the end) from ``model.sample``.
 
     Conditional models get ``per_class`` images of each class, one column per class; unconditional models
-    ``n_samples`` images. ``guidance`` applies to conditional models only. ``every_n_steps`` = 0 writes only at
+    ``n_samples`` images, drawn with ``sampler`` in ``steps`` (None: the sampler's default; T for ddpm).
+    ``guidance`` applies to conditional models only. ``every_n_steps`` = 0 writes only at
     the end. Only global rank 0 samples; a grid appears whole or not at all. With ``stop``, a stop request
     (SIGTERM, Ctrl-C) ends the grid being drawn at its next sampling step, and no grid is written.
     """
 
     def __init__(self, out_dir: str | Path, every_n_steps: int = 0, n_samples: int = 16, per_class: int = 4,
-                 steps: int | None = None, guidance: float = 1.0, seed: int = 0,
+                 sampler: str = GRID_SAMPLER, steps: int | None = None, guidance: float = 1.0, seed: int = 0,
                  stop: StopOnSignal | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.every_n_steps = every_n_steps
         self.n_samples, self.per_class = n_samples, per_class
-        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self.sampler, self.steps, self.guidance, self.seed = sampler, steps, guidance, seed
         self.stop = stop
         self._last_step = -1
 
@@ -52,7 +54,8 @@ class SampleGrid(pl.Callback):
         try:
             if check is not None:
                 self.stop.check()
-            images = pl_module.sample(n, steps=self.steps, guidance=guidance, generator=generator, on_step=check)
+            images = pl_module.sample(n, sampler=self.sampler, steps=self.steps, guidance=guidance,
+                                      generator=generator, on_step=check)
         except StopRequested as e:
             print(f"{e}: the sample grid {path.name} was not drawn", file=sys.stderr)
             return

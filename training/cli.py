@@ -6,13 +6,22 @@ import sys
 
 import click
 
-from training.config import TRAINABLE_SCHEDULES, ModelConfig
+from runtime.sampling.settings import DEFAULT_STEPS, SAMPLERS, RunSettings
+from training.config import GRID_SAMPLER, TRAINABLE_SCHEDULES, ModelConfig
 from training.errors import TrainInterrupted
 from training.train import TrainError, TrainOptions, train
 
 # The flags that define the model (``ModelConfig``'s fields; --timesteps is t_range), apart from run flags.
 MODEL_FLAGS = ("lr", "schedule", "timesteps", "base_channels", "channel_mult", "num_res_blocks", "dropout",
-               "p_uncond", "ema_decay")
+               "p_uncond", "ema_decay", "run_defaults")
+
+
+def _run_defaults(ctx, param, value: str | None) -> dict | None:
+    try:
+        given = RunSettings.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return None if given is None else {k: v for k, v in given.to_json().items() if v is not None}
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
@@ -63,8 +72,11 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
                    "epoch's images come twice, others not until the next epoch.")
 @click.option("--checkpoint-every", default=500, type=click.IntRange(min=1), help="Write checkpoints/last.ckpt every N steps.")
 @click.option("--sample-every", default=0, type=click.IntRange(min=0), help="Write a sample grid every N steps (0: only at the end).")
-@click.option("--sample-steps", default=None, type=click.IntRange(min=1), help="Sampling steps for the grids (default: T; fewer uses a respaced schedule).")
+@click.option("--sample-sampler", default=GRID_SAMPLER, type=click.Choice(SAMPLERS), help="Sampler of the grids: a fast one by default, so a grid costs seconds, not the minutes of DDPM at all T steps.")
+@click.option("--sample-steps", default=None, type=click.IntRange(min=1), help=f"Sampling steps of the grids (default: {GRID_SAMPLER}'s {DEFAULT_STEPS[GRID_SAMPLER]}; for ddpm T).")
 @click.option("--guidance", default=1.0, type=float, help="Classifier-free guidance scale for the grids of conditional models.")
+@click.option("--run-defaults", default=None, metavar="KEY=VALUE,...", callback=_run_defaults,
+              help="Run settings the model recommends (e.g. sampler=dpmpp-2m,steps=20,guidance=2): kept in every checkpoint, so every export samples with them by default (ddpm-export --run-defaults replaces given keys; on --resume, given ones replace the checkpoint's).")
 def main(**kwargs) -> None:
     """Train a DDPM (Ho et al. 2020) with PyTorch Lightning.
 
@@ -78,7 +90,10 @@ def main(**kwargs) -> None:
     flags = {name: kwargs.pop(name) for name in MODEL_FLAGS}
     try:
         # Image size, channels, classes and the data set's name come from the data (or from --resume).
-        model = ModelConfig(t_range=flags.pop("timesteps"), attention_resolutions=attention, **flags)
+        try:
+            model = ModelConfig(t_range=flags.pop("timesteps"), attention_resolutions=attention, **flags)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         last = train(TrainOptions(model=model, **kwargs))
     except TrainError as e:
         raise click.UsageError(str(e)) from None

@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 from runtime.metadata import Provenance, RunDefaults, SamplingContract, ScheduleSpec
 from runtime.sampling.schedule import SCHEDULE_NAMES, default_params
+from training.unet import UNetConfig
 
 TRAINABLE_SCHEDULES = tuple(n for n in SCHEDULE_NAMES if n != "explicit")  # the named ones: a trainer makes its betas
-from training.unet import UNetConfig
+GRID_SAMPLER = "dpmpp-2m"  # the sample grids' default: 20 steps instead of DDPM's T = 1000
 
 # Every ddpm-train checkpoint has these; the other fields were added later and read as their defaults.
 REQUIRED_HPARAMS = ("in_size", "t_range", "img_depth", "schedule", "base_channels", "channel_mult",
@@ -32,7 +33,9 @@ class ModelConfig:
 
     ``schedule_params`` None means the schedule's defaults (filled in, so the field always holds every
     parameter); ``num_classes`` > 0 makes the model class-conditional, with labels dropped with probability
-    ``p_uncond`` during training; ``ema_decay`` 0 disables EMA; ``dataset`` is provenance only.
+    ``p_uncond`` during training; ``ema_decay`` 0 disables EMA; ``dataset`` is provenance only. ``run_defaults``:
+    the run settings the model recommends (``RunSettings.given()`` as plain data; None: none), which every export
+    of it carries in its contract (``ddpm-export --run-defaults`` replaces given keys).
     """
 
     in_size: int = 32 * 32
@@ -52,6 +55,7 @@ class ModelConfig:
     lr: float = 2e-4
     ema_decay: float = 0.999
     dataset: str | None = None
+    run_defaults: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -73,6 +77,28 @@ class ModelConfig:
         if self.schedule not in TRAINABLE_SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r} (expected one of {', '.join(TRAINABLE_SCHEDULES)})")
         put("schedule_params", {**default_params(self.schedule), **(self.schedule_params or {})})
+        if self.run_defaults is not None:
+            if not isinstance(self.run_defaults, Mapping):
+                raise ValueError(f"run_defaults must be a mapping of run settings, got {self.run_defaults!r}")
+            try:
+                given = RunDefaults.from_kwargs(dict(self.run_defaults))
+            except TypeError as e:
+                raise ValueError(str(e)) from None
+            # conditional=True: the data decides the classes later (``run_defaults_problem`` checks with them)
+            problems = given.problems(self.t_range, conditional=True)
+            if problems:
+                raise ValueError(f"run_defaults: {problems[0][1]}")
+            put("run_defaults", {k: v for k, v in given.to_json().items() if v is not None} or None)
+
+    def run_defaults_problem(self) -> str | None:
+        """Why the recommended run settings do not fit this model as it is (its classes included), or None."""
+        given = self.recommended()
+        problems = [] if given is None else given.problems(self.t_range, self.num_classes > 0)
+        return f"--run-defaults: {problems[0][1]}" if problems else None
+
+    def recommended(self) -> RunDefaults | None:
+        """The run settings the model recommends, as the contract holds them."""
+        return None if self.run_defaults is None else RunDefaults.from_kwargs(dict(self.run_defaults))
 
     @property
     def image_size(self) -> int:
@@ -87,6 +113,7 @@ class ModelConfig:
         hp["channel_mult"] = list(self.channel_mult)
         hp["attention_resolutions"] = list(self.attention_resolutions)
         hp["class_names"] = list(self.class_names) if self.class_names is not None else None
+        hp["run_defaults"] = dict(self.run_defaults) if self.run_defaults is not None else None
         return hp
 
     @classmethod
@@ -122,12 +149,12 @@ class ModelConfig:
                  run_defaults: RunDefaults | None = None) -> SamplingContract:
         """The sampling contract of this model's U-Net (with its ``ema`` or raw weights).
 
-        ``provenance`` defaults to the training data set alone.
+        ``provenance`` defaults to the training data set alone; ``run_defaults`` to the model's ``recommended()``.
         """
         return SamplingContract(
             image_size=self.image_size, channels=self.img_depth, schedule=self.schedule_spec(),
             num_classes=self.num_classes, class_names=list(self.class_names or []), ema=ema,
             provenance=provenance if provenance is not None else Provenance(dataset=self.dataset),
-            run_defaults=run_defaults,
+            run_defaults=run_defaults if run_defaults is not None else self.recommended(),
         )
 

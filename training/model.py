@@ -74,6 +74,7 @@ class DiffusionModel(pl.LightningModule):
         lr: float = 2e-4,
         ema_decay: float = 0.999,
         dataset: str | None = None,
+        run_defaults: dict | None = None,
     ) -> None:
         super().__init__()
         self.config = ModelConfig(
@@ -81,7 +82,7 @@ class DiffusionModel(pl.LightningModule):
             schedule_params=schedule_params, base_channels=base_channels, channel_mult=channel_mult,
             num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, num_heads=num_heads,
             dropout=dropout, num_classes=num_classes, class_names=class_names, p_uncond=p_uncond, lr=lr,
-            ema_decay=ema_decay, dataset=dataset,
+            ema_decay=ema_decay, dataset=dataset, run_defaults=run_defaults,
         )
         self.save_hyperparameters(self.config.to_hparams())
         self.unet_config = self.config.unet_config()

@@ -9,13 +9,12 @@ raise ``TrainError`` (one line).
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from training.config import ModelConfig
+from training.config import GRID_SAMPLER, ModelConfig
 from training.errors import DatasetError, TrainError, TrainInterrupted
 from runtime.errors import reason
 
@@ -51,6 +50,7 @@ class TrainOptions:
     resume: str | None = None
     checkpoint_every: int = 500
     sample_every: int = 0
+    sample_sampler: str = GRID_SAMPLER
     sample_steps: int | None = None
     guidance: float = 1.0
 
@@ -74,8 +74,15 @@ def _build_model(o: TrainOptions, data):
         if cfg.image_size != data.size or cfg.img_depth != data.depth:
             raise TrainError(f"{o.resume} is a {cfg.img_depth}-channel {cfg.image_size}px model "
                              f"but the data is {data.depth}-channel {data.size}px")
+        if o.model.run_defaults is not None:  # a recommendation, not the architecture: given ones replace
+            try:
+                cfg = replace(cfg, run_defaults={**(cfg.run_defaults or {}), **o.model.run_defaults})
+            except ValueError as e:
+                raise TrainError(str(e)) from None
     else:
         cfg = _config_for_data(o, data)
+    if problem := cfg.run_defaults_problem():
+        raise TrainError(problem)
     try:
         return DiffusionModel.from_config(cfg)
     except ValueError as e:
@@ -124,6 +131,7 @@ def train(o: TrainOptions) -> Path:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from training.callbacks import SampleGrid
+    from training.console import quiet_console
     from training.dataset import Diffset
     from training.interrupt import StopOnSignal
 
@@ -147,35 +155,33 @@ def train(o: TrainOptions) -> Path:
     stop = StopOnSignal(last)
     loader = DataLoader(data, batch_size=o.batch_size, shuffle=True, drop_last=len(data) >= o.batch_size,
                         num_workers=o.num_workers, persistent_workers=o.num_workers > 0)
-    trainer = pl.Trainer(
-        max_steps=o.max_steps or -1,
-        max_epochs=o.max_epochs if o.max_epochs is not None else (None if o.max_steps else 1),
-        precision=o.precision, accelerator=o.accelerator, devices=_devices(o.devices),
-        strategy=o.strategy, num_nodes=o.num_nodes,
-        logger=CSVLogger(out, name="logs"),
-        callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                            every_n_train_steps=o.checkpoint_every, save_top_k=-1, save_last=True),
-            SampleGrid(out / "samples", every_n_steps=o.sample_every, steps=o.sample_steps,
-                       guidance=o.guidance, seed=o.seed, stop=stop),
-            stop,
-        ],
-        log_every_n_steps=min(50, max(1, len(loader))),
-        enable_model_summary=False,
-    )
-    if o.resume:
-        print(f"resuming from {o.resume}", file=sys.stderr)
-    stop.install()
-    try:
-        with warnings.catch_warnings():
-            # A mid-epoch checkpoint finishes its epoch on a fresh shuffle (not resumable); --resume's help says so.
-            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+    with quiet_console():
+        trainer = pl.Trainer(
+            max_steps=o.max_steps or -1,
+            max_epochs=o.max_epochs if o.max_epochs is not None else (None if o.max_steps else 1),
+            precision=o.precision, accelerator=o.accelerator, devices=_devices(o.devices),
+            strategy=o.strategy, num_nodes=o.num_nodes,
+            logger=CSVLogger(out, name="logs"),
+            callbacks=[
+                ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                                every_n_train_steps=o.checkpoint_every, save_top_k=-1, save_last=True),
+                SampleGrid(out / "samples", every_n_steps=o.sample_every, sampler=o.sample_sampler,
+                           steps=o.sample_steps, guidance=o.guidance, seed=o.seed, stop=stop),
+                stop,
+            ],
+            log_every_n_steps=min(50, max(1, len(loader))),
+            enable_model_summary=False,
+        )
+        if o.resume:
+            print(f"resuming from {o.resume}", file=sys.stderr)
+        stop.install()
+        try:
             trainer.fit(model, loader, ckpt_path=o.resume)
-    except SIGTERMException:  # Lightning's own SIGTERM flag, raised at the epoch's end after our stop
-        if stop.signum is None:
-            raise
-    finally:
-        stop.restore()
+        except SIGTERMException:  # Lightning's own SIGTERM flag, raised at the epoch's end after our stop
+            if stop.signum is None:
+                raise
+        finally:
+            stop.restore()
     if stop.saved_step is None:
         trainer.save_checkpoint(last, weights_only=False)  # the newest full state
     if stop.signum is not None:

@@ -39,3 +39,18 @@ def test_shipped_slim_checkpoint_is_the_bundled_model():
         ref = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
     tol = TOLERANCES["fp32"]
     np.testing.assert_allclose(model.predict_eps(x, t, y), ref, atol=tol.atol, rtol=tol.rtol)
+
+
+def test_the_bundled_checkpoint_exports_to_a_model_that_samples_like_the_bundled_onnx(tmp_path):
+    """The checkpoint carries the run settings its model recommends, so its export recommends them too: by default
+    (no settings given) both models make the same images."""
+    from ddpm_export.export import ExportOptions, export_checkpoint
+
+    (artifact,) = export_checkpoint(ExportOptions(assets_dir() / "fashion-mnist.ckpt", ("onnx",), out=tmp_path / "m.onnx",
+                                                  verify=False, log=lambda m: None))
+    exported, bundled = runtime.load(artifact.path, "cpu"), runtime.load("fashion-mnist", "cpu")
+    assert exported.contract.run_defaults == bundled.contract.run_defaults
+    assert exported.plan().run_settings() == bundled.plan().run_settings()  # dpmpp-2m 15, w = 2 on [0, 400]
+    got, want = exported.generate(4, seed=3), bundled.generate(4, seed=3)
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16)).max()
+    assert diff <= TOLERANCES["fp32-same-math"].max_levels, diff

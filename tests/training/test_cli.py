@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from training.cli import main
+from training.config import ModelConfig
 
 TINY = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "8",
         "--batch-size", "8", "--sample-steps", "4", "--timesteps", "100"]
@@ -19,7 +20,7 @@ TINY = ["--base-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1"
 
 # What every run (or every mid-epoch resume) used to print from Lightning; --resume's help explains the data order.
 NOISE = ("`validation_step` but have no `val_dataloader`", "dataloader is not resumable",
-         "`weights_only` was not set")
+         "`weights_only` was not set", "LeafSpec", "GPU available", "TPU available", "Tip:", "`Trainer.fit` stopped")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -101,8 +102,38 @@ def test_model_flags_become_the_model_config(monkeypatch):
                                         num_res_blocks=1, attention_resolutions=(8,), dropout=0.2, p_uncond=0.3,
                                         lr=1e-3, ema_decay=0.99)
     assert (options.batch_size, options.sample_steps, options.dataset) == (8, 4, "mnist")
+    assert options.sample_sampler == "dpmpp-2m"
     CliRunner().invoke(main, ["--dataset", "mnist", "--attention-resolutions", "none"])
     assert seen[-1].model == ModelConfig(attention_resolutions=())  # and the flags' defaults are the config's
+
+
+def test_run_defaults_at_training_go_into_the_model_config_and_its_contract(monkeypatch, fashion_root, tmp_path):
+    import dataclasses
+
+    import training.cli
+    from runtime.metadata import RunDefaults
+
+    # guidance needs classes, which come from the data: refused when the data makes the model unconditional
+    result = CliRunner().invoke(main, ["--dataset", "fashion-mnist", "--data-root", str(fashion_root), *TINY,
+                                       "--out", str(tmp_path / "u"), "--run-defaults", "guidance=2"])
+    assert result.exit_code == 2 and "--run-defaults: guidance needs a class-conditional model" in result.output, \
+        result.output
+
+    seen = []
+    monkeypatch.setattr(training.cli, "train", lambda options: seen.append(options) or "last.ckpt")
+    result = CliRunner().invoke(main, ["--dataset", "mnist", *TINY, "--run-defaults",
+                                       "sampler=ddim,steps=30,guidance=2,guidance_interval=0:40"])
+    assert result.exit_code == 0, result.output
+    cfg = seen[0].model
+    assert cfg.run_defaults == {"sampler": "ddim", "steps": 30, "guidance": 2.0, "guidance_interval": [0, 40]}
+    assert ModelConfig.from_hparams(cfg.to_hparams()) == cfg  # kept in the checkpoint as plain data
+    conditional = dataclasses.replace(cfg, num_classes=10)  # as the data makes it
+    assert conditional.contract(ema=True).run_defaults == RunDefaults(sampler="ddim", steps=30, guidance=2.0,
+                                                                      guidance_interval=(0, 40))
+    for bad, message in (("steps=abc", "steps needs an integer"), ("sampler=ddim,steps=500", "steps must be between 1 "
+                                                                  "and T = 100"), ("colour=red", "expected KEY=VALUE")):
+        result = CliRunner().invoke(main, ["--dataset", "mnist", *TINY, "--run-defaults", bad])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
 
 
 def test_help_explains_every_option():
@@ -111,5 +142,6 @@ def test_help_explains_every_option():
     for option in ("--dataset", "--data-root", "--image-size", "--channels", "--batch-size", "--max-steps",
                    "--max-epochs", "--lr", "--schedule", "--timesteps", "--base-channels", "--channel-mult",
                    "--num-classes", "--conditional", "--precision", "--devices", "--strategy", "--num-nodes",
-                   "--seed", "--out", "--resume", "--sample-every"):
+                   "--seed", "--out", "--resume", "--sample-every", "--sample-sampler", "--sample-steps",
+                   "--run-defaults"):
         assert option in result.output

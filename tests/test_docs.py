@@ -1,0 +1,60 @@
+"""The docs cannot drift from the code: every shell block of README.md and docs/*.md marked ``<!-- runnable -->``
+(the quick ones; ``<!-- runnable: needs torch -->`` for those that need the train extra) runs, as written, with
+this checkout's environment as ``.venv``, in a fresh folder, and must exit 0 without a traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MARK = re.compile(r"^<!-- runnable(?P<torch>: needs torch)? -->\n```bash\n(?P<code>.*?)^```", re.M | re.S)
+TIMEOUT_S = 240
+
+
+def blocks() -> list:
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for m in MARK.finditer(text):
+            line = text[:m.start()].count("\n") + 1
+            marks = [pytest.mark.needs_torch] if m.group("torch") else []
+            found.append(pytest.param(m.group("code"), bool(m.group("torch")), marks=marks,
+                                      id=f"{page.relative_to(REPO)}:{line}"))
+    return found
+
+
+def test_the_pages_have_runnable_blocks():
+    assert len(blocks()) >= 4
+    assert any("README.md" in b.id for b in blocks())
+
+
+@pytest.mark.parametrize("code, torch", blocks())
+def test_a_runnable_block_runs(code: str, torch: bool, tmp_path: Path):
+    if torch and importlib.util.find_spec("torch") is None:
+        pytest.skip("needs torch (the train extra)")
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the commands say .venv/bin/...
+    (tmp_path / "runtime").symlink_to(REPO / "runtime")  # and name the bundled files by their paths
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(["bash", "-eu", "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the block and whatever it started
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {TIMEOUT_S} s:\n{out[-3000:]}")
+    finally:  # what the block left running in the background (a server, say) goes too
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0 and "Traceback" not in out, f"exit {proc.returncode}:\n{out[-3000:]}"
