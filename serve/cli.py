@@ -17,7 +17,7 @@ from runtime.errors import ModelError
 from runtime.backends.providers import CHOICES
 
 API_KEY_ENV = "DDPM_SERVE_API_KEY"
-CPU_MAX_BATCH = 8  # images per call on the CPU provider: the best of the load test on a 2-core CPU (README)
+CPU_MAX_BATCH = 8  # images per call on the CPU provider: the best of the load test on a 2-core CPU (docs/benchmarks.md)
 GPU_MAX_BATCH = 256  # elsewhere: not measured here (no GPU was available)
 
 
@@ -94,7 +94,7 @@ def read_api_key(path: str | None) -> str | None:
               help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Images per predictor call, over all requests (a guided image makes two rows). Default: 8 on the "
-                   "CPU provider (onnxruntime's best batch on a small CPU; see README), 256 elsewhere.")
+                   "CPU provider (onnxruntime's best batch on a small CPU; see docs/benchmarks.md), 256 elsewhere.")
 @click.option("--max-images", type=click.IntRange(min=1), default=64, help="Most images one request may ask for.")
 @click.option("--queue-limit", type=click.IntRange(min=1), default=1024,
               help="Most images queued or in flight; beyond it requests get 429 with Retry-After.")
