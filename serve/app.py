@@ -32,7 +32,7 @@ from runtime.errors import GenerationError
 from runtime.generation.output import png_bytes
 from runtime.pipeline import Pipeline
 from runtime.sampling.settings import NAMES, SETTINGS, RunSettings
-from serve.guard import BODY_EXAMPLE, CLIENT_CLOSED, IMAGES_PATH, MAX_BODY_BYTES, Guard, error
+from serve.guard import CLIENT_CLOSED, IMAGES_PATH, MAX_BODY_BYTES, Guard, error
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.scheduler import Cancelled, ImageResult, QueueFull, Scheduler
 
@@ -48,12 +48,7 @@ def _one_line(errors) -> str:
     parts = []
     for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        msg = e.get("msg", "invalid")
-        if e.get("type") == "json_invalid":
-            msg = f"the body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
-            loc = []
-        elif e.get("type") in ("model_type", "model_attributes_type") and not loc:
-            msg = f"the body must be a JSON object of settings, such as {BODY_EXAMPLE}"
+        msg = e.get("msg", "invalid")  # a body that is not a JSON object never gets here: serve.guard.body_problem
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
     return "; ".join(dict.fromkeys(parts)) or "invalid request"
 
@@ -182,7 +177,7 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                                  **settings_fields())
 
     @app.exception_handler(RequestValidationError)
-    async def validationerror(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error(422, _one_line(exc.errors()))
 
     def encode(results: list[ImageResult], plan, fmt: str) -> Response:
@@ -240,7 +235,7 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                 raise
             # uvicorn cancels what is still running when the grace period ends: answer instead of a bare 500
             return error(503, "the server stopped before this request finished (grace period over)",
-                          RETRY_AFTER_STOPPING_S)
+                         RETRY_AFTER_STOPPING_S)
         finally:  # the job leaves the batch unless it finished: deadline, client gone, or cancelled above
             gone.cancel()
             if not done.done():

@@ -103,7 +103,8 @@ class Guard:
             else:
                 detail = None
             if detail is not None:
-                response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                response = error(401, detail)
+                response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
         if scope["method"] in ("GET", "HEAD"):

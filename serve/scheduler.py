@@ -168,7 +168,8 @@ class Scheduler:
     def stats(self) -> dict:
         with self._cond:
             flight = len(self._flight) + self._alone_flight
-            return {"queue_depth": self._pending_images() - flight, "images_in_flight": flight, "images_done": self.images_done,
+            return {"queue_depth": self._pending_images() - flight, "images_in_flight": flight,
+                    "images_done": self.images_done,
                     "requests_done": self.requests_done, "predictor_calls": self.predictor_calls,
                     "batch_fill": list(self.batch_fill), "latencies": list(self.latencies)}
 

@@ -50,12 +50,12 @@ class SampleGrid(pl.Callback):
         n, nrow = (k * self.per_class, k) if k > 0 else (self.n_samples, max(1, int(self.n_samples ** 0.5)))
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         guidance = self.guidance if k > 0 else 1.0
-        check = None if self.stop is None else (lambda i, x: self.stop.check())
+        stop = self.stop
         try:
-            if check is not None:
-                self.stop.check()
+            if stop is not None:
+                stop.check()  # asked before the grid began: no grid
             images = pl_module.sample(n, sampler=self.sampler, steps=self.steps, guidance=guidance,
-                                      generator=generator, on_step=check)
+                                      generator=generator, on_step=None if stop is None else lambda i, x: stop.check())
         except StopRequested as e:
             print(f"{e}: the sample grid {path.name} was not drawn", file=sys.stderr)
             return

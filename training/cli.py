@@ -21,7 +21,7 @@ def _run_defaults(ctx, param, value: str | None) -> dict | None:
         given = RunSettings.parse(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    return None if given is None else {k: v for k, v in given.to_json().items() if v is not None}
+    return None if given is None else given.given()  # ModelConfig keeps them as plain data
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
