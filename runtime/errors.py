@@ -17,6 +17,10 @@ class SettingsError(GenerationError, ValueError):
     """Run settings (sampler, steps, η, guidance, classes, variance) that the model or the sampler cannot take."""
 
 
+class ClusterError(GenerationError):
+    """A Ray run that cannot start: Ray not installed, the cluster unreachable, or no node that holds one worker."""
+
+
 class OutputError(RuntimeError):
     """The output folder cannot be used (unwritable, full, or holds a different run)."""
 

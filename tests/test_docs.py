@@ -1,6 +1,7 @@
 """The docs cannot drift from the code: every shell block of README.md and docs/*.md marked ``<!-- runnable -->``
-(the quick ones; ``<!-- runnable: needs torch -->`` for those that need the train extra) runs, as written, with
-this checkout's environment as ``.venv``, in a fresh folder, and must exit 0 without a traceback."""
+(the quick ones; ``<!-- runnable: needs torch -->`` or ``needs ray`` for those that need the train or the cluster
+extra, skipped without it) runs, as written, with this checkout's environment as ``.venv``, in a fresh folder,
+and must exit 0 without a traceback."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-MARK = re.compile(r"^<!-- runnable(?P<torch>: needs torch)? -->\n```bash\n(?P<code>.*?)^```", re.M | re.S)
+MARK = re.compile(r"^<!-- runnable(?:: needs (?P<needs>torch|ray))? -->\n```bash\n(?P<code>.*?)^```", re.M | re.S)
+EXTRAS = {"torch": "the train extra", "ray": "the cluster extra"}
 TIMEOUT_S = 240
 
 
@@ -26,8 +28,8 @@ def blocks() -> list:
         text = page.read_text()
         for m in MARK.finditer(text):
             line = text[:m.start()].count("\n") + 1
-            marks = [pytest.mark.needs_torch] if m.group("torch") else []
-            found.append(pytest.param(m.group("code"), bool(m.group("torch")), marks=marks,
+            marks = [pytest.mark.needs_torch] if m.group("needs") == "torch" else []
+            found.append(pytest.param(m.group("code"), m.group("needs"), marks=marks,
                                       id=f"{page.relative_to(REPO)}:{line}"))
     return found
 
@@ -37,13 +39,15 @@ def test_the_pages_have_runnable_blocks():
     assert any("README.md" in b.id for b in blocks())
 
 
-@pytest.mark.parametrize("code, torch", blocks())
-def test_a_runnable_block_runs(code: str, torch: bool, tmp_path: Path):
-    if torch and importlib.util.find_spec("torch") is None:
-        pytest.skip("needs torch (the train extra)")
+@pytest.mark.parametrize("code, needs", blocks())
+def test_a_runnable_block_runs(code: str, needs: str | None, tmp_path: Path):
+    if needs and importlib.util.find_spec(needs) is None:
+        pytest.skip(f"needs {needs} ({EXTRAS[needs]})")
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the commands say .venv/bin/...
     (tmp_path / "runtime").symlink_to(REPO / "runtime")  # and name the bundled files by their paths
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if needs == "ray":
+        env["HOME"] = str(tmp_path)  # a local cluster writes its token to ~/.ray/: the test's own, not the user's
     proc = subprocess.Popen(["bash", "-eu", "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -8,6 +8,7 @@ import click
 
 from runtime.sampling.settings import DEFAULT_STEPS, SAMPLERS, RunSettings
 from training.config import GRID_SAMPLER, TRAINABLE_SCHEDULES, ModelConfig
+from training.console import main_process
 from training.errors import TrainInterrupted
 from training.train import TrainError, TrainOptions, train
 
@@ -84,6 +85,8 @@ def main(**kwargs) -> None:
     OUT/samples/, and the loss to OUT/logs/ (CSV). The path of the last checkpoint is printed at the end.
     SIGTERM or Ctrl-C stops the run after the training step in progress (or at the next sampling step of a grid
     being drawn), writes OUT/checkpoints/last.ckpt and prints the --resume line to go on; a second one stops at once.
+    Under DDP (e.g. --devices 2 --strategy ddp) the ranks stop together, and only global rank 0 writes files and
+    prints these lines.
     """
     att = kwargs.pop("attention_resolutions")
     attention = () if att.strip().lower() in ("", "none") else _int_list(None, None, att)
@@ -98,8 +101,11 @@ def main(**kwargs) -> None:
     except TrainError as e:
         raise click.UsageError(str(e)) from None
     except TrainInterrupted as e:
+        if not main_process():  # under DDP rank 0 says it and exits 1; a rank Lightning started that exits
+            return  # non-zero reads to Lightning as a crash, and it kills rank 0 (SIGKILL) before rank 0 is done
         raise click.ClickException(str(e)) from None
-    click.echo(str(last))
+    if main_process():
+        click.echo(str(last))
 
 
 if __name__ == "__main__":

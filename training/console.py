@@ -1,5 +1,6 @@
 """``quiet_console()``: what a training run prints — its progress bar and result lines, without the third-party
-notices that tell a user nothing (each one named here, filtered where it arises; nothing else is silenced)."""
+notices that tell a user nothing (each one named here, filtered where it arises; nothing else is silenced).
+``main_process()``: whether this process prints them (under DDP only global rank 0 does)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,14 @@ def quiet_console() -> Iterator[None]:
             yield
     finally:
         log.removeFilter(notices)
+
+
+def main_process() -> bool:
+    """True in the process of global rank 0, and in every process of a run that is not distributed.
+
+    Lightning's rank: read from ``RANK``/``LOCAL_RANK`` when Lightning is imported (the DDP launcher sets
+    ``LOCAL_RANK`` for the processes it starts) and set to the global rank when the strategy is set up.
+    """
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0

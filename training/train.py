@@ -131,9 +131,10 @@ def train(o: TrainOptions) -> Path:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from training.callbacks import SampleGrid
-    from training.console import quiet_console
+    from training.console import main_process, quiet_console
     from training.dataset import Diffset
     from training.interrupt import StopOnSignal
+    from training.ranks import SeedPerRank
 
     if o.channels not in (None, 1, 3):
         raise TrainError(f"--channels must be 1 or 3, got {o.channels}")
@@ -168,16 +169,17 @@ def train(o: TrainOptions) -> Path:
                 SampleGrid(out / "samples", every_n_steps=o.sample_every, sampler=o.sample_sampler,
                            steps=o.sample_steps, guidance=o.guidance, seed=o.seed, stop=stop),
                 stop,
+                SeedPerRank(o.seed),
             ],
             log_every_n_steps=min(50, max(1, len(loader))),
             enable_model_summary=False,
         )
-        if o.resume:
+        if o.resume and main_process():
             print(f"resuming from {o.resume}", file=sys.stderr)
         stop.install()
         try:
             trainer.fit(model, loader, ckpt_path=o.resume)
-        except SIGTERMException:  # Lightning's own SIGTERM flag, raised at the epoch's end after our stop
+        except SIGTERMException:  # Lightning's own SIGTERM flag, set if a SIGTERM came before on_train_start
             if stop.signum is None:
                 raise
         finally:
@@ -187,5 +189,6 @@ def train(o: TrainOptions) -> Path:
     if stop.signum is not None:
         raise TrainInterrupted(f"stopped by {stop.signal_name} at step {stop.saved_step or trainer.global_step}; "
                                f"checkpoint: {last}; to go on, run the same command with --resume {last}")
-    print(f"trained to step {trainer.global_step}; last checkpoint: {last}", file=sys.stderr)
+    if main_process():
+        print(f"trained to step {trainer.global_step}; last checkpoint: {last}", file=sys.stderr)
     return last

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import typing
+from pathlib import Path
 
 import click
 
@@ -24,6 +25,18 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int]:
     if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
         raise click.BadParameter(f"expected I/N with 0 <= I < N (e.g. 0/4), got {value!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+RAY_OPTIONS = ("workers", "cpus_per_worker", "gpus_per_worker", "retries")
+
+
+def _ray_address(ctx, param, value: str | None) -> str | None:
+    from runtime.ray.cluster import check_address
+
+    try:
+        return None if value is None else check_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--ray takes "), param_hint="--ray") from None
 
 
 def _setting_option(f):
@@ -81,20 +94,40 @@ def settings_options(command):
 @click.option("--fused/--no-fused", default=None,
               help="Keep the sampler loop on the backend's device: each step one fused ONNX graph (update inside "
                    "onnxruntime), or the torch loop for .pt/.pt2 models. Default: on GPUs.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              callback=_ray_address,
+              help="Run the shards as Ray tasks (the cluster extra): ADDRESS is auto (a running cluster), local (a new "
+                   "local one), HOST:PORT or ray://HOST:PORT; --ray alone joins a running cluster, else starts a "
+                   "local one. --out and MODEL must be at the same path on every node.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: tasks (shards) to split the run into. Default: as many as the cluster holds.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              help="With --ray: CPUs each worker asks Ray for; also its onnxruntime threads unless --threads.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0.0,
+              help="With --ray: GPUs each worker asks Ray for (fractions share one).")
+@click.option("--retries", type=click.IntRange(min=0), default=3,
+              help="With --ray: times a task is run again after its worker died; it resumes its shard.")
 def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, fmt, grid, overwrite, threads, cpu_arena,
-         cudnn_algo_search, fused, **settings) -> None:
+         cudnn_algo_search, fused, ray_address, workers, cpus_per_worker, gpus_per_worker, retries, **settings) -> None:
     """Generate N images from an exported MODEL (.onnx; TorchScript .pt or AOTInductor .pt2, which need torch) into --out.
 
     MODEL may also name a model bundled with the package (fashion-mnist); without MODEL the default bundled
     model is used.
 
     Rerunning the same command after an interruption makes only the missing images; the result equals an
-    uninterrupted run. Progress goes to stderr; a one-line summary to stdout at the end.
+    uninterrupted run. Progress goes to stderr; a one-line summary to stdout at the end. With --ray the shards
+    run as Ray tasks on a cluster and the folder ends the same as a one-process run's.
     """
     if n < 1:
         raise click.BadParameter(f"must be positive, got {n}", param_hint="-n")
     if batch_size < 1:
         raise click.BadParameter(f"must be positive, got {batch_size}", param_hint="--batch-size")
+    ctx = click.get_current_context()
+    if ray_address is None:
+        given = [f"--{name.replace('_', '-')}" for name in RAY_OPTIONS
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} applies to --ray runs only")
     try:
         gpu_options = {"cudnn_conv_algo_search": cudnn_algo_search} if cudnn_algo_search else None
         if gpu_options and provider in ("cpu", "tensorrt"):
@@ -102,16 +135,25 @@ def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, 
         path, bundled = resolve(model)
         if bundled:
             click.echo(f"using the bundled model {bundled} ({path})", err=True)
-        g = load(path, provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
         options = RunOptions(n=n, out=out, batch_size=batch_size, seed=seed, settings=RunSettings(**settings),
                              classes=cls, model_defaults=model_defaults, shard=shard, formats=FORMATS[fmt], grid=grid,
                              overwrite=overwrite, fused=fused)
-        result = generate_to_dir(g, options)
+        load_options = dict(provider=provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
+        if ray_address is None:
+            g = load(path, **load_options)
+            result, ran_on = generate_to_dir(g, options), g.provider
+        else:
+            from runtime.ray.cluster import Worker
+            from runtime.ray.shards import RayRun, generate_on_ray
+
+            options.out = Path(out).resolve()  # the workers' working folders are not this one
+            run = RayRun(ray_address, workers, Worker(cpus_per_worker, gpus_per_worker), retries)
+            result, ran_on = generate_on_ray(path.resolve(), options, run, load_options)
     except (ModelError, GenerationError, OutputError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; rerun the same command to make the remaining images") from None
-    click.echo(result.summary(g, options))
+    click.echo(result.summary(ran_on, options))
     for path in result.finalized:
         click.echo(f"wrote {path}", err=True)
 

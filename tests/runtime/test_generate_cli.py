@@ -22,6 +22,7 @@ import runtime
 import runtime.generation.output
 from runtime.generation.cli import main
 from runtime.metadata import CONTRACT_KEY, SamplingContract
+from tests.cli_checks import one_error_line
 
 REPO = Path(runtime.__file__).resolve().parents[1]  # this checkout, for subprocesses
 
@@ -357,3 +358,11 @@ def test_progress_never_runs_past_the_total(uncond_onnx, tmp_path, monkeypatch):
         warnings.simplefilter("error", TqdmWarning)
         r = cli(uncond_onnx, "-n", 64, "--batch-size", 64, "--sampler", "ddim", "--steps", 50, "--out", tmp_path / "p")
     assert r.exit_code == 0, r.output
+
+
+def test_ray_without_the_cluster_extra_is_one_line_naming_it(uncond_onnx, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    r = cli(uncond_onnx, "-n", 2, "--out", tmp_path / "o", "--ray")
+    assert one_error_line(r) == ("Error: --ray needs Ray, which is not installed here: "
+                                 "pip install 'ddpm-toolkit[cluster]'")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,305 @@
+"""ddpm-generate --ray and runtime.ray.images on a real (local) Ray cluster: the same images as one process, a worker
+killed mid-shard, the driver interrupted and rerun, and one-line errors for bad input.
+
+The cluster is started once for the module (``ray start --head --block`` in its own session) with token
+authentication, as Ray sets a cluster up when this machine has a token, but with HOME in a temporary folder so
+the token is the test's own. Every driver runs in a subprocess, so no test depends on Ray's state in the test
+process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import runtime
+from runtime.generation.cli import main
+from tests.cli_checks import one_error_line
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (the cluster extra: pip install 'ddpm-toolkit[cluster]')")
+
+REPO = Path(runtime.__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU Ray cluster for the module: its address and the environment its drivers use."""
+    home = tmp_path_factory.mktemp("ray-home")
+    port = free_port()
+    env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = Path(sys.executable).parent / "ray"
+    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    log = open(home / "ray-start.log", "w")
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+                             f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"],
+                             env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=120).returncode:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the Ray cluster did not start: {(home / 'ray-start.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield address, env
+    finally:
+        kill_group(head)
+        log.close()
+
+
+def generate(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``ddpm-generate ARGS`` as a subprocess (its own session: a timeout kills it and its children)."""
+    p = subprocess.Popen([sys.executable, "-m", "runtime.generation.cli", *map(str, args)], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill_group(p)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def one_process(tmp_path: Path, *args) -> Path:
+    out = tmp_path / "one-process"
+    r = CliRunner().invoke(main, [str(a) for a in (*args, "--out", out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_same_run(folder: Path, reference: Path) -> None:
+    """Image for image (PNG bytes), manifest.jsonl, samples.npz and grid.png where written, and run.json."""
+    names = sorted(p.name for p in reference.iterdir() if not p.name.startswith("manifest-"))
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("manifest-")) == names
+    for name in names:
+        if (reference / name).is_file():
+            assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not list(folder.glob(".*tmp*")), "no temporary file is left"
+
+
+def test_a_ray_run_writes_what_one_process_writes(cluster, cond_onnx, tmp_path):
+    address, env = cluster
+    args = [cond_onnx, "-n", 12, "--batch-size", 2, "--sampler", "ddim", "--steps", 5, "--format", "both", "--grid",
+            "--seed", 4]
+    # --ray alone joins the running cluster (RAY_ADDRESS here)
+    r = generate({**env, "RAY_ADDRESS": address}, *args, "--out", tmp_path / "ray", "--ray", "--workers", 3)
+    assert r.returncode == 0, r.stderr
+    assert "12 images in" in r.stdout and "on Ray: 3 tasks of 1 CPU, 0 retried" in r.stdout, r.stdout
+    assert "Traceback" not in r.stderr and "Ray cluster at" in r.stderr, r.stderr
+    assert_same_run(tmp_path / "ray", one_process(tmp_path, *args))
+    assert sorted(p.name for p in (tmp_path / "ray").glob("manifest-*")) == [f"manifest-{i}-of-3.jsonl" for i in range(3)]
+
+    again = generate(env, *args, "--out", tmp_path / "ray", "--ray", address)  # complete: nothing to make
+    assert again.returncode == 0 and "0 images in" in again.stdout and "12 already there" in again.stdout, again
+
+    other = [*args[:-1], 5]  # another seed: refused in a folder that holds this run, unless --overwrite
+    refused = generate(env, *other, "--out", tmp_path / "ray", "--ray", address)
+    assert refused.returncode != 0 and "other settings (seed differ)" in refused.stderr, refused.stderr
+    replaced = generate(env, *other, "--out", tmp_path / "ray", "--ray", address, "--overwrite")
+    assert replaced.returncode == 0 and "12 images in" in replaced.stdout, replaced.stderr
+    assert_same_run(tmp_path / "ray", one_process(tmp_path / "other", *other))
+
+
+def shard_worker_pids() -> list[int]:
+    """PIDs of the processes running a shard task (Ray names them after the task: ray::ddpm-shard-I-of-K)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ddpm-shard-"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def recorded(folder: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("manifest-*-of-*.jsonl"))
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
+def start_generate(env: dict, *args) -> tuple[subprocess.Popen, Path]:
+    log = Path(args[args.index("--out") + 1]).with_suffix(".log")
+    with open(log, "w") as f:  # a file, not a pipe: the bar can never block the run
+        p = subprocess.Popen([sys.executable, "-m", "runtime.generation.cli", *map(str, args)], env=env,
+                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    return p, log
+
+
+@pytest.fixture(scope="module")
+def slow_onnx(tmp_path_factory) -> Path:
+    """A toy predictor with T = 1000 at 3×96×96: a DDPM image takes about 0.5 s here (a 2-core EPYC), so a shard of
+    six lasts long enough to kill a worker or interrupt the driver in the middle of it."""
+    from tests.toy_onnx import make_toy_predictor
+
+    return make_toy_predictor(tmp_path_factory.mktemp("toy") / "slow.onnx", channels=3, image_size=96, timesteps=1000)
+
+
+SLOW = ["-n", 12, "--batch-size", 1, "--sampler", "ddpm", "--seed", 2]
+
+
+def test_a_worker_killed_mid_shard_is_retried_and_the_run_is_identical(cluster, slow_onnx, tmp_path):
+    address, env = cluster
+    out = tmp_path / "killed"
+    p, log = start_generate(env, slow_onnx, *SLOW, "--out", out, "--ray", address, "--workers", 2)
+    try:
+        wait_until(lambda: recorded(out) >= 1 and len(shard_worker_pids()) == 2 or p.poll() is not None,
+                   "a shard has an image on disk")
+        shard0 = out / "manifest-0-of-2.jsonl"
+        wait_until(lambda: shard0.is_file() and shard0.read_text().count("\n") >= 1 or p.poll() is not None,
+                   "shard 0 has an image on disk")
+        assert p.poll() is None, log.read_text()
+        victim = next(pid for pid in shard_worker_pids()
+                      if (Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ddpm-shard-0-of-2")))
+        assert 1 <= shard0.read_text().count("\n") < 6, "killed in the middle of its shard"
+        os.kill(victim, signal.SIGKILL)
+        p.wait(timeout=300)
+    finally:
+        kill_group(p)
+    text = log.read_text()
+    assert p.returncode == 0, text
+    assert "12 images in" in text and "on Ray: 2 tasks of 1 CPU, 1 retried" in text, text
+    assert_same_run(out, one_process(tmp_path, slow_onnx, *SLOW))
+
+
+def test_ctrl_c_on_the_driver_then_the_same_command_makes_only_the_missing_images(cluster, slow_onnx, tmp_path):
+    address, env = cluster
+    out = tmp_path / "interrupted"
+    args = [slow_onnx, *SLOW, "--out", out, "--ray", address, "--workers", 2]
+    p, log = start_generate(env, *args)
+    try:
+        wait_until(lambda: recorded(out) >= 2 or p.poll() is not None, "two images are on disk")
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+    finally:
+        kill_group(p)
+    text = log.read_text()
+    assert p.returncode != 0 and "interrupted; rerun the same command" in text and "Traceback" not in text, text
+    wait_until(lambda: not shard_worker_pids(), "the interrupted run's tasks are gone", timeout=30)
+    made = recorded(out)
+    assert 2 <= made < 12 and not (out / "manifest.jsonl").exists()
+    r = generate(env, *args)
+    assert r.returncode == 0, r.stderr
+    assert f"{12 - made} images in" in r.stdout and f"{made} already there" in r.stdout, r.stdout
+    assert_same_run(out, one_process(tmp_path, slow_onnx, *SLOW))
+
+
+def test_a_worker_larger_than_any_node_is_a_one_line_error_and_writes_nothing(cluster, uncond_onnx, tmp_path):
+    address, env = cluster
+    r = generate(env, uncond_onnx, "-n", 4, "--out", tmp_path / "o", "--ray", address, "--cpus-per-worker", 64)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
+    assert errors == ["Error: no node of the Ray cluster can hold a worker of 64 CPUs (the largest has 2 CPUs, 0 GPUs); "
+                      "ask for less with --cpus-per-worker/--gpus-per-worker"], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ray", "127.0.0.1:{closed}"], "cannot reach the Ray cluster at 127.0.0.1:{closed}: connection refused"),
+    (["--ray", "ray://127.0.0.1:{closed}"], "cannot reach the Ray cluster at ray://127.0.0.1:{closed}"),
+    (["--ray", "--workers", "0"], "Invalid value for '--workers': 0 is not in the range x>=1"),
+    (["--ray", "--workers", "5"], "--workers 5 is more than the 4 images of this run; ask for at most 4"),
+    (["--ray", "cluster.example"], "Invalid value for --ray: auto, local, HOST:PORT or ray://HOST:PORT"),
+    (["--workers", "2"], "--workers applies to --ray runs only"),
+    (["--ray", "--shard", "0/2"], "--shard and --ray do not combine"),
+], ids=["unreachable", "unreachable-client", "no-workers", "more-workers-than-images", "not-an-address",
+        "workers-without-ray", "shard-and-ray"])
+def test_bad_ray_input_is_one_line_and_writes_nothing(args, message, uncond_onnx, tmp_path):
+    closed = free_port()  # nothing listens there
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, [str(uncond_onnx), "-n", "4", "--out", str(out),
+                                  *[a.format(closed=closed) for a in args]])
+    assert message.format(closed=closed) in one_error_line(r)
+    assert not out.exists()
+
+
+DATASET = """
+import json, sys
+import numpy as np
+import ray
+import pyarrow.parquet as pq
+import runtime
+import runtime.ray
+
+cond, uncond, out = sys.argv[1:4]
+ray.init(address=sys.argv[4])
+result = {}
+ds = runtime.ray.images(cond, 10, seed=3, sampler="ddim", steps=5, batch_size=3, concurrency=2)
+rows = sorted(ds.take_all(), key=lambda row: row["index"])
+g = runtime.load(cond, "cpu")
+result["indices"] = [int(r["index"]) for r in rows]
+result["seeds"] = sorted({int(r["seed"]) for r in rows})
+result["classes"] = [int(r["class"]) for r in rows]
+result["equal"] = [bool(np.array_equal(r["image"], g.generate(1, seed=3, sampler="ddim", steps=5, start_index=k)[0]))
+                   for k, r in enumerate(rows)]
+result["shape"] = list(rows[0]["image"].shape) + [str(rows[0]["image"].dtype)]
+# chained into a pipeline of the user's: filter, then parquet files
+ds = runtime.ray.images(uncond, 6, seed=1, steps=4, concurrency=1, classes=None)
+ds.filter(lambda row: row["index"] % 2 == 0).write_parquet(out)
+table = pq.read_table(out).sort_by("index")
+u = runtime.load(uncond, "cpu").generate(6, seed=1, steps=4)
+result["parquet_indices"] = table.column("index").to_pylist()
+result["parquet_classes"] = table.column("class").to_pylist()
+images = [np.asarray(v).reshape(u.shape[1:]) for v in table.column("image").to_numpy(zero_copy_only=False)]
+result["parquet_equal"] = [bool(np.array_equal(im, u[k])) for im, k in zip(images, result["parquet_indices"])]
+print(json.dumps(result))
+"""
+
+
+def test_the_ray_data_source_gives_row_k_equal_to_image_k(cluster, cond_onnx, uncond_onnx, tmp_path):
+    address, env = cluster
+    script = tmp_path / "dataset.py"
+    script.write_text(DATASET)
+    p = subprocess.Popen([sys.executable, str(script), str(cond_onnx), str(uncond_onnx), str(tmp_path / "parquet"),
+                          address], env={**env, "RAY_AUTH_MODE": "token"}, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    finally:
+        kill_group(p)
+    assert p.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["indices"] == list(range(10)) and result["seeds"] == [3]
+    assert result["classes"] == [k % 3 for k in range(10)]  # classes cycle over the indices
+    assert all(result["equal"]) and result["shape"] == [16, 16, 3, "uint8"]
+    assert result["parquet_indices"] == [0, 2, 4] and result["parquet_classes"] == [None] * 3
+    assert all(result["parquet_equal"]) and len(result["parquet_equal"]) == 3
+
+
+def test_the_ray_data_source_checks_its_settings_at_once(cond_onnx):
+    import runtime.ray
+    from runtime.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="steps must be between 1 and T = 100, got 500"):
+        runtime.ray.images(cond_onnx, 4, steps=500)
+    with pytest.raises(SettingsError, match="unknown class 'zebra'"):
+        runtime.ray.images(cond_onnx, 4, classes="zebra")
+    assert not ray.is_initialized()  # nothing was started for a call that fails
