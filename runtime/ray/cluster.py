@@ -3,8 +3,10 @@
 ``--ray`` takes what ``ray.init(address=...)`` takes, checked first so that a bad one is one line and nothing is
 written: nothing (a running cluster if there is one — ``RAY_ADDRESS`` or this machine's latest — else a new local
 one), ``auto`` (a running one, or an error), ``local`` (always a new local one), ``HOST:PORT`` (a cluster's GCS) or
-``ray://HOST:PORT`` (Ray Client). An explicit address is probed with a TCP connection before Ray is asked, because
-``ray.init`` retries an unreachable address for minutes.
+``ray://HOST:PORT`` (Ray Client). The cluster's head is probed before Ray is asked, with a TCP connection and then
+one request to its GCS, because ``ray.init`` retries for minutes an address that nothing answers or that wants
+another token; the request also tells whether the cluster uses token authentication, and this driver does as
+the cluster does (see ``_match_authentication``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def check_address(address: str) -> str:
 
 
 def _probe(address: str) -> None:
-    """Open and close a TCP connection to an explicit address; ``ClusterError`` in one line when that fails."""
+    """Open and close a TCP connection to a HOST:PORT address; ``ClusterError`` in one line when that fails."""
     m = _ADDRESS.fullmatch(address)
     if m is None:
         return
@@ -99,21 +101,87 @@ def check_fits(ray, worker: Worker) -> None:
                            f"{cpus:g} CPUs, {gpus:g} GPUs); ask for less with --cpus-per-worker/--gpus-per-worker")
 
 
-def _send_token_if_there_is_one() -> None:
-    """Use this machine's Ray token (``ray get-auth-token --generate`` or a local cluster makes one) for an explicit
-    address (given, or in ``RAY_ADDRESS``) too, as Ray does for a cluster it finds itself; ``RAY_AUTH_MODE`` set by
-    the user is left as it is. Without this, Ray retries such an address with no token for minutes."""
+def _send_token_if_there_is_one() -> bool:
+    """Turn on token authentication for this process when this machine has a Ray token (``ray get-auth-token
+    --generate``, or the one a local cluster made) and ``RAY_AUTH_MODE`` is unset; whether it is on."""
     try:
         from ray._private.authentication import authentication_token_setup as tokens
     except ImportError:  # a Ray without token authentication
-        return
+        return False
     quiet = logging.getLogger(tokens.__name__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its notice that token authentication is on
     try:
-        tokens.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        return tokens.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     finally:
         quiet.setLevel(level)
+
+
+def _head(address: str) -> str | None:
+    """The GCS address (HOST:PORT) that ``ray.init(address)`` would join, or None when it would start a local
+    cluster (or this Ray cannot say: then Ray decides alone). ``ClusterError`` for ``auto`` with no cluster."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return None
+    try:
+        return canonicalize_bootstrap_address(address or None)
+    except ConnectionError as e:  # auto, and no cluster is running
+        raise ClusterError(f"cannot connect to a Ray cluster ({address or 'none given'}): {reason(e)}") from None
+    except Exception:  # a form this Ray parses otherwise: ray.init decides
+        return None
+
+
+def _gcs_answer(head: str) -> str:
+    """One request to the GCS at ``head`` with this process's authentication: "ok", "token" (refused: a token is
+    missing or wrong), "silent" (no answer in time) or "unknown" (this Ray cannot ask)."""
+    try:
+        from ray._raylet import InnerGcsClient
+        from ray.exceptions import AuthenticationError, RpcError
+    except ImportError:
+        return "unknown"
+    timeout_ms = int(CONNECT_TIMEOUT_S * 1000)
+    try:
+        InnerGcsClient.standalone(head, None, timeout_ms).internal_kv_get(b"ddpm-toolkit-probe", None, timeout_ms)
+    except AuthenticationError:
+        return "token"
+    except RpcError:
+        return "silent"
+    except Exception:  # anything else: ray.init will say what it is
+        return "unknown"
+    return "ok"
+
+
+def _match_authentication(head: str, address: str) -> None:
+    """Authenticate as the cluster at ``head`` does, or ``ClusterError`` in one line.
+
+    Ray turns token authentication on for a cluster it finds itself whenever this machine has a token, and never
+    for an explicit address. Both go wrong: with a token on for a cluster that runs without one, the cluster's
+    calls back to this driver are refused and the run's actors die; with it off for a cluster that wants one,
+    ``ray.init`` retries for minutes. So the GCS is asked first, without a token: a refusal means the cluster
+    wants this machine's token (sent, and checked with a second request); an answer means it wants none, and
+    ``RAY_AUTH_MODE=disabled`` keeps Ray from turning the token on. A ``RAY_AUTH_MODE`` set by the user is kept.
+    """
+    chosen = os.environ.get("RAY_AUTH_MODE")
+    answer = _gcs_answer(head)
+    where = f"the Ray cluster at {address or head}"
+    if answer == "silent":
+        raise ClusterError(f"{where} does not answer as a Ray head (no reply from its GCS in {CONNECT_TIMEOUT_S:g} s); "
+                           "is that the port `ray start --head` printed?")
+    if answer == "ok" and chosen is None:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+    if answer != "token":
+        return
+    if chosen is not None and chosen.lower() != "token":
+        raise ClusterError(f"{where} uses token authentication, and RAY_AUTH_MODE={chosen} here sends no token: "
+                           "unset it, or set it to token")
+    if chosen is None and not _send_token_if_there_is_one():
+        raise ClusterError(f"{where} uses token authentication and this machine has no Ray token: copy the "
+                           "cluster's ~/.ray/auth_token here, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    if chosen is not None or _gcs_answer(head) == "token":
+        mode = f" (RAY_AUTH_MODE={chosen})" if chosen is not None else ""
+        raise ClusterError(f"{where} refused this machine's Ray token{mode}: use the cluster's ~/.ray/auth_token, or "
+                           "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
 
 
 @contextmanager
@@ -130,9 +198,15 @@ def connected(address: str, log: Callable[[str], None]) -> Iterator[tuple[object
         yield ray, False
         return
     address = check_address(address)
-    if address not in ("", "local", "auto"):
+    explicit = address not in ("", "auto", "local")
+    if explicit:
         _probe(address)
-    _send_token_if_there_is_one()
+    if address.startswith("ray://"):  # Ray Client: its server speaks for the cluster
+        _send_token_if_there_is_one()
+    elif address != "local" and (head := _head(address)) is not None:
+        if not explicit:
+            _probe(head)
+        _match_authentication(head, address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run reports nothing to anyone unless asked
     try:
         context = ray.init(address=address or None, include_dashboard=False, logging_level=logging.ERROR,

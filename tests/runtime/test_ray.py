@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,25 +45,30 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A 2-CPU Ray cluster for the module: its address and the environment its drivers use."""
-    home = tmp_path_factory.mktemp("ray-home")
+@contextmanager
+def running_cluster(home: Path, cpus: int, token: bool) -> Iterator[tuple[str, dict]]:
+    """``ray start --head --block`` in its own session, with HOME at ``home``: its address and the environment its
+    drivers use (the same HOME, so the same token). With ``token`` the cluster uses token authentication, as Ray
+    sets one up on a machine that has a token; without, it runs with none."""
     port = free_port()
     env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
     ray_cli = Path(sys.executable).parent / "ray"
-    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    if token:
+        subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     log = open(home / "ray-start.log", "w")
-    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--num-cpus={cpus}", "--num-gpus=0",
                              f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**env, "RAY_AUTH_MODE": "token" if token else "disabled"})
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"],
-                             env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=120).returncode:
+                             env={**env, "RAY_AUTH_MODE": "token" if token else "disabled"}, capture_output=True,
+                             timeout=120).returncode:
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the Ray cluster did not start: {(home / 'ray-start.log').read_text()[-2000:]}")
             time.sleep(1)
@@ -69,6 +76,13 @@ def cluster(tmp_path_factory):
     finally:
         kill_group(head)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU Ray cluster with token authentication for the module: its address and its drivers' environment."""
+    with running_cluster(tmp_path_factory.mktemp("ray-home"), cpus=2, token=True) as c:
+        yield c
 
 
 def generate(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -146,10 +160,17 @@ def wait_until(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+# ddpm-generate with its own SIGINT disposition, whatever it inherited: a test runner started in the background
+# (nohup, CI jobs) hands children SIGINT ignored, and this driver must take Ctrl-C as a user's terminal delivers it.
+DRIVER = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "from runtime.generation.cli import main; main(prog_name='ddpm-generate')")
+
+
 def start_generate(env: dict, *args) -> tuple[subprocess.Popen, Path]:
+    """``ddpm-generate ARGS`` started in its own session, its output going to a log file beside ``--out``."""
     log = Path(args[args.index("--out") + 1]).with_suffix(".log")
     with open(log, "w") as f:  # a file, not a pipe: the bar can never block the run
-        p = subprocess.Popen([sys.executable, "-m", "runtime.generation.cli", *map(str, args)], env=env,
+        p = subprocess.Popen([sys.executable, "-c", DRIVER, *map(str, args)], env=env,
                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     return p, log
 
@@ -219,6 +240,62 @@ def test_a_worker_larger_than_any_node_is_a_one_line_error_and_writes_nothing(cl
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
     assert errors == ["Error: no node of the Ray cluster can hold a worker of 64 CPUs (the largest has 2 CPUs, 0 GPUs); "
                       "ask for less with --cpus-per-worker/--gpus-per-worker"], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cluster_without_tokens_is_joined_from_a_machine_that_has_one(cluster, uncond_onnx, tmp_path):
+    """This machine has a Ray token (the module cluster's), the cluster runs without token authentication: the
+    driver must not send one (the cluster could not call it back, and the run's actors would die)."""
+    _, env = cluster
+    with running_cluster(tmp_path, cpus=1, token=False) as (address, open_env):
+        args = [uncond_onnx, "-n", 3, "--steps", 4, "--out", tmp_path / "o"]
+        for how in (["--ray", address], ["--ray"]):  # named, and found (RAY_ADDRESS)
+            r = generate({**env, "RAY_ADDRESS": address}, *args, *how, "--overwrite")
+            assert r.returncode == 0, r.stderr
+            assert "3 images in" in r.stdout and "on Ray: 1 task of 1 CPU" in r.stdout, r.stdout
+    assert_same_run(tmp_path / "o", one_process(tmp_path, *args[:-2]))
+
+
+def listening_silently() -> socket.socket:
+    """A port that accepts connections and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("token, auth_mode, message", [
+    (None, None, "uses token authentication and this machine has no Ray token: copy the cluster's "
+                 "~/.ray/auth_token here, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"),
+    ("0" * 64, None, "refused this machine's Ray token: use the cluster's ~/.ray/auth_token, or set RAY_AUTH_TOKEN"),
+    ("0" * 64, "token", "refused this machine's Ray token (RAY_AUTH_MODE=token)"),
+    (None, "disabled", "uses token authentication, and RAY_AUTH_MODE=disabled here sends no token: unset it, or set "
+                       "it to token"),
+    ("silent", None, "does not answer as a Ray head (no reply from its GCS in 5 s); is that the port `ray start "
+                     "--head` printed?"),
+], ids=["no-token", "wrong-token", "wrong-token-chosen", "auth-disabled", "not-a-ray-head"])
+def test_a_cluster_that_cannot_be_joined_is_one_line_at_once(cluster, uncond_onnx, tmp_path, token, auth_mode,
+                                                               message):
+    address, env = cluster
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    if token not in (None, "silent"):
+        (home / ".ray" / "auth_token").write_text(token)
+    env = {**env, "HOME": str(home), **({"RAY_AUTH_MODE": auth_mode} if auth_mode else {})}
+    silent = listening_silently() if token == "silent" else None
+    if silent is not None:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        r = generate(env, uncond_onnx, "-n", 2, "--out", tmp_path / "o", "--ray", address, timeout=120)
+        took = time.monotonic() - started
+    finally:
+        if silent is not None:
+            silent.close()
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and f"Error: the Ray cluster at {address} " in errors[0] and message in errors[0], r.stderr
+    assert took < 60, f"it took {took:.0f} s to say so"  # ray.init alone retries for minutes
     assert not (tmp_path / "o").exists()
 
 
