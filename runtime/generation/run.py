@@ -121,6 +121,14 @@ def _progress(report: Callable[[float], None] | None, already: int, total: int) 
         yield show
 
 
+def require_on_disk(records, indices) -> None:
+    """``OutputError`` unless each of ``indices`` has its image on disk with its manifest record (``records``)."""
+    lost = next((i for i in indices if i not in records), None)
+    if lost is not None:
+        raise OutputError(f"image {lost} is not on disk with its manifest record at the end of this run (removed "
+                          "meanwhile?); rerun the same command to make it again")
+
+
 def generate_to_dir(g: Pipeline, o: RunOptions, *, report: Callable[[float], None] | None = None,
                     finalize: bool = True) -> RunResult:
     """Generate the images of shard ``o.shard`` that ``o.out`` does not hold yet, then finalize if complete.
@@ -173,9 +181,7 @@ def generate_to_dir(g: Pipeline, o: RunOptions, *, report: Callable[[float], Non
                 show(finished)  # the same count, now that the batch is on disk
     seconds = time.perf_counter() - start
     records = out.recorded()
-    lost = None if len(records) == o.n else next((i for i in mine if i not in records), None)
-    if lost is not None:  # never report success without this shard's part on disk
-        raise OutputError(f"image {lost} is not on disk with its manifest record at the end of this run (removed "
-                          "meanwhile?); rerun the same command to make it again")
+    if len(records) < o.n:  # never report success without this shard's part on disk
+        require_on_disk(records, mine)
     finalized = out.finalize(g.contract.channels, o.grid, grid_columns(g, o), records) if finalize else []
     return RunResult(len(mine) - already, already, plan, seconds, finalized, pending=o.n - len(records))

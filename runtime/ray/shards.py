@@ -27,7 +27,7 @@ from pathlib import Path
 from runtime.errors import ClusterError, GenerationError, ModelError, OutputError, reason
 from runtime.generation.output import shard_indices
 from runtime.generation.run import (RunOptions, RunResult, check_run, generate_to_dir, grid_columns, open_output,
-                                    progress_bar)
+                                    progress_bar, require_on_disk)
 from runtime.pipeline import load
 from runtime.ray.cluster import Worker, check_fits, connected, driver_pipeline, require_ray
 
@@ -188,9 +188,7 @@ def generate_on_ray(model: Path, o: RunOptions, run: RayRun, load_options: dict,
     finishing = time.perf_counter()
     records = out.recorded()
     if len(records) < o.n:  # never report success without the whole run on disk
-        lost = next(i for i in range(o.n) if i not in records)
-        raise OutputError(f"image {lost} is not on disk with its manifest record at the end of this run (removed "
-                          "meanwhile?); rerun the same command to make it again")
+        require_on_disk(records, range(o.n))
     finalized = out.finalize(g.contract.channels, o.grid, grid_columns(g, o), records)
     if results:  # where the time went (benchmarks/ray_generate.py reads this line)
         log(f"Ray: cluster ready in {connect_s:.2f} s; per task (median of {len(results)}): start-up (submitted → running) "
