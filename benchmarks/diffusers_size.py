@@ -29,7 +29,7 @@ import click
 import numpy as np
 
 from benchmarks.throughput import cpu_name
-from runtime.generation.files import atomic_write
+from runtime.files import atomic_write
 
 CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),

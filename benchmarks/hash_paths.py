@@ -1,6 +1,6 @@
 """Hash the images of every sampling path, so a refactor can show that it changes none of them.
 
-    python -m benchmarks.hash_paths --models DIR [--only NAME,...]
+    python -m benchmarks.hash_paths --models DIR [--make-models] [--only NAME,...]
 
 prints one line per case: ``name  sha256-of-the-uint8-images`` (the CLI case hashes every file the run writes but
 for the timings). ``DIR`` holds the TorchScript and .pt2 exports of the bundled checkpoint, made once with
@@ -24,44 +24,66 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "runtime" / "assets" / "fashion-mnist.onnx"
 CKPT = ROOT / "runtime" / "assets" / "fashion-mnist.ckpt"
 
-# name: (model, generate() settings); every case makes 4 images (DDPM at full T: 2) from seed 3, start index 5
+# name: (model, generate() settings); every case makes 4 images (DDPM at full T: 2) from seed 3, start index 5.
+# Every case names its guidance (the bundled ONNX recommends w = 2 on [0, 400]; only "model-defaults" takes that).
+# Each case's settings differ from every other's: the hash is of the uint8 images, and two paths that agree to within
+# float32 rounding (host and fused, ONNX and TorchScript) give the same uint8 images for the same settings, so a
+# shared hash would only say that. TWINS check it on purpose. Before issue 28, ddim-eta0-20 inherited w = 1.5 from a
+# default and so had fused-ddim-guided's settings: the two hashed the same, as the paths agree.
 CASES: dict[str, tuple[str, dict]] = {
-    "ddpm-full": ("onnx", dict(n=2, sampler="ddpm")),
-    "ddpm-respaced-50": ("onnx", dict(sampler="ddpm", steps=50)),
-    "ddpm-respaced-beta": ("onnx", dict(sampler="ddpm", steps=50, variance="beta")),
-    "ddim-eta0-20": ("onnx", dict(sampler="ddim", steps=20, eta=0.0)),
-    "ddim-eta1-20": ("onnx", dict(sampler="ddim", steps=20, eta=1.0)),
-    "ddpm-clipped-50": ("onnx", dict(sampler="ddpm", steps=50, clip_denoised=True)),
-    "ddim-clipped-20": ("onnx", dict(sampler="ddim", steps=20, clip_denoised=True, eta=0.5)),
+    "ddpm-full": ("onnx", dict(n=2, sampler="ddpm", guidance=1.5)),
+    "ddpm-respaced-50": ("onnx", dict(sampler="ddpm", steps=50, guidance=1.5)),
+    "ddpm-respaced-beta": ("onnx", dict(sampler="ddpm", steps=50, variance="beta", guidance=1.5)),
+    "ddim-eta0-20": ("onnx", dict(sampler="ddim", steps=20, eta=0.0, guidance=1.0)),
+    "ddim-eta1-20": ("onnx", dict(sampler="ddim", steps=20, eta=1.0, guidance=1.5)),
+    "ddpm-clipped-50": ("onnx", dict(sampler="ddpm", steps=50, clip_denoised=True, guidance=1.5)),
+    "ddim-clipped-20": ("onnx", dict(sampler="ddim", steps=20, clip_denoised=True, eta=0.5, guidance=1.5)),
     "ddim-guided-20": ("onnx", dict(sampler="ddim", steps=20, guidance=1.5, classes=7)),
     "ddpm-guided-50": ("onnx", dict(sampler="ddpm", steps=50, guidance=2.0)),
     "model-defaults": ("onnx", dict()),
-    "fused-ddim-guided": ("onnx", dict(sampler="ddim", steps=20, guidance=1.5, fused=True)),
-    "fused-ddpm-clipped": ("onnx", dict(sampler="ddpm", steps=50, clip_denoised=True, fused=True)),
+    "dpmpp-2m-15": ("onnx", dict(sampler="dpmpp-2m", steps=15, guidance=1.5)),
+    "dpmpp-2m-clipped-12": ("onnx", dict(sampler="dpmpp-2m", steps=12, clip_denoised=True, guidance=3.0)),
+    "dpmpp-2m-sde-20": ("onnx", dict(sampler="dpmpp-2m-sde", steps=20, guidance=1.5)),
+    "interval-ddim-20": ("onnx", dict(sampler="ddim", steps=20, guidance=2.0, guidance_interval=(200, 700))),
+    "interval-dpmpp-2m-10": ("onnx", dict(sampler="dpmpp-2m", steps=10, guidance=2.5, guidance_interval=(0, 400))),
+    "fused-ddim-guided": ("onnx", dict(sampler="ddim", steps=20, guidance=1.5, classes=3, fused=True)),
+    "fused-ddpm-clipped": ("onnx", dict(sampler="ddpm", steps=40, clip_denoised=True, guidance=1.5, fused=True)),
     "fused-ddim-eta1": ("onnx", dict(sampler="ddim", steps=20, eta=1.0, guidance=1.0, fused=True)),
+    "fused-dpmpp-2m-15": ("onnx", dict(sampler="dpmpp-2m", steps=15, guidance=1.5, classes=1, fused=True)),
+    "fused-dpmpp-2m-sde": ("onnx", dict(sampler="dpmpp-2m-sde", steps=12, guidance=1.0, fused=True)),
+    "fused-interval": ("onnx", dict(sampler="dpmpp-2m", steps=10, guidance=2.0, guidance_interval=(300, 999),
+                                    fused=True)),
     "torchscript-host": ("pt", dict(sampler="ddim", steps=20, guidance=1.5)),
-    "torchscript-device": ("pt", dict(sampler="ddpm", steps=50, guidance=1.5, fused=True)),
-    "pt2-host": ("pt2", dict(sampler="ddim", steps=20, guidance=1.5)),
-    "pt2-device": ("pt2", dict(sampler="ddim", steps=20, eta=1.0, clip_denoised=True, fused=True)),
+    "torchscript-device": ("pt", dict(sampler="ddpm", steps=30, guidance=1.5, fused=True)),
+    "torchscript-device-2m": ("pt", dict(sampler="dpmpp-2m", steps=10, guidance=2.0, fused=True)),
+    "pt2-host": ("pt2", dict(sampler="ddim", steps=25, guidance=1.5, classes=4)),
+    "pt2-device": ("pt2", dict(sampler="ddim", steps=20, eta=1.0, clip_denoised=True, guidance=1.0, fused=True)),
+    "pt2-device-2m-sde": ("pt2", dict(sampler="dpmpp-2m-sde", steps=8, guidance=1.5, fused=True)),
 }
-# the server: requests submitted together share the batch
-# (the server takes the model's recommendations for what a request leaves out: these name guidance and its interval)
+# the same settings as a fused case, on the host: on the CPU each hashes as its twin (printed as a check)
+TWINS: dict[str, tuple[str, tuple[str, dict]]] = {
+    "fused-ddim-guided": ("host-twin-ddim", ("onnx", dict(sampler="ddim", steps=20, guidance=1.5, classes=3))),
+    "fused-dpmpp-2m-15": ("host-twin-dpmpp-2m", ("onnx", dict(sampler="dpmpp-2m", steps=15, guidance=1.5, classes=1))),
+}
+# the server: requests submitted together share the batch (max_batch 5 < 13 images, so some sit out ticks and keep
+# their state); each request names its guidance, so a new recommendation of the model changes none
 _EVERY = dict(guidance=1.5, guidance_interval=(0, 999))
 SERVER = [dict(n=3, sampler="ddpm", steps=50, **_EVERY), dict(n=2, sampler="ddim", steps=20, start_index=4, **_EVERY),
           dict(n=2, sampler="ddim", steps=20, eta=1.0, clip_denoised=True, seed=9, **_EVERY),
-          dict(n=1, sampler="ddim", steps=50, **_EVERY)]
-# extra cases, once the samplers exist (skipped where the runtime does not know them)
+          dict(n=1, sampler="ddim", steps=50, **_EVERY),
+          dict(n=2, sampler="dpmpp-2m", steps=12, seed=4, guidance=2.0, guidance_interval=(0, 500)),
+          dict(n=2, sampler="dpmpp-2m-sde", steps=10, seed=5, classes=2, **_EVERY),
+          dict(n=1, sampler="dpmpp-2m", steps=15, clip_denoised=True, seed=6, **_EVERY)]
+# the samplers of issue 28 (skipped where the runtime does not know them)
 NEW_CASES: dict[str, tuple[str, dict]] = {
-    "dpmpp-2m-15": ("onnx", dict(sampler="dpmpp-2m", steps=15, guidance=1.5)),
-    "dpmpp-2m-sde-20": ("onnx", dict(sampler="dpmpp-2m-sde", steps=20, guidance=1.5)),
-    "fused-dpmpp-2m-15": ("onnx", dict(sampler="dpmpp-2m", steps=15, guidance=1.5, fused=True)),
-    "interval-ddim-20": ("onnx", dict(sampler="ddim", steps=20, guidance=2.0, guidance_interval=(200, 700))),
+    "dpmpp-3m-10": ("onnx", dict(sampler="dpmpp-3m", steps=10, guidance=1.5)),
+    "unipc-10": ("onnx", dict(sampler="unipc", steps=10, guidance=1.5)),
+    "ipndm-10": ("onnx", dict(sampler="ipndm", steps=10, guidance=1.5)),
+    "fused-dpmpp-3m": ("onnx", dict(sampler="dpmpp-3m", steps=8, guidance=2.0, fused=True)),
+    "fused-unipc": ("onnx", dict(sampler="unipc", steps=8, guidance=2.0, fused=True)),
+    "fused-ipndm": ("onnx", dict(sampler="ipndm", steps=8, guidance=2.0, fused=True)),
+    "pt2-device-unipc": ("pt2", dict(sampler="unipc", steps=6, guidance=1.5, fused=True)),
 }
-
-
-for _name, (_kind, _settings) in CASES.items():  # what each model recommended when the cases were written: the
-    if _name not in ("ddpm-full", "model-defaults"):  # bundled ONNX w = 1.5; the .pt/.pt2 exports nothing (w = 1)
-        _settings.setdefault("guidance", 1.5 if _kind == "onnx" else 1.0)
 
 
 def digest(images: np.ndarray) -> str:
@@ -76,11 +98,13 @@ def make_models(models: Path) -> None:
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def run_cases(models: Path, cases: dict, only: set[str] | None) -> None:
+def run_cases(models: Path, cases: dict, only: set[str] | None) -> dict[str, str]:
+    """Print and return each case's hash (a case whose sampler the runtime does not know is skipped)."""
     import runtime
 
     paths = {"onnx": BUNDLED, "pt": models / "model.pt", "pt2": models / "model.pt2"}
     loaded: dict[str, object] = {}
+    hashes = {}
     for name, (kind, settings) in cases.items():
         if only and name not in only:
             continue
@@ -94,7 +118,21 @@ def run_cases(models: Path, cases: dict, only: set[str] | None) -> None:
         except (TypeError, runtime.SettingsError) as e:
             print(f"{name:24s} skipped ({str(e).splitlines()[0]})")
             continue
-        print(f"{name:24s} {digest(images)}", flush=True)
+        hashes[name] = digest(images)
+        print(f"{name:24s} {hashes[name]}", flush=True)
+    return hashes
+
+
+def check_twins(hashes: dict[str, str], twins: dict[str, str]) -> None:
+    """Each fused case equals its host twin; two other cases sharing a hash (their settings all differ) is reported."""
+    for fused, host in twins.items():
+        if fused in hashes and host in hashes:
+            print(f"{'twin ' + fused:24s} {'equal' if hashes[fused] == hashes[host] else 'DIFFERENT'} to {host}")
+    seen: dict[str, str] = {}
+    for name, h in hashes.items():
+        if h in seen and twins.get(seen[h]) != name:
+            print(f"{'collision ' + name:24s} hashes as {seen[h]}: their settings differ, so a path ignores one")
+        seen.setdefault(h, name)
 
 
 def run_server(batching: bool) -> str:
@@ -156,15 +194,15 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True, help="folder with model.pt and model.pt2")
     parser.add_argument("--make-models", action="store_true", help="export them there first")
     parser.add_argument("--only", default=None, help="comma-separated case names")
-    parser.add_argument("--new", action="store_true", help="also the cases of the new samplers")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     if args.make_models:
         make_models(args.models)
     only = set(args.only.split(",")) if args.only else None
-    run_cases(args.models, CASES, only)
-    if args.new:
-        run_cases(args.models, NEW_CASES, only)
+    hashes = run_cases(args.models, CASES, only)
+    hashes |= run_cases(args.models, NEW_CASES, only)
+    hashes |= run_cases(args.models, {host: case for host, case in TWINS.values()}, only)
+    check_twins(hashes, {fused: host for fused, (host, _) in TWINS.items()})
     if not only or "server" in only:
         print(f"{'server-batching':24s} {run_server(True)}", flush=True)
         print(f"{'server-alone':24s} {run_server(False)}", flush=True)

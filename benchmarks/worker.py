@@ -86,7 +86,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
             e2e_n: int) -> list[dict]:
     import runtime
     from runtime.sampling.noise import NoiseStreams
-    from runtime.sampling.samplers import sample
+    from runtime.sampling.engine import sample
 
     contract_model = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     c = contract_model.contract
@@ -140,13 +140,13 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
                 for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=False):
                     pass
             else:
-                from training.predictor import eps_predictor
+                from runtime.backends.torch_loop import torch_ops
 
                 streams = NoiseStreams(rep, indices, (c.channels, c.image_size, c.image_size))
                 start = time.perf_counter()
-                yy = None if labels is None else native(labels)
-                predict = eps_predictor(lambda *a: timed(*a), yy, null_class=c.null_class)
-                x0 = sample(predict, native(streams.next()), plan.coefs, lambda i: native(streams.next()))
+                x0 = sample(lambda *a: timed(*a), native(streams.next()), plan.coefs, lambda i: native(streams.next()),
+                            labels=None if labels is None else labels.tolist(), null_class=c.null_class,
+                            ops=torch_ops("cuda" if "cuda" in name else "cpu"))
                 _ = x0.cpu().numpy() if hasattr(x0, "cpu") else x0
             elapsed = time.perf_counter() - start
             if rep == 0:

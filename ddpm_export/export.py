@@ -32,7 +32,7 @@ from runtime.backends.backend import BACKENDS, Backend
 from runtime.backends.providers import PROVIDER_NAMES
 from runtime.backends.step_graph import MIN_OPSET
 from runtime.errors import ModelError
-from runtime.generation.files import atomic_path, atomic_write
+from runtime.files import atomic_path, atomic_write
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 from runtime.pipeline import load
 from runtime.tolerances import TOLERANCES

@@ -15,7 +15,7 @@ import click
 import onnx
 
 from runtime.errors import ContractError, reason
-from runtime.generation.files import atomic_path
+from runtime.files import atomic_path
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 
 def parse_run_defaults(text: str | None) -> RunDefaults | None:

@@ -13,7 +13,7 @@ import torch
 
 from ddpm_export.checkpoint import EMA_PREFIX, load_checkpoint
 from ddpm_export.errors import CheckpointError
-from runtime.generation.files import atomic_path
+from runtime.files import atomic_path
 
 
 def slim_checkpoint(src: str | Path, dst: str | Path) -> int:

@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 
 from runtime.errors import reason
-from runtime.generation.images import to_uint8
+from runtime.sampling.finish import to_uint8
 from runtime.metadata import SamplingContract
 from runtime.sampling.plan import make_plan
-from runtime.sampling.samplers import array_predictor, sample
+from runtime.sampling.engine import sample
+from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES, Tolerance
 from runtime.backends.torch_backend import call_torch
 
@@ -36,6 +37,11 @@ class EpsCheck:
     calls: int
     max_abs_diff: float
     worst: dict  # where the largest excess over the tolerance occurred: case, t, label, index, values
+
+
+# the second trajectory check runs the sampler that keeps the most history (ties: the first registered), so every
+# history slot goes through the backend
+MULTISTEP_CHECK = max(SAMPLERS.values(), key=lambda s: s.history).name
 
 
 @dataclass
@@ -59,7 +65,7 @@ class BackendResult:
     passed: bool
     eps: EpsCheck | None = None
     trajectory: TrajectoryCheck | None = None  # DDPM (σ² = β̃), 20 steps
-    multistep: TrajectoryCheck | None = None  # DPM-Solver++(2M), 10 steps: the solver state through the backend
+    multistep: TrajectoryCheck | None = None  # MULTISTEP_CHECK, 10 steps: the solver's history through the backend
     settings: dict | None = None  # the backend settings each check ran with, where they differ per check
 
     def summary(self) -> str:
@@ -153,8 +159,7 @@ def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: Samplin
     y = (np.arange(n) % contract.num_classes).astype(np.int64) if contract.conditional else None
 
     def run(net):
-        return to_uint8(sample(array_predictor(net, y, null_class=contract.null_class), x_T, plan.coefs,
-                               lambda i: noise[i]))
+        return to_uint8(sample(net, x_T, plan.coefs, lambda i: noise[i], labels=y, null_class=contract.null_class))
 
     want = run(reference)
     try:
@@ -179,7 +184,8 @@ def verify_backend(name: str, reference: NumpyNet, candidate: NumpyNet, contract
     tol = TOLERANCES[precision]
     eps = check_eps(reference, candidate, contract, tol) if per_call and tol.atol is not None else None
     traj = check_trajectory(reference, trajectory_candidate or candidate, contract, tol)
-    multi = check_trajectory(reference, trajectory_candidate or candidate, contract, tol, steps=10, sampler="dpmpp-2m")
+    multi = check_trajectory(reference, trajectory_candidate or candidate, contract, tol, steps=10,
+                             sampler=MULTISTEP_CHECK)
     return BackendResult(name, (eps is None or eps.passed) and traj.passed and multi.passed, eps, traj, multi, settings)
 
 

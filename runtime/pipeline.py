@@ -16,13 +16,12 @@ import numpy as np
 
 from runtime.backends.backend import Backend, load_backend
 from runtime.bundled import resolve
-from runtime.generation.classes import Classes, class_index, labels
+from runtime.classes import Classes, class_index, labels
 from runtime.errors import GenerationError
-from runtime.generation.files import sha256_file
-from runtime.generation.images import to_uint8
+from runtime.files import sha256_file
+from runtime.sampling.engine import Engine
 from runtime.sampling.noise import NoiseStreams
 from runtime.sampling.plan import SamplingPlan, make_plan
-from runtime.sampling.samplers import array_predictor, sample
 from runtime.sampling.settings import RunSettings
 
 
@@ -53,7 +52,7 @@ class Pipeline:
         return make_plan(self.contract, settings, model_defaults=model_defaults, schedule=self._schedule, **given)
 
     def labels(self, indices: Sequence[int], classes: Classes) -> np.ndarray | None:
-        """(B,) int64 labels of the images ``indices`` (see ``runtime.generation.classes.labels``)."""
+        """(B,) int64 labels of the images ``indices`` (see ``runtime.classes.labels``)."""
         return labels(self.contract, indices, classes)
 
     def class_index(self, value: int | str) -> int:
@@ -76,8 +75,9 @@ class Pipeline:
                          fused: bool | None = None) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
         """Yield (indices, labels, uint8 images (B, H, W, C)) batch by batch for the given image indices.
 
-        ``progress(k)`` is called after each sampler step with the batch's size. ``fused`` runs the backend's
-        device loop (the fused ONNX step, or the torch loop; default: where the backend prefers it, i.e. on GPUs).
+        ``progress(k)`` is called after each sampler step with the batch's size. The batch engine
+        (``runtime.sampling.engine``) advances each batch; ``fused`` gives it the backend's device form (the fused
+        ONNX step, or torch tensors on the device; default: where the backend prefers it, i.e. on GPUs).
         """
         if batch_size < 1:
             raise GenerationError(f"batch size must be positive, got {batch_size}")
@@ -85,30 +85,23 @@ class Pipeline:
             raise GenerationError(f"seed must be non-negative, got {seed}")
         c, backend = self.contract, self.backend
         shape = (c.channels, c.image_size, c.image_size)
-        steps = len(plan.coefs.timesteps)
-        draws = 1 + int(np.count_nonzero(plan.coefs.noise_coef))  # x_T, then one per step that adds noise
+        on_device = backend.prefers_device_loop if fused is None else fused
+        engine = backend.device_engine() if on_device else Engine(backend.predict_eps, null_class=c.null_class)
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start:start + batch_size])
             y = None if labels is None else labels[start:start + batch_size]
-
-            def on_step(i: int, x: np.ndarray | None) -> None:
-                if x is not None and not np.isfinite(x).all():
-                    raise GenerationError(f"the model produced NaN or Inf at sampler step {steps - i} of {steps} "
-                                          f"(t = {int(plan.coefs.timesteps[i])}); no images were written for this batch")
-                if progress is not None:
-                    progress(len(batch))
-
-            on_device = backend.prefers_device_loop if fused is None else fused
-            loop = backend.device_loop(plan, y) if on_device else None
             # noise is drawn ahead on threads while the predictor runs; they end with the batch, also on errors
-            with NoiseStreams(seed, batch, shape, draws=draws) as streams:
-                x_T = streams.next()
-                if loop is not None:
-                    x0 = loop(x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
-                else:
-                    predict = array_predictor(backend.predict_eps, y, null_class=c.null_class)
-                    x0 = sample(predict, x_T, plan.coefs, lambda i: streams.next(), on_step=on_step)
-            yield batch, y, to_uint8(x0)
+            with NoiseStreams(seed, batch, shape, draws=plan.coefs.draws) as streams:
+                engine.add(plan.coefs, batch, streams, y)
+                while True:
+                    tick = engine.tick()
+                    if tick.failed:
+                        raise GenerationError(f"{tick.failed[0][1]}; no images were written for this batch")
+                    if progress is not None:
+                        progress(len(batch))
+                    if tick.out is not None:
+                        break
+            yield batch, y, tick.out
 
 
 def load(model: str | os.PathLike, provider: str = "auto", *, threads: int | None = None, cpu_arena: bool = True,

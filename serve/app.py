@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from runtime.errors import GenerationError
 from runtime.generation.output import png_bytes
 from runtime.pipeline import Pipeline
-from runtime.sampling.settings import NAMES, SETTINGS, RunSettings
+from runtime.sampling.settings import NAMES, SETTINGS, RunSettings, help_text, taking
 from serve.guard import CLIENT_CLOSED, IMAGES_PATH, MAX_BODY_BYTES, Guard, error
 from serve.metrics import CONTENT_TYPE, Metrics
 from serve.scheduler import Cancelled, ImageResult, QueueFull, Scheduler
@@ -55,16 +55,20 @@ def _one_line(errors) -> str:
 
 def settings_fields() -> dict[str, tuple]:
     """The request's run-settings fields, derived from ``RunSettings``: its types, default None (the model's
-    recommendation, else the runtime's default) and help. The interval is a JSON array of two integers."""
+    recommendation, else the runtime's default), help and, for a sampler-specific setting, ``x-samplers`` (the samplers
+    it applies to). The interval is a JSON array of two integers."""
     hints = typing.get_type_hints(RunSettings)
     out = {}
     for f in SETTINGS:
         kind = hints[f.name]
         lo, hi = f.metadata["bounds"]  # documented in the schema; the setting's rule enforces them (one line, 422)
-        extra = {"json_schema_extra": {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}}
+        schema = {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}
+        if f.metadata["specific"]:  # the samplers it applies to (the playground greys it out for the others)
+            schema["x-samplers"] = taking(f.name)
+        extra = {"json_schema_extra": schema}
         if typing.get_origin(typing.get_args(kind)[0]) is tuple:
             kind, extra = list[int] | None, {"min_length": 2, "max_length": 2}
-        out[f.name] = (kind, Field(None, description=f.metadata["help"], **extra))
+        out[f.name] = (kind, Field(None, description=help_text(f.name), **extra))
     return out
 
 

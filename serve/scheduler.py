@@ -1,16 +1,15 @@
 """Continuous batching: one loop owns the model; every image in flight, from any request, advances one step per
 predictor call, at its own timestep, with its own plan, class and guidance.
 
-Each tick the loop stacks up to ``max_batch`` live images into one predictor call with per-image ``t`` and labels;
-the guided images are doubled in the same call with the null class. Which images: a quarter of the slots (at least
-one) to the oldest request, so that no request starves; the rest shortest remaining work first — the images of
-the request with the fewest steps left to make (ties: the older request) —, so a short request overtakes a long
-one at the next tick instead of waiting for it; an image that sits out a tick keeps its state
-and goes on later, unchanged (its x and its solver state, the previous x̂₀ of a multistep sampler). Then every
-image takes its own step with its own plan's coefficients (``runtime.sampling.step.step`` with per-image coefficient arrays),
-its own guidance scale on this step (``runtime.sampling.samplers.guided_eps``; only images whose step is guided are doubled,
-so a guidance interval halves their rows outside it) and its own noise stream (``runtime.sampling.noise``): an image comes
-out as ``runtime.load(model).generate`` makes it, and one predictor call mixes images of any samplers. New requests join at the next tick; finished images leave at once.
+The images live in one batch engine (``runtime.sampling.engine.Engine``), each tracked by its request. Each tick the
+loop picks up to ``max_batch`` of them and the engine makes one predictor call for them (the guided ones doubled in
+the same call with the null class, only on their guided steps) and one step each, with its own row of its own
+plan's table and its own noise stream (``runtime.sampling.noise``): an image comes out as
+``runtime.load(model).generate`` makes it, and one predictor call mixes images of any samplers. Which images: a
+quarter of the slots (at least one) to the oldest request, so that no request starves; the rest shortest remaining
+work first — the images of the request with the fewest steps left to make (ties: the older request) —, so a short
+request overtakes a long one at the next tick instead of waiting for it; an image that sits out a tick keeps its x
+and its history and goes on later, unchanged. New requests join at the next tick; finished images leave at once.
 ``batching=False`` is the naive server for comparison: one request at a time, through ``Pipeline.generate_batches``.
 """
 
@@ -27,13 +26,11 @@ from typing import Callable
 import numpy as np
 
 from runtime.errors import GenerationError
-from runtime.generation.images import to_uint8
-from runtime.sampling.noise import NoiseStreams
 from runtime.pipeline import Pipeline
-from runtime.sampling.plan import NOISE_COLUMN, TABLE_COLUMNS, SamplingPlan
-from runtime.sampling.samplers import guided_eps
+from runtime.sampling.engine import Engine
+from runtime.sampling.noise import NoiseStreams
+from runtime.sampling.plan import SamplingPlan
 from runtime.sampling.settings import RunSettings
-from runtime.sampling.step import step
 
 RECENT = 2048  # how many batch sizes and latencies stats() keeps (the metrics see every call: ``on_call``)
 
@@ -65,8 +62,6 @@ class Job:
     def __init__(self, n: int, seed: int, start_index: int, plan: SamplingPlan, labels: np.ndarray | None) -> None:
         self.n, self.seed, self.plan, self.labels = n, seed, plan, labels
         self.indices = list(range(start_index, start_index + n))
-        self.table = plan.coefs.table()  # (K, 8) float32: the same float32 values the offline loop multiplies by
-        self.guidance = plan.coefs.guidance.astype(np.float32)  # (K,) w per step
         self.results: list[ImageResult | None] = [None] * n
         self.remaining = n
         self.cancelled = False
@@ -97,23 +92,6 @@ class Job:
                 self._future.set_exception(error)
 
 
-class _Image:
-    """One image in flight: its request, its step ``i`` (K−1 … 0, −1 when done), x, its solver state x0 (the last
-    step's x̂₀, zeros before the first) and its noise stream."""
-
-    def __init__(self, job: Job, k: int, shape: tuple[int, int, int]) -> None:
-        coefs = job.plan.coefs
-        self.job, self.k = job, k
-        self.table = job.table
-        self.timesteps = coefs.timesteps
-        self.label = None if job.labels is None else int(job.labels[k])
-        self.i = len(self.table) - 1
-        draws = 1 + int(np.count_nonzero(coefs.noise_coef))
-        self.noise = NoiseStreams(job.seed, [job.indices[k]], shape, draws=draws, threads=0)
-        self.x = self.noise.next()[0]
-        self.x0 = np.zeros_like(self.x)
-
-
 class Scheduler:
     """The loop that owns the model; see the module docstring.
 
@@ -134,8 +112,9 @@ class Scheduler:
         c = pipeline.contract
         self.shape = (c.channels, c.image_size, c.image_size)
         self._waiting: collections.deque[Job] = collections.deque()  # submitted, not yet turned into images
-        self._pool: list[_Image] = []  # live images of admitted requests
-        self._flight: list[_Image] = []  # the images of the current (or last) predictor call
+        # the live images of admitted requests (``Image.owner``: the request), advanced by one predictor call a tick
+        self.engine = Engine(pipeline.backend.predict_eps, null_class=c.null_class)
+        self._flight: list = []  # the images of the current (or last) predictor call that are still live
         self._alone_flight = 0  # batching=False: the images of the batch being denoised
         self._cond = threading.Condition()
         self._stopping = False
@@ -163,7 +142,7 @@ class Scheduler:
         return job
 
     def _pending_images(self) -> int:
-        return sum(j.n for j in self._waiting) + len(self._pool)
+        return sum(j.n for j in self._waiting) + len(self.engine)
 
     def stats(self) -> dict:
         with self._cond:
@@ -184,9 +163,9 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-            while (self._waiting or self._pool) and time.monotonic() < deadline:
+            while (self._waiting or self.engine.images) and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, min(0.05, deadline - time.monotonic())))
-            for job in [*self._waiting, *{im.job for im in self._pool}]:
+            for job in [*self._waiting, *{im.owner for im in self.engine.images}]:
                 job.cancel()
             self._cond.notify_all()
         if self._thread is not None:
@@ -198,7 +177,7 @@ class Scheduler:
                 self._drop_cancelled()
                 if self.batching:
                     self._admit()
-                while not self._pool and not self._waiting:
+                while not self.engine.images and not self._waiting:
                     if self._stopping:
                         return
                     self._cond.wait(timeout=0.5)
@@ -207,7 +186,7 @@ class Scheduler:
                         self._admit()
                 job = None if self.batching else (self._waiting[0] if self._waiting else None)
             if self.batching:
-                if self._pool:
+                if self.engine.images:
                     self._tick()
             elif job is not None:
                 self._run_alone(job)
@@ -218,89 +197,64 @@ class Scheduler:
         """Waiting requests become live images (x_T drawn), to be picked by ``_select`` (called under the lock)."""
         while self._waiting:
             job = self._waiting.popleft()
-            self._pool += [_Image(job, k, self.shape) for k in range(job.n)]
+            coefs = job.plan.coefs
+            streams = [NoiseStreams(job.seed, [k], self.shape, draws=coefs.draws, threads=0) for k in job.indices]
+            self.engine.add(coefs, job.indices, streams, job.labels, owner=job)
 
-    def _select(self) -> list[_Image]:
-        """Up to ``max_batch`` live images (called under the lock): the reserved slots (``max_batch // 4``, at least
-        one from 2 on) to the oldest request's images, so that a long request is never starved by a stream of short
-        ones; the rest shortest remaining work first."""
-        if len(self._pool) <= self.max_batch:
-            return list(self._pool)
+    def _select(self) -> list[int]:
+        """The positions of up to ``max_batch`` live images (called under the lock): the reserved slots
+        (``max_batch // 4``, at least one from 2 on) to the oldest request's images, so that a long request is never
+        starved by a stream of short ones; the rest shortest remaining work first."""
+        pool = self.engine.images
+        if len(pool) <= self.max_batch:
+            return list(range(len(pool)))
         reserved = self.max_batch // 4 or min(1, self.max_batch - 1)
-        oldest = sorted(self._pool, key=lambda im: (im.job.submitted, im.k))[:reserved]
-        taken = set(map(id, oldest))
+        oldest = sorted(range(len(pool)), key=lambda p: (pool[p].owner.submitted, pool[p].index))[:reserved]
+        taken = set(oldest)
         left: dict[Job, int] = collections.Counter()
-        for im in self._pool:
-            left[im.job] += im.i + 1
-        shortest = sorted((im for im in self._pool if id(im) not in taken),
-                          key=lambda im: (left[im.job], im.job.submitted, im.k))
+        for im in pool:
+            left[im.owner] += im.i + 1
+        shortest = sorted((p for p in range(len(pool)) if p not in taken),
+                          key=lambda p: (left[pool[p].owner], pool[p].owner.submitted, pool[p].index))
         return oldest + shortest[:self.max_batch - len(oldest)]
 
     def _drop_cancelled(self) -> None:
         """Cancelled requests leave: their images stop, the caller gets ``Cancelled`` (called under the lock)."""
-        gone = {j for j in self._waiting if j.cancelled} | {im.job for im in self._pool if im.job.cancelled}
+        gone = {j for j in self._waiting if j.cancelled} | {im.owner for im in self.engine.images if im.owner.cancelled}
         if not gone:
             return
         self._waiting = collections.deque(j for j in self._waiting if j not in gone)
-        self._pool = [im for im in self._pool if im.job not in gone]
-        self._flight = [im for im in self._flight if im.job not in gone]
+        self.engine.remove([p for p, im in enumerate(self.engine.images) if im.owner in gone])
+        self._flight = [im for im in self._flight if im.owner not in gone]
         for job in gone:
             job._finish(Cancelled("the request was cancelled"))
 
     def _tick(self) -> None:
-        """One predictor call for the selected images, then one step each."""
+        """One predictor call for the selected images, one step each (the batch engine), then their requests."""
         with self._cond:
-            self._flight = flight = self._select()
-        contract = self.pipeline.contract
-        x = np.stack([im.x for im in flight])
-        t = np.array([im.timesteps[im.i] for im in flight], dtype=np.int64)
-        w_all = np.array([im.job.guidance[im.i] for im in flight], dtype=np.float32)
-        guided = [b for b in range(len(flight)) if w_all[b] != 1.0]
-        xs, ts = np.concatenate([x, x[guided]]), np.concatenate([t, t[guided]])
-        y = None
-        if contract.conditional:
-            y = np.array([im.label for im in flight] + [contract.null_class] * len(guided), dtype=np.int64)
-        eps_all = self.pipeline.backend.predict_eps(xs, ts, y)
-        eps = eps_all[:len(flight)].copy()
-        if guided:
-            w = w_all[guided].reshape(-1, 1, 1, 1)
-            eps[guided] = guided_eps(eps_all[guided], eps_all[len(flight):], w)
-        rows = np.stack([im.table[im.i] for im in flight])  # (B, 8) float32, TABLE_COLUMNS order
-        coef = {name: rows[:, k].reshape(-1, 1, 1, 1) for k, name in enumerate(TABLE_COLUMNS)}
-        z = np.zeros_like(x)
-        for b, im in enumerate(flight):
-            if rows[b, NOISE_COLUMN] != 0.0:
-                z[b] = im.noise.next()[0]
-        x_next, x0 = step(x, eps, np.stack([im.x0 for im in flight]), z, coef)
+            positions = self._select()
+            self._flight = [self.engine.images[p] for p in positions]
+        tick = self.engine.tick(positions)
         self.predictor_calls += 1
-        self.batch_fill.append(len(xs))
+        self.batch_fill.append(tick.rows)
         for observe in self.on_call:
-            observe(len(xs))
-        self._advance(flight, x_next, x0)
-
-    def _advance(self, flight: list[_Image], x_next: np.ndarray, x0: np.ndarray) -> None:
-        finite = np.isfinite(x_next).reshape(len(flight), -1).all(axis=1)
+            observe(tick.rows)
         with self._cond:
-            for b, im in enumerate(flight):
-                job = im.job
+            for im, problem in tick.failed:
+                job = im.owner
+                job._finish(GenerationError(f"{problem} for image {im.index}; nothing was returned"))
+                job.cancel()
+            for b, im in enumerate(tick.finished):
+                job = im.owner
                 if job.done:
                     continue
-                if not finite[b]:
-                    K = len(im.table)
-                    job._finish(GenerationError(
-                        f"the model produced NaN or Inf at sampler step {K - im.i} of {K} "
-                        f"(t = {int(im.timesteps[im.i])}) for image {job.indices[im.k]}; nothing was returned"))
-                    job.cancel()
-                    continue
-                im.x, im.x0, im.i = x_next[b], x0[b], im.i - 1
-                if im.i < 0:
-                    job.results[im.k] = ImageResult(job.indices[im.k], job.seed, im.label, to_uint8(im.x[None])[0])
-                    job.remaining -= 1
-                    self.images_done += 1
-                    if job.remaining == 0:
-                        self._complete(job)
-            self._pool = [im for im in self._pool if im.i >= 0 and not im.job.done]
-            self._flight = [im for im in self._flight if im.i >= 0 and not im.job.done]
+                k = im.index - job.indices[0]
+                job.results[k] = ImageResult(im.index, job.seed, im.label, tick.out[b])
+                job.remaining -= 1
+                self.images_done += 1
+                if job.remaining == 0:
+                    self._complete(job)
+            self._flight = [im for im in self._flight if im.i >= 0 and not im.owner.done]
             self._drop_cancelled()
 
     def _complete(self, job: Job) -> None:

@@ -62,3 +62,14 @@ def test_a_runnable_block_runs(code: str, needs: str | None, tmp_path: Path):
         except ProcessLookupError:
             pass
     assert proc.returncode == 0 and "Traceback" not in out, f"exit {proc.returncode}:\n{out[-3000:]}"
+
+
+def test_the_sampler_table_is_the_registry():
+    """docs/generate.md's sampler table is ``runtime.sampling.samplers.markdown_table()``: paste it there when a
+    sampler is added or changed."""
+    from runtime.sampling.samplers import markdown_table
+
+    text = (REPO / "docs" / "generate.md").read_text()
+    start = text.index("<!-- samplers: runtime.sampling.samplers.markdown_table() -->\n")
+    table = text[text.index("\n", start) + 1:text.index("\n<!-- /samplers -->")]
+    assert table == markdown_table(), f"docs/generate.md's sampler table should read:\n{markdown_table()}"

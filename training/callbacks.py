@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import save_image
 
-from runtime.generation.files import atomic_path
+from runtime.errors import GenerationError
+from runtime.files import atomic_path
 from training.config import GRID_SAMPLER
 from training.interrupt import StopOnSignal, StopRequested
 
@@ -58,6 +59,9 @@ class SampleGrid(pl.Callback):
                                       generator=generator, on_step=None if stop is None else lambda i, x: stop.check())
         except StopRequested as e:
             print(f"{e}: the sample grid {path.name} was not drawn", file=sys.stderr)
+            return
+        except GenerationError as e:  # a model that diverged: training goes on, the grid says why it is missing
+            print(f"the sample grid {path.name} was not drawn: {e}", file=sys.stderr)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # the temporary name has no .png suffix: name the format

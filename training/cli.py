@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from runtime.sampling.settings import DEFAULT_STEPS, SAMPLERS, RunSettings
+from runtime.sampling import samplers
+from runtime.sampling.settings import SAMPLERS, RunSettings
 from training.config import GRID_SAMPLER, TRAINABLE_SCHEDULES, ModelConfig
 from training.console import main_process
 from training.errors import TrainInterrupted
@@ -74,7 +75,7 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--checkpoint-every", default=500, type=click.IntRange(min=1), help="Write checkpoints/last.ckpt every N steps.")
 @click.option("--sample-every", default=0, type=click.IntRange(min=0), help="Write a sample grid every N steps (0: only at the end).")
 @click.option("--sample-sampler", default=GRID_SAMPLER, type=click.Choice(SAMPLERS), help="Sampler of the grids: a fast one by default, so a grid costs seconds, not the minutes of DDPM at all T steps.")
-@click.option("--sample-steps", default=None, type=click.IntRange(min=1), help=f"Sampling steps of the grids (default: {GRID_SAMPLER}'s {DEFAULT_STEPS[GRID_SAMPLER]}; for ddpm T).")
+@click.option("--sample-steps", default=None, type=click.IntRange(min=1), help=f"Sampling steps of the grids (default: {GRID_SAMPLER}'s {samplers.SAMPLERS[GRID_SAMPLER].default_steps}; for ddpm T).")
 @click.option("--guidance", default=1.0, type=float, help="Classifier-free guidance scale for the grids of conditional models.")
 @click.option("--run-defaults", default=None, metavar="KEY=VALUE,...", callback=_run_defaults,
               help="Run settings the model recommends (e.g. sampler=dpmpp-2m,steps=20,guidance=2): kept in every checkpoint, so every export samples with them by default (ddpm-export --run-defaults replaces given keys; on --resume, given ones replace the checkpoint's).")

@@ -5,12 +5,12 @@ copy of the weights (``torch.optim.swa_utils.AveragedModel``, kept as the ``ema`
 every checkpoint) and the diffusion tables, which come from ``runtime.sampling.schedule``.
 What defines the model is a ``training.config.ModelConfig``; ``save_hyperparameters`` stores it, so a
 checkpoint rebuilds the model with ``load_from_checkpoint(path)`` alone. Sampling runs the runtime's plan
-(``runtime.sampling.plan.make_plan``) and loop (``runtime.sampling.samplers.sample``) on the eager U-Net.
+(``runtime.sampling.plan.make_plan``) and batch engine (``runtime.sampling.engine.sample``) on the eager U-Net.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -20,7 +20,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from runtime.sampling.plan import make_plan
 from runtime.sampling.settings import RunSettings
-from runtime.sampling import samplers
+from runtime.backends.torch_loop import torch_ops
+from runtime.sampling import engine
 from training.config import ModelConfig
 from training.eval_mode import eval_mode
 from training.predictor import eps_predictor
@@ -154,7 +155,7 @@ class DiffusionModel(pl.LightningModule):
         use_ema: bool = True,
         generator: torch.Generator | None = None,
         settings: RunSettings | None = None,
-        on_step: samplers.OnStep | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
         **run_settings,
     ) -> torch.Tensor:
         """Sample on the model's device with the runtime's plan and loop -> (n_samples, C, H, W) float32 in [−1, 1].
@@ -165,8 +166,8 @@ class DiffusionModel(pl.LightningModule):
         ``labels`` (conditional models; default: classes cycle over the images) and guidance w give
         ε = ε_uncond + w·(ε_cond − ε_uncond); w ≠ 1 needs a conditional model. The EMA weights are used when
         present unless ``use_ema=False``. The model's train/eval mode is left as it was. Bad settings raise
-        ValueError (``runtime.errors.SettingsError``). ``on_step(i, x)`` is called after each sampler step (as by
-        ``runtime.sampling.samplers.sample``); what it raises ends the sampling.
+        ValueError (``runtime.errors.SettingsError``), a NaN in x ``runtime.errors.GenerationError``. ``on_step(i, x)``
+        is called after each sampler step (as by ``runtime.sampling.engine.sample``); what it raises ends the sampling.
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be positive, got {n_samples}")
@@ -189,6 +190,6 @@ class DiffusionModel(pl.LightningModule):
             return torch.randn(x_T.shape, device=self.device, generator=generator)
 
         with eval_mode(unet):
-            predict = eps_predictor(unet, y, null_class=self.null_class)
-            x0 = samplers.sample(predict, x_T, plan.coefs, noise, on_step=on_step)
+            x0 = engine.sample(eps_predictor(unet), x_T, plan.coefs, noise, labels=None if y is None else y.tolist(),
+                               null_class=self.null_class, ops=torch_ops(self.device), on_step=on_step)
         return x0.clamp(-1.0, 1.0)

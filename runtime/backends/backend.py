@@ -1,9 +1,9 @@
 """What a backend is (``Backend``), and the one place that loads a model file into one and probes providers.
 
 A backend is a thin adapter around an exported noise predictor: ``contract``, ``provider`` (what runs it),
-``path``, ``predict_eps`` on host arrays and ``device_loop`` (the sampler loop kept on the backend's device:
-``runtime.backends.fused`` for onnxruntime, ``runtime.backends.torch_loop`` for torch). Samplers and batching never look past this
-protocol. onnxruntime (``runtime.backends.onnx_model``) is the base backend; TorchScript (``runtime.backends.torchscript_model``)
+``path``, ``predict_eps`` on host arrays and ``device_engine`` (the batch engine with its arrays on the backend's
+device: ``runtime.backends.fused`` for onnxruntime, ``runtime.backends.torch_loop`` for torch). Samplers and batching
+never look past this protocol. onnxruntime (``runtime.backends.onnx_model``) is the base backend; TorchScript (``runtime.backends.torchscript_model``)
 and ``.pt2`` (``runtime.backends.pt2_model``) need torch and are imported only for such a file.
 """
 
@@ -27,14 +27,13 @@ class Backend(Protocol):
     path: Path
     contract: SamplingContract
     provider: str  # e.g. "CPUExecutionProvider", "torchscript:cuda", "pt2:cuda:bf16"
-    prefers_device_loop: bool  # whether runs use device_loop unless told otherwise (GPUs)
+    prefers_device_loop: bool  # whether runs use device_engine unless told otherwise (GPUs)
 
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 | None -> ε (B, C, H, W) float32."""
 
-    def device_loop(self, plan, y: np.ndarray | None):
-        """``loop(x_T, coefs, noise, *, on_step) -> x_0`` (``samplers.sample``'s signature less the predictor)
-        for this plan and one batch's labels (B,) int64, running on the backend's device."""
+    def device_engine(self):
+        """A batch engine (``runtime.sampling.engine.Engine``) whose arrays live on the backend's device."""
 
 
 Format = Literal["onnx", "torchscript", "pt2"]

@@ -98,7 +98,7 @@ class OnnxModel:
         self.contract = _contract_of(self.session, path)
         _check_graph(self.session, self.contract, path)
         self._input_names = [i.name for i in self.session.get_inputs()]
-        self._step_sessions: dict[bool, object] = {}
+        self._step_sessions: dict[tuple[bool, int], object] = {}
         self._step_lock = threading.Lock()
 
     @property
@@ -115,24 +115,27 @@ class OnnxModel:
             raise ValueError(f"{self.path} takes inputs {self._input_names}, got {sorted(feed)}")
         return self.session.run(None, feed)[0]
 
-    def device_loop(self, plan, y: np.ndarray | None):
-        """The fused loop (``runtime.backends.fused.sample_fused``) bound to ``plan`` and one batch's labels.
+    def device_engine(self):
+        """The batch engine with the fused step (``runtime.backends.fused``): one step graph call per step, x and the
+        history kept on the device on a GPU provider. Each step graph (plain or guided, by history width) is built
+        from the model file once, when first needed, with the same providers and session settings as the model."""
+        from runtime.backends.fused import FusedStep, fused_ops
+        from runtime.sampling.engine import Engine
 
-        The step graphs the plan needs (plain, and guided where some step is guided) are built from the model file
-        once each and kept with the same providers and session settings as the model.
-        """
-        from runtime.backends.fused import FusedStep, StepSession, sample_fused
+        on_device = self.prefers_device_loop
+        return Engine(None, fused_ops("cuda" if on_device else None), null_class=self.contract.null_class,
+                      fused=FusedStep(self._step_session, on_device))
 
-        needed = sorted({bool(w != 1.0) for w in plan.coefs.guidance})
+    def _step_session(self, guided: bool, history: int):
+        from runtime.backends.fused import StepSession
+
         with self._step_lock:
-            for guided in needed:
-                if guided not in self._step_sessions:
-                    import onnx
+            if (guided, history) not in self._step_sessions:
+                import onnx
 
-                    from runtime.backends.step_graph import build_step_graph
+                from runtime.backends.step_graph import build_step_graph
 
-                    null = self.contract.null_class if guided else None
-                    step = build_step_graph(onnx.load(str(self.path)), null_class=null)
-                    self._step_sessions[guided] = StepSession(step, self.providers, self.session_options)
-            sessions = {g: self._step_sessions[g] for g in needed}
-        return functools.partial(sample_fused, FusedStep(sessions, y, self.prefers_device_loop))
+                null = self.contract.null_class if guided else None
+                step = build_step_graph(onnx.load(str(self.path)), null_class=null, history=history)
+                self._step_sessions[guided, history] = StepSession(step, self.providers, self.session_options)
+            return self._step_sessions[guided, history]

@@ -1,16 +1,15 @@
 """One whole sampler step as one ONNX model, so a sampling loop makes one session call per step.
 
 ``build_step_graph`` wraps an exported noise predictor (inputs ``x`` float32 [B,C,H,W], ``t`` int64 [B],
-optional ``y`` int64 [B]; output ``eps`` float32 [B,C,H,W]) into a model that computes, with the eight
-per-step coefficients ``coef`` (``runtime.sampling.plan.TABLE_COLUMNS``) and the previous step's x̂₀ ``x0_prev``::
+optional ``y`` int64 [B]; output ``eps`` float32 [B,C,H,W]) into a model that computes, with one row ``coef`` of a
+step table (``runtime.sampling.table``: its 7 columns, then H history coefficients) and the H earlier d's ``h1`` …::
 
     eps    = model(x_t, t, y)                       # guided: eps_u + w·(eps_c − eps_u), one 2B-batch call
-    x0_hat = clip(x0_from_x·x_t + x0_from_eps·eps, −x0_clip, x0_clip)
-    x_next = x_coef·x_t + eps_coef·eps + x0_coef·x0_hat + prev_x0_coef·x0_prev + noise_coef·z
+    d      = clip(d_from_x·x_t + d_from_eps·eps, −d_clip, d_clip)
+    x_next = x_coef·x_t + eps_coef·eps + d_coef·d + h1_coef·h1 + … + hH_coef·hH + noise_coef·z
 
-the arithmetic of ``runtime.sampling.step.step``, for every sampler (``coef`` is one row of
-``runtime.sampling.plan.StepCoefficients.table()``; ``x0_hat`` is an output, the next step's ``x0_prev``).
-``runtime.backends.fused`` runs it.
+the arithmetic of ``runtime.sampling.step.step``, for every sampler (``d`` is an output where H > 0: the next step's
+``h1``; the caller shifts the rest). ``runtime.backends.fused`` runs it.
 """
 
 from __future__ import annotations
@@ -21,18 +20,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.sampling.plan import TABLE_COLUMNS
+from runtime.sampling.table import COLUMNS, history_columns
 
 MIN_OPSET = 14  # the oldest opset ddpm-export writes and the runtime runs (the step graph needs 13+)
 
 
-def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None) -> onnx.ModelProto:
+def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None, history: int = 0) -> onnx.ModelProto:
     """A copy of ``model`` extended into one sampler step (``model`` itself is left untouched).
 
     Inputs: ``x_t`` float32 [B,C,H,W], ``t`` int64 [B], ``y`` int64 [B] (only if ``model`` has ``y``),
-    ``z`` float32 [B,C,H,W] (injected noise), ``x0_prev`` float32 [B,C,H,W] (the previous step's x̂₀; zeros
-    before the first), ``coef`` float32 [8] (``TABLE_COLUMNS``) and, for a guided step (``null_class`` given),
-    ``w`` float32 [1] (guidance scale). Outputs: ``x_next`` and ``x0_hat``, float32 [B,C,H,W].
+    ``z`` float32 [B,C,H,W] (injected noise), ``h1`` … ``hH`` float32 [B,C,H,W] (the d of the ``history`` steps
+    before, newest first; zeros before they exist), ``coef`` float32 [7 + H] (``table.COLUMNS``, then the history
+    coefficients) and, for a guided step (``null_class`` given), ``w`` float32 [1] (guidance scale). Outputs:
+    ``x_next`` and, where H > 0, ``d``, float32 [B,C,H,W].
     B stays dynamic. Guided runs the predictor on 2B images with labels ``concat([y, null_class…])``. The
     model's own values are renamed (``step_model_x`` …) so they cannot clash with these names; every new value
     and node name starts with ``step_``. Metadata props are kept. Raises ValueError for a model without inputs
@@ -66,7 +66,8 @@ def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None) -
 
     # Rename the predictor's inputs and output, and any value that clashes with the step model's interface.
     eps_out = g.output[0].name
-    io_names = ["x_t", "t", "y", "z", "x0_prev", "coef", "w", "x_next", "x0_hat"]
+    slots = [f"h{j + 1}" for j in range(history)]
+    io_names = ["x_t", "t", "y", "z", *slots, "coef", "w", "x_next", "d"]
     mapping = {n: fresh(f"model_{n}") for n in [*inputs, eps_out]}
     mapping |= {n: fresh(n) for n in io_names if n in taken and n not in mapping}
     _rename(g, mapping)
@@ -82,15 +83,16 @@ def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None) -
     new_inputs = [_value_info("x_t", x_type), _value_info("t", t_type)]
     if conditional:
         new_inputs.append(_value_info("y", next(vi.type for vi in internal if vi.name == my)))
-    new_inputs += [_value_info("z", x_type), _value_info("x0_prev", x_type),
-                   helper.make_tensor_value_info("coef", TensorProto.FLOAT, [len(TABLE_COLUMNS)])]
+    width = len(COLUMNS) + history
+    new_inputs += [_value_info("z", x_type), *(_value_info(h, x_type) for h in slots),
+                   helper.make_tensor_value_info("coef", TensorProto.FLOAT, [width])]
     if guided:
         new_inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1]))
     del g.input[:]
     g.input.extend(new_inputs + kept)
     g.value_info.extend(internal)
     del g.output[:]
-    g.output.extend([_value_info("x_next", x_type), _value_info("x0_hat", x_type)])
+    g.output.extend([_value_info("x_next", x_type)] + ([_value_info("d", x_type)] if history else []))
     if guided:  # the predictor's batch is 2B now: forget the symbolic batch size inside it
         for vi in g.value_info:
             for d in vi.type.tensor_type.shape.dim:
@@ -118,19 +120,21 @@ def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None) -
             nodes.append(helper.make_node("Identity", [src], [dst], name=fresh(f"Identity_{src}")))
     pre, nodes = nodes, []
 
-    c = dict(zip(TABLE_COLUMNS, node("Split", ["coef", const("coef_split", [1] * len(TABLE_COLUMNS), np.int64)],
-                                     len(TABLE_COLUMNS), axis=0)))
+    names = COLUMNS + history_columns(history)
+    c = dict(zip(names, node("Split", ["coef", const("coef_split", [1] * width, np.int64)], width, axis=0)))
     eps = meps
     if guided:
         (batch,) = node("Slice", [*node("Shape", ["x_t"]), const("zero", [0], np.int64), const("one", [1], np.int64)])
         eps_c, eps_u = node("Split", [meps, *node("Concat", [batch, batch], axis=0)], 2, axis=0)
         (eps,) = node("Add", [eps_u, *node("Mul", ["w", *node("Sub", [eps_c, eps_u])])])
-    (x0_raw,) = node("Add", [*node("Mul", [c["x0_from_x"], "x_t"]), *node("Mul", [c["x0_from_eps"], eps])])
-    (bound,) = node("Reshape", [c["x0_clip"], const("scalar_shape", np.zeros(0), np.int64)])  # Clip takes scalars
-    nodes.append(helper.make_node("Clip", [x0_raw, *node("Neg", [bound]), bound], ["x0_hat"], name=fresh("Clip_x0")))
+    d = "d" if history else fresh("d")
+    (d_raw,) = node("Add", [*node("Mul", [c["d_from_x"], "x_t"]), *node("Mul", [c["d_from_eps"], eps])])
+    (bound,) = node("Reshape", [c["d_clip"], const("scalar_shape", np.zeros(0), np.int64)])  # Clip takes scalars
+    nodes.append(helper.make_node("Clip", [d_raw, *node("Neg", [bound]), bound], [d], name=fresh("Clip_d")))
     (acc,) = node("Add", [*node("Mul", [c["x_coef"], "x_t"]), *node("Mul", [c["eps_coef"], eps])])
-    (acc,) = node("Add", [acc, *node("Mul", [c["x0_coef"], "x0_hat"])])
-    (acc,) = node("Add", [acc, *node("Mul", [c["prev_x0_coef"], "x0_prev"])])
+    (acc,) = node("Add", [acc, *node("Mul", [c["d_coef"], d])])
+    for j, h in enumerate(slots):
+        (acc,) = node("Add", [acc, *node("Mul", [c[f"h{j + 1}_coef"], h])])
     nodes.append(helper.make_node("Add", [acc, *node("Mul", [c["noise_coef"], "z"])], ["x_next"],
                                   name=fresh("Add_x_next")))
 

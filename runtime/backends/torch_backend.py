@@ -1,4 +1,4 @@
-"""What the torch backends (TorchScript, .pt2) share: importing torch on demand, numpy in and out, and the device loop.
+"""What the torch backends (TorchScript, .pt2) share: importing torch on demand, numpy in and out, the device engine.
 
 A subclass sets ``contract``, ``device`` and ``net(x, t, y=None)`` (torch tensors on ``device``).
 """
@@ -31,7 +31,7 @@ def call_torch(module, device: str, x: np.ndarray, t: np.ndarray, y: np.ndarray 
 
 
 class TorchBackend:
-    """``predict_eps`` on host arrays and ``device_loop`` on the device, around the subclass's ``net``."""
+    """``predict_eps`` on host arrays and ``device_engine`` on the device, around the subclass's ``net``."""
 
     device: str
 
@@ -47,8 +47,8 @@ class TorchBackend:
         """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
         return call_torch(self.net, self.device, x, t, y)
 
-    def device_loop(self, plan, y: np.ndarray | None):
-        """The sampler loop on this backend's device (``runtime.backends.torch_loop``)."""
-        from runtime.backends.torch_loop import device_loop
+    def device_engine(self):
+        """The batch engine on this backend's device (``runtime.backends.torch_loop``)."""
+        from runtime.backends.torch_loop import device_engine
 
-        return device_loop(self.net, self.device, plan, y, self.contract.null_class)
+        return device_engine(self.net, self.device, self.contract.null_class)

@@ -1,45 +1,38 @@
-"""The sampler loop of the torch backends (TorchScript, .pt2) on their device: ``samplers.sample`` over tensors.
+"""The torch backends' arrays for the batch engine: x, the history, the noise and the labels as tensors on their device.
 
-x, the update and the noise live on the device; the noise is drawn on the host by the same per-image streams as
-every other backend (so images do not depend on the backend) and uploaded once per step; only the final images
-come back. On a GPU, x is copied to the host for the finiteness check only every ``FINITE_CHECK_EVERY`` steps.
+The noise is drawn on the host by the same per-image streams as every other backend (so images do not depend on the
+backend) and uploaded once per step; only the finished images come back. On a GPU, x is copied to the host for the
+NaN check only every ``runtime.sampling.engine.FINITE_CHECK_EVERY`` steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from runtime.backends.fused import FINITE_CHECK_EVERY
-from runtime.sampling.plan import SamplingPlan, StepCoefficients
-from runtime.sampling.samplers import NoiseFn, OnStep, guided_predictor, sample
-
-DeviceLoop = Callable[..., np.ndarray]  # (x_T, coefs, noise, *, on_step) -> x_0, like samplers.sample minus predict
+from runtime.sampling.engine import Engine, Ops
 
 
-def device_loop(net, device: str, plan: SamplingPlan, y: np.ndarray | None, null_class: int | None) -> DeviceLoop:
-    """A loop with ``samplers.sample``'s signature (less the predictor) around ``net(x, t, y)`` on ``device``."""
+def torch_ops(device) -> Ops:
+    """``Ops`` over torch tensors on ``device`` (a torch.device or its name)."""
     import torch
 
-    labels = None if y is None else torch.from_numpy(np.ascontiguousarray(y, np.int64)).to(device)
-
-    def call(x, t: int, lab):
-        return net(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=device), lab)
-
-    predict = guided_predictor(call, labels, null_class=null_class, concat=torch.cat)
-    on_host = device == "cpu"
-
-    def upload(a: np.ndarray):
+    def upload(a):
+        if isinstance(a, torch.Tensor):
+            return a.to(device)
         return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
 
-    def loop(x_T: np.ndarray, coefs: StepCoefficients, noise: NoiseFn, *, on_step: OnStep | None = None) -> np.ndarray:
-        def step_done(i: int, x) -> None:
-            if on_step is not None:
-                on_step(i, x.cpu().numpy() if on_host or i % FINITE_CHECK_EVERY == 0 else None)
+    def index(rows):
+        return torch.as_tensor(rows, dtype=torch.int64, device=device)
 
-        with torch.inference_mode():
-            x0 = sample(predict, upload(x_T), coefs, lambda i: upload(noise(i)), on_step=step_done)
-            return x0.float().cpu().numpy()
+    def put(a, rows, values):
+        a[index(rows)] = values
 
-    return loop
+    return Ops(concat=torch.cat, take=lambda a, rows: a[index(rows)], put=put,
+               ints=lambda values: torch.as_tensor(list(values), dtype=torch.int64, device=device),
+               floats=upload, upload=upload, download=lambda a: a.float().cpu().numpy(),
+               zeros_like=torch.zeros_like, context=torch.inference_mode, on_host=torch.device(device).type == "cpu")
+
+
+def device_engine(net, device: str, null_class: int | None) -> Engine:
+    """An engine whose arrays live on ``device``, around ``net(x, t, y)`` (torch tensors there)."""
+    return Engine(net, torch_ops(device), null_class=null_class)

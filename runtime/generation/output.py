@@ -30,7 +30,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from runtime.generation import files
+from runtime import files
 from runtime.errors import OutputError
 
 RUN_FILE = "run.json"

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from runtime.bundled import resolve
-from runtime.generation.classes import Classes
+from runtime.classes import Classes
 from runtime.ray.cluster import require_ray, driver_pipeline
 from runtime.sampling.settings import RunSettings
 

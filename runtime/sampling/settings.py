@@ -15,16 +15,15 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
+from runtime.sampling import samplers
 from runtime.sampling.schedule import SPACINGS
+from runtime.sampling.table import FLOAT32_MAX
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde"]
+SAMPLERS: tuple[str, ...] = samplers.NAMES  # the registry's names, in its order
+SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]
 Variance = Literal["beta", "beta_tilde"]
 Spacing = Literal[SPACINGS]  # type: ignore[valid-type]  # linspace, leading, trailing
-SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 VARIANCES: tuple[str, ...] = get_args(Variance)
-MULTISTEP = ("dpmpp-2m", "dpmpp-2m-sde")  # samplers that keep the previous step's x̂₀
-DEFAULT_STEPS = {"ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 20}  # ddpm: all T
-FLOAT32_MAX = 3.4028234663852886e38  # the samplers compute in float32
 GUIDANCE_RANGE = (0.0, 50.0)  # w = 0: the unconditional model, 1: the conditional one; images saturate long before 50
 
 
@@ -62,8 +61,13 @@ def sampler_problem(sampler: object, ctx: Context) -> str | None:
 
 
 def steps_problem(steps: object, ctx: Context) -> str | None:
-    ok = _is_int(steps) and 1 <= steps <= ctx.timesteps
-    return None if ok else f"steps must be between 1 and T = {ctx.timesteps}, got {steps}"
+    if not (_is_int(steps) and 1 <= steps <= ctx.timesteps):
+        return f"steps must be between 1 and T = {ctx.timesteps}, got {steps}"
+    fewest = samplers.SAMPLERS[ctx.sampler].min_steps if ctx.sampler in samplers.SAMPLERS else 1
+    if steps < fewest:
+        return (f"{ctx.sampler} needs at least {fewest} steps (its first {fewest - 1} warm up its history), "
+                f"got {steps}")
+    return None
 
 
 def eta_problem(eta: object, ctx: Context) -> str | None:
@@ -138,19 +142,19 @@ def parse_bool(text: str) -> bool:
 
 
 def setting(help: str, rule: Callable[[object, Context], str | None], parse: Callable[[str], Any], *,
-            samplers: tuple[str, ...] = SAMPLERS, per_sampler: bool = False, per_image: bool = False,
+            specific: bool = False, per_sampler: bool = False, per_image: bool = False,
             new: bool = False, implicit: Any = None, bounds: tuple[float | None, float | None] = (None, None)) -> Any:
     """A ``RunSettings`` field (default None = not given) and what is derived from it.
 
     ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
-    (``--run-defaults``); ``samplers``: the samplers it applies to (given for another: an error; recommended for
-    another: not used); ``per_sampler``: a recommendation of it holds for the recommended sampler only;
+    (``--run-defaults``); ``specific``: it applies only to the samplers that list it in their ``settings``
+    (``runtime.sampling.samplers``; given for another: an error; recommended for another: not used); ``per_sampler``: a recommendation of it holds for the recommended sampler only;
     ``per_image``: each manifest record carries it; ``new``: added after run folders existed, so ``run.json``
     records it only when set (folders of earlier versions resume); ``implicit``: a new setting's value when not
     set (a run that gives exactly it is recorded as not setting it, so the same run reads the same); ``bounds``:
     (min, max) of a number, for documents such as the OpenAPI schema (``rule`` enforces them).
     """
-    return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "samplers": samplers,
+    return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "specific": specific,
                                          "per_sampler": per_sampler, "per_image": per_image, "new": new,
                                          "implicit": implicit, "bounds": bounds})
 
@@ -160,16 +164,18 @@ class RunSettings:
     """The settings of a sampling run; ``None`` = not given (see the module docstring)."""
 
     sampler: SamplerName | None = setting(
-        "ddpm: Algorithm 2 (respaced when steps < T); ddim: Song et al., eta 0 is deterministic; dpmpp-2m: "
-        "DPM-Solver++(2M), second-order multistep, 10-20 steps; dpmpp-2m-sde: its SDE variant (stochastic). "
-        "Default: the model's recommendation, else ddpm.", sampler_problem, str, per_image=True)
+        "; ".join(f"{s.name}: {s.summary}" for s in samplers.SAMPLERS.values())
+        + ". Default: the model's recommendation, else ddpm.", sampler_problem, str, per_image=True)
     steps: int | None = setting(
-        "Sampling steps (1 ... T; the same evenly spaced model timesteps for every sampler). Default: the model's "
-        "recommendation for this sampler, else T for ddpm, 50 for ddim, 20 for dpmpp-2m and dpmpp-2m-sde.",
+        "Sampling steps (1 ... T; the same model timesteps for every sampler; at least "
+        + ", ".join(f"{s.min_steps} for {s.name}" for s in samplers.SAMPLERS.values() if s.min_steps > 1)
+        + ", whose first steps warm up their history). Default: the model's recommendation for this sampler, else "
+        + ", ".join(f"{'T' if s.default_steps is None else s.default_steps} for {s.name}"
+                    for s in samplers.SAMPLERS.values()) + ".",
         steps_problem, int, per_sampler=True, per_image=True, bounds=(1, None))
     eta: float | None = setting(
-        "DDIM noise scale in [0, 1] (0: deterministic, 1: DDPM-like); ddim only. Default: the model's "
-        "recommendation, else 0.", eta_problem, float, samplers=("ddim",), per_sampler=True, per_image=True,
+        "DDIM noise scale in [0, 1] (0: deterministic, 1: DDPM-like). Default: the model's "
+        "recommendation, else 0.", eta_problem, float, specific=True, per_sampler=True, per_image=True,
         bounds=(0, 1))
     guidance: float | None = setting(
         "Classifier-free guidance scale w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional only. "
@@ -182,10 +188,10 @@ class RunSettings:
         interval_problem, parse_interval, per_image=True, new=True)
     clip_denoised: bool | None = setting(
         "Clip the predicted x0 to [-clip_range, clip_range] in each step (ddpm: the posterior-mean form). "
-        "Default: the model's recommendation, else off.", clip_problem, parse_bool)
+        "Default: the model's recommendation, else off.", clip_problem, parse_bool, specific=True)
     clip_range: float | None = setting(
         "The bound of clip_denoised (diffusers' clip_sample_range). Default: the model's recommendation, else 1.",
-        clip_range_problem, float, new=True, implicit=1.0)
+        clip_range_problem, float, specific=True, new=True, implicit=1.0)
     spacing: Spacing | None = setting(
         "Which model timesteps a run of fewer than T steps visits (diffusers' timestep_spacing): linspace = "
         "round(linspace(0, T-1, steps)); leading = k*(T//steps) + steps_offset; trailing = round(T - k*T/steps) - 1. "
@@ -194,8 +200,8 @@ class RunSettings:
         "Added to every timestep of leading spacing (diffusers' steps_offset). Default: the model's "
         "recommendation, else 0.", offset_problem, int, new=True, implicit=0, bounds=(0, None))
     variance: Variance | None = setting(
-        "DDPM sigma^2 (ddpm only). Default: the model's recommendation, else the contract's (beta) at full T and "
-        "beta_tilde when respaced.", variance_problem, str, samplers=("ddpm",))
+        "DDPM sigma^2. Default: the model's recommendation, else the contract's (beta) at full T and "
+        "beta_tilde when respaced.", variance_problem, str, specific=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.guidance_interval, list):  # JSON has no tuples
@@ -212,8 +218,9 @@ class RunSettings:
             if value is None:
                 continue
             if ctx.sampler is not None and not applies(f.name, ctx.sampler):
-                found.append((f.name, f"{f.name} applies to the {' and '.join(f.metadata['samplers'])} sampler only, "
-                                      f"not to {ctx.sampler}"))
+                takers = taking(f.name)
+                found.append((f.name, f"{f.name} applies to the {', '.join(takers)} sampler{'s' * (len(takers) > 1)} "
+                                      f"only, not to {ctx.sampler}"))
             elif problem := f.metadata["rule"](value, ctx):
                 found.append((f.name, problem))
         return found
@@ -259,20 +266,36 @@ class RunSettings:
 
 
 def applies(name: str, sampler: str) -> bool:
-    """Whether the setting ``name`` means anything for ``sampler``."""
-    return sampler in FIELDS[name].metadata["samplers"]
+    """Whether the setting ``name`` means anything for ``sampler`` (a specific one: the sampler lists it)."""
+    return not FIELDS[name].metadata["specific"] or name in samplers.SAMPLERS[sampler].settings
+
+
+def taking(name: str) -> list[str]:
+    """The samplers the setting ``name`` applies to."""
+    return [s for s in SAMPLERS if applies(name, s)]
+
+
+def help_text(name: str) -> str:
+    """The help of the setting ``name`` (its CLI option, its HTTP field), with the samplers it applies to where it
+    is sampler-specific (from the registry)."""
+    f = FIELDS[name]
+    takers = taking(name)
+    return f.metadata["help"] + (f" Applies to {', '.join(takers)} only." if f.metadata["specific"] else "")
 
 
 def defaults(sampler: str, timesteps: int) -> dict[str, Any]:
     """The runtime's value of every setting a run leaves unset (no recommendation either) for ``sampler``.
 
-    The paper's DDPM (Algorithm 2) at all T steps, w = 1 on every step, no clipping; DDIM takes 50 steps with
-    η = 0, the DPM-Solver++ samplers 20. ``variance`` None: ``make_plan`` takes the contract's at full T and β̃
-    when respaced. The new settings' None is their ``implicit`` value (clip range 1, linspace spacing, offset 0).
+    The paper's DDPM (Algorithm 2) at all T steps, w = 1 on every step, no clipping; every other sampler its
+    registry entry's ``default_steps`` (at most T), η = 0 where it applies. ``variance`` None: ``make_plan`` takes the
+    contract's at full T and β̃ when respaced. The new settings' None is their ``implicit`` value (clip range 1,
+    linspace spacing, offset 0); a setting that does not apply to ``sampler`` is None.
     """
-    return {"sampler": "ddpm", "steps": timesteps if sampler == "ddpm" else min(DEFAULT_STEPS[sampler], timesteps),
-            "eta": 0.0 if sampler == "ddim" else None, "guidance": 1.0, "guidance_interval": None,
-            "clip_denoised": False, "variance": None, "clip_range": None, "spacing": None, "steps_offset": None}
+    steps = samplers.SAMPLERS[sampler].default_steps
+    values = {"sampler": "ddpm", "steps": timesteps if steps is None else min(steps, timesteps), "eta": 0.0,
+              "guidance": 1.0, "guidance_interval": None, "clip_denoised": False, "variance": None, "clip_range": None,
+              "spacing": None, "steps_offset": None}
+    return {name: value if applies(name, sampler) else None for name, value in values.items()}
 
 
 def _jsonable(value: Any) -> Any:

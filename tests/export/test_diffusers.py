@@ -29,10 +29,10 @@ from ddpm_export.cli import main as export_cli  # noqa: E402
 from ddpm_export.diffusers_source import diffusers_contract, read_config  # noqa: E402
 from ddpm_export.run_defaults import set_contract  # noqa: E402
 from runtime.errors import SettingsError  # noqa: E402
-from runtime.generation.images import to_uint8  # noqa: E402
+from runtime.sampling.finish import to_uint8  # noqa: E402
 from runtime.metadata import SamplingContract, ScheduleSpec  # noqa: E402
 from runtime.sampling.schedule import default_params  # noqa: E402
-from runtime.sampling.samplers import array_predictor, sample  # noqa: E402
+from runtime.sampling.engine import sample  # noqa: E402
 from runtime.tolerances import TOLERANCES  # noqa: E402
 
 SIZE, CHANNELS, T = 8, 3, 1000
@@ -99,13 +99,12 @@ def test_ddpm_and_ddim_match_diffusers_pipelines(exported, pipeline_folder, pred
     assert model.contract.prediction == prediction and model.contract.variance == "beta_tilde"
     unet = diffusers.UNet2DModel.from_pretrained(pipeline_folder / "unet")
     shape, n = (2, CHANNELS, SIZE, SIZE), 2
-    predict = array_predictor(model.backend.predict_eps, None, null_class=None)
     cases = [(diffusers.DDPMPipeline, diffusers.DDPMScheduler, dict(), T),
              (diffusers.DDIMPipeline, diffusers.DDIMScheduler, dict(sampler="ddim", steps=20), 20)]
     for pipe_cls, sched_cls, settings, steps in cases:
         plan = model.plan(**settings)  # the scheduler's clipping, variance and spacing come from the contract
         _, x_T, noise = torch_noise(11, shape)
-        ours = to_uint8(sample(predict, x_T, plan.coefs, noise))
+        ours = to_uint8(sample(model.backend.predict_eps, x_T, plan.coefs, noise))
         theirs = diffusers_images(pipe_cls, sched_cls.from_config(config), unet, 11, n, steps)
         diff = np.abs(ours.astype(int) - theirs)
         assert diff.max() <= TOLERANCES["fp32"].max_levels, (pipe_cls.__name__, prediction, diff.max())

@@ -16,6 +16,7 @@ from ddpm_export.checkpoint import load_checkpoint
 from ddpm_export.cli import main
 from runtime.backends.backend import model_format
 from runtime.errors import ModelError
+from runtime.sampling.samplers import SAMPLERS
 from runtime.backends.pt2_model import TARGET_FILE
 from runtime.tolerances import TOLERANCES
 
@@ -49,7 +50,8 @@ def test_pt2_export_is_verified_and_self_describing(cond_pt2, cond_rgb_ckpt, con
 
 
 @pytest.mark.parametrize("settings", [dict(sampler="ddim", steps=6, eta=0.5, guidance=2.0),
-                                      dict(sampler="dpmpp-2m-sde", steps=6, guidance=2.0, guidance_interval=(20, 80))])
+                                      dict(sampler="dpmpp-2m-sde", steps=6, guidance=2.0, guidance_interval=(20, 80)),
+                                      dict(sampler="unipc", steps=6, guidance=2.0)])
 def test_pt2_generates_what_onnx_generates(cond_pt2, cond_export_onnx, settings):
     path, _ = cond_pt2
     settings = dict(settings, batch_size=3, seed=4)
@@ -61,7 +63,9 @@ def test_pt2_generates_what_onnx_generates(cond_pt2, cond_export_onnx, settings)
     assert np.abs(device.astype(int) - host).max() <= SAME.max_levels
 
 
-@pytest.mark.parametrize("settings", [dict(sampler="ddpm", steps=8, guidance=1.5), dict(sampler="dpmpp-2m", steps=8)])
+@pytest.mark.parametrize("settings", [dict(sampler="ddpm", steps=8, guidance=1.5), dict(sampler="dpmpp-2m", steps=8),
+                                      *(dict(sampler=name, steps=s.min_steps + 4, guidance=2.0)  # h1 … hH as tensors
+                                        for name, s in SAMPLERS.items() if s.history > 1)])
 def test_torchscript_device_loop_equals_its_host_loop(cond_torchscript, settings):
     model = runtime.load(cond_torchscript, "cpu")
     settings = dict(settings, batch_size=4, seed=1)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import runtime
 from runtime.bundled import resolve
-from runtime.generation.cli import main
+from runtime.generate_cli import main
 from runtime.metadata import RunDefaults
 
 

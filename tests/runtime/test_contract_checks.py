@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import runtime
-from runtime.generation.cli import main
+from runtime.generate_cli import main
 from runtime.errors import ModelError
 from runtime.metadata import CONTRACT_KEY
 from tests.toy_onnx import make_toy_predictor

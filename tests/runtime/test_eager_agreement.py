@@ -8,9 +8,10 @@ import torch
 
 import runtime
 from ddpm_export.checkpoint import load_checkpoint
-from runtime.generation.images import to_uint8
+from runtime.sampling.finish import to_uint8
 from runtime.sampling.noise import NoiseStreams
-from runtime.sampling.samplers import sample
+from runtime.backends.torch_loop import torch_ops
+from runtime.sampling.engine import sample
 from runtime.tolerances import TOLERANCES
 from training.predictor import eps_predictor
 
@@ -26,10 +27,10 @@ def eager_images(ckpt, g, n, plan, seed=0, classes=None):
     streams = NoiseStreams(seed, indices, (c.channels, c.image_size, c.image_size))
     labels = g.labels(indices, classes)
     y = None if labels is None else torch.from_numpy(labels)
-    predict = eps_predictor(net, y, null_class=c.null_class)
     x_T = torch.from_numpy(streams.next())
     with torch.no_grad():
-        x0 = sample(predict, x_T, plan.coefs, lambda i: torch.from_numpy(streams.next()))
+        x0 = sample(eps_predictor(net), x_T, plan.coefs, lambda i: torch.from_numpy(streams.next()),
+                    labels=None if y is None else y.tolist(), null_class=c.null_class, ops=torch_ops("cpu"))
     return to_uint8(x0.numpy())
 
 

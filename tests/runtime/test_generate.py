@@ -10,6 +10,7 @@ import pytest
 
 import runtime
 from runtime.errors import ModelError
+from runtime.sampling import samplers
 from runtime.tolerances import TOLERANCES
 
 
@@ -49,7 +50,10 @@ def test_fused_step_graph_agrees_with_the_unfused_loop(cond_onnx):
                    dict(sampler="ddpm", steps=8, clip_denoised=True), dict(sampler="dpmpp-2m", steps=10, guidance=2.0),
                    dict(sampler="dpmpp-2m-sde", steps=10, guidance=1.5, guidance_interval=(30, 70)),
                    dict(sampler="dpmpp-2m", steps=7, clip_denoised=True),
-                   dict(sampler="ddim", steps=9, guidance=3.0, guidance_interval=(0, 50))):
+                   dict(sampler="ddim", steps=9, guidance=3.0, guidance_interval=(0, 50)),
+                   # every sampler that keeps more history, from the registry: h1 … hH through the graph
+                   *(dict(sampler=name, steps=s.min_steps + 5, guidance=2.0, guidance_interval=(20, 80))
+                     for name, s in samplers.SAMPLERS.items() if s.history > 1)):
         plan = g.plan(**kwargs)
         labels = g.labels(range(5), None)
         runs = [np.concatenate([im for _, _, im in g.generate_batches(range(5), plan, seed=2, batch_size=3,
@@ -92,3 +96,27 @@ def test_cuda_fused_iobinding_matches_cpu(cond_onnx):
     fused = np.concatenate([im for _, _, im in cuda.generate_batches(range(8), plan, seed=0, batch_size=8,
                                                                        labels=cuda.labels(range(8), None), fused=True)])
     assert np.abs(cpu.astype(int) - fused).max() <= TOLERANCES["fp32"].max_levels
+
+
+def test_the_fused_engine_keeps_x_and_the_history_as_ort_values(cond_onnx):
+    """The device form of the fused path (x and h1 … hH as OrtValues, IOBinding, NaN checks every 25 steps), run on
+    the CPU's OrtValues: the same images as the host loop, for every sampler with history."""
+    from runtime.backends.fused import FusedStep, fused_ops
+    from runtime.sampling.engine import Engine
+    from runtime.sampling.noise import NoiseStreams
+
+    g = runtime.load(cond_onnx, "cpu")
+    c = g.contract
+    for name, s in samplers.SAMPLERS.items():
+        plan = g.plan(sampler=name, steps=max(s.min_steps, 6), guidance=2.0, guidance_interval=(10, 60))
+        labels = g.labels(range(4), None)
+        host = np.concatenate([im for _, _, im in g.generate_batches(range(4), plan, seed=5, batch_size=4,
+                                                                       labels=labels, fused=False)])
+        engine = Engine(None, fused_ops("cpu"), null_class=c.null_class,
+                        fused=FusedStep(g.backend._step_session, on_device=True))
+        with NoiseStreams(5, range(4), (c.channels, c.image_size, c.image_size), draws=plan.coefs.draws) as streams:
+            engine.add(plan.coefs, range(4), streams, labels)
+            while (tick := engine.tick()).out is None:
+                assert not tick.failed
+        assert len(engine) == 0 and engine.history == []
+        assert np.abs(tick.out.astype(int) - host).max() <= TOLERANCES["fp32-same-math"].max_levels, name

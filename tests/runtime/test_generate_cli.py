@@ -20,8 +20,9 @@ from PIL import Image
 
 import runtime
 import runtime.generation.output
-from runtime.generation.cli import main
+from runtime.generate_cli import main
 from runtime.metadata import CONTRACT_KEY, SamplingContract
+from runtime.sampling.settings import SAMPLERS
 from tests.cli_checks import one_error_line
 
 REPO = Path(runtime.__file__).resolve().parents[1]  # this checkout, for subprocesses
@@ -36,7 +37,7 @@ def images_in(d: Path, n: int) -> np.ndarray:
 
 
 def cli_process(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runtime.generation.cli", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "runtime.generate_cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -90,7 +91,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import runtime
 import runtime.generation.output
-from runtime.generation.cli import main
+from runtime.generate_cli import main
 
 held, where, k = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 count = 0
@@ -238,8 +239,10 @@ def test_nan_from_the_model_stops_the_run_naming_the_step(tmp_path):
         ("shard-out-of-range", "I/N"),
         ("out-is-a-file", "it is a file"),
         ("out-under-a-file", "cannot create"),
-        ("unknown-sampler", "'euler' is not one of 'ddpm', 'ddim', 'dpmpp-2m', 'dpmpp-2m-sde'"),
+        ("unknown-sampler", "'euler' is not one of " + ", ".join(f"'{name}'" for name in SAMPLERS)),
         ("eta-on-dpmpp", "eta applies to the ddim sampler only, not to dpmpp-2m"),
+        ("variance-on-unipc", "variance applies to the ddpm sampler only, not to unipc"),
+        ("below-warm-up", "dpmpp-3m needs at least 3 steps (its first 2 warm up its history), got 2"),
         ("interval-not-two", "guidance interval must be two integers LO,HI"),
         ("interval-not-numbers", "guidance interval must be two integers LO,HI"),
         ("interval-outside", "0 <= LO <= HI < T = 100, got 10,100"),
@@ -270,6 +273,8 @@ def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, con
         "class-on-uncond": ["--class", "1"], "guidance-on-uncond": ["--guidance", "2"],
         "bad-shard": ["--shard", "a/b"], "shard-out-of-range": ["--shard", "3/3"],
         "unknown-sampler": ["--sampler", "euler"], "eta-on-dpmpp": ["--sampler", "dpmpp-2m", "--eta", "0.3"],
+        "variance-on-unipc": ["--sampler", "unipc", "--variance", "beta"],
+        "below-warm-up": ["--sampler", "dpmpp-3m", "--steps", "2"],
         "interval-not-two": ["--guidance-interval", "5"], "interval-not-numbers": ["--guidance-interval", "a,b"],
         "interval-outside": ["--guidance-interval", "10,100"], "interval-reversed": ["--guidance-interval", "50,10"],
         "interval-on-uncond": ["--guidance-interval", "0,50"],
@@ -292,7 +297,7 @@ def test_bad_input_is_a_one_line_error(case, message, tmp_path, uncond_onnx, con
     assert len(errors) == 1 and message in errors[0], r.output
     assert "Traceback" not in r.output
     if out.is_dir():
-        assert not list(out.glob("*.png"))
+        assert not list(out.glob("*.png")) and not (out / "run.json").exists()
     if case.startswith(("interval-", "eta-", "unknown-sampler", "guidance-")):  # refused before anything is written
         assert not out.exists()
 

@@ -58,6 +58,34 @@ def test_runtime_modules_import_without_cycles():
 
 def test_runtime_is_split_by_concern():
     top = sorted(p.stem for p in ROOT.glob("*.py"))
-    assert top == ["__init__", "bundled", "errors", "metadata", "pipeline", "tolerances"]
+    assert top == ["__init__", "bundled", "classes", "errors", "files", "generate_cli", "metadata", "pipeline",
+                   "tolerances"]
     assert {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()} == {
         "sampling", "backends", "generation", "evaluate", "ray"}
+
+
+# Each part of the runtime stands above what it imports (``farm-studio look runtime`` draws them so): an import,
+# also one inside a function, goes to the same layer or one below, never back up.
+LAYERS = [("errors", "tolerances", "bundled"), ("sampling",), ("metadata",), ("backends",), ("classes", "files"),
+          ("pipeline",), ("generation",), ("ray", "evaluate"), ("generate_cli",)]
+
+
+def test_no_import_runs_back_up():
+    layer = {part: k for k, parts in enumerate(LAYERS) for part in parts}
+    found = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("").parts
+        if rel == ("__init__",):
+            continue  # the package's face hands names on
+        here = layer[rel[0]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:  # from runtime import files
+                names = [f"{node.module}.{a.name}" if node.module == "runtime" else node.module for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "runtime" and len(parts) > 1 and layer[parts[1]] > here:
+                    found.append(f"{'/'.join(rel)} imports {name}")
+    assert not found, found

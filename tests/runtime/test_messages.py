@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import runtime
-from runtime.generation.cli import main
+from runtime.generate_cli import main
 from tests.cli_checks import one_error_line
 
 
@@ -59,7 +59,7 @@ def test_other_zips_are_not_called_torchscript(tmp_path: Path, kind, message):
 
 @pytest.mark.parametrize("provider", ["tensorrt", "cuda"])
 def test_a_gpu_provider_that_does_not_start_is_one_line(uncond_onnx, tmp_path: Path, provider):
-    r = subprocess.run([sys.executable, "-m", "runtime.generation.cli", str(uncond_onnx), "-n", "1", "--out", str(tmp_path / "o"),
+    r = subprocess.run([sys.executable, "-m", "runtime.generate_cli", str(uncond_onnx), "-n", "1", "--out", str(tmp_path / "o"),
                         "--provider", provider], capture_output=True, text=True, timeout=120)
     both = r.stdout + r.stderr
     assert "EP Error" not in both and "onnxruntime::" not in both, both

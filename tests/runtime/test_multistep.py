@@ -15,7 +15,8 @@ import pytest
 from runtime.errors import SettingsError
 from runtime.metadata import RunDefaults, SamplingContract
 from runtime.sampling.plan import make_plan
-from runtime.sampling.samplers import sample
+from runtime.sampling.engine import sample
+from tests.nets import per_step
 from runtime.tolerances import TOLERANCES
 
 F64 = TOLERANCES["fp64"]
@@ -67,7 +68,7 @@ def run_runtime(plan, x_T, noises):
         used.append(i)
         return noises[K - 1 - i]
 
-    out = sample(fake_eps, x_T, plan.coefs, noise)
+    out = sample(per_step(fake_eps), x_T, plan.coefs, noise)
     return out, used
 
 
@@ -92,20 +93,20 @@ def test_dpmpp_matches_the_paper_in_float64(sampler, steps, clip):
 def test_second_order_steps_are_second_order():
     """The multistep correction is there (not first order everywhere) and vanishes where the paper says."""
     plan = make_plan(COND, sampler="dpmpp-2m", steps=10)
-    prev = plan.coefs.prev_x0_coef
+    prev = plan.coefs.history[:, 0]
     assert prev[-1] == 0.0 and prev[0] == 0.0  # the first step (i = K−1) and the last (i = 0) are first order
     assert np.all(prev[1:-1] < 0)  # D = (1 + 1/2r) x̂₀ − 1/2r x̂₀': a negative weight on the previous x̂₀
     # first-order DPM-Solver++ is DDIM (η = 0): with two steps the two agree
     x_T = np.random.default_rng(0).standard_normal((3, 1, 4, 4))
-    a = sample(fake_eps, x_T, make_plan(COND, sampler="dpmpp-2m", steps=2).coefs, lambda i: None)
-    b = sample(fake_eps, x_T, make_plan(COND, sampler="ddim", steps=2).coefs, lambda i: None)
+    a = sample(per_step(fake_eps), x_T, make_plan(COND, sampler="dpmpp-2m", steps=2).coefs, lambda i: None)
+    b = sample(per_step(fake_eps), x_T, make_plan(COND, sampler="ddim", steps=2).coefs, lambda i: None)
     np.testing.assert_allclose(a, b, atol=F64.atol, rtol=F64.rtol)
 
 
 def test_ddpm_and_ddim_rows_carry_no_history():
     for settings in (dict(sampler="ddpm", steps=20), dict(sampler="ddim", steps=20, eta=0.5),
                      dict(sampler="ddim", steps=20, clip_denoised=True)):
-        assert not np.any(make_plan(COND, **settings).coefs.prev_x0_coef)
+        assert make_plan(COND, **settings).coefs.slots == 0
 
 
 def test_default_steps_and_same_spacing_for_every_sampler():
@@ -124,12 +125,12 @@ def test_guidance_interval_guides_only_inside_and_halves_the_rest():
     assert np.all(plan.coefs.guidance[inside] == 2.0) and np.all(plan.coefs.guidance[~inside] == 1.0)
     calls = []
 
-    def predict(x, t, w=1.0):
-        calls.append((t, w))
-        return fake_eps(x, t)
+    def net(x, t, y):  # the engine doubles the batch with the null class (3) on the guided steps only
+        calls.append((int(t[0]), y.tolist()))
+        return fake_eps(x, t[:, None, None, None])
 
-    sample(predict, np.zeros((1, 1, 4, 4)), plan.coefs, lambda i: None)
-    assert [w for _, w in calls] == [2.0 if 100 <= tt <= 600 else 1.0 for tt, _ in calls]
+    sample(net, np.zeros((1, 1, 4, 4)), plan.coefs, lambda i: None, labels=[1], null_class=3)
+    assert [y for _, y in calls] == [[1, 3] if 100 <= tt <= 600 else [1] for tt, _ in calls]
     assert plan.guided and plan.run_settings()["guidance_interval"] == [100, 600]
     assert plan.manifest_fields()["guidance_interval"] == [100, 600]
     assert plan.describe() == "dpmpp-2m 20 steps, guidance 2 on t in [100, 600]"

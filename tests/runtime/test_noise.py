@@ -14,11 +14,11 @@ import pytest
 
 import runtime.sampling.noise as noise
 from runtime.errors import GenerationError
-from runtime.generation.images import to_uint8
+from runtime.sampling.finish import to_uint8
 from runtime.metadata import SamplingContract
 from runtime.sampling.noise import NoiseStreams, image_generator
 from runtime.pipeline import Pipeline
-from runtime.sampling.samplers import array_predictor, sample
+from runtime.sampling.engine import sample
 
 
 def reference(seed: int, indices, shape, n: int) -> np.ndarray:
@@ -134,8 +134,8 @@ class NumpyBackend:
     def predict_eps(self, x, t, y=None):
         return np.full_like(x, np.nan) if t[0] < self.nan_below else 0.1 * x
 
-    def device_loop(self, plan, y):
-        return None
+    def device_engine(self):
+        raise AssertionError("a numpy backend has no device")
 
 
 @pytest.mark.parametrize("settings", [dict(sampler="ddpm", steps=20), dict(sampler="ddim", steps=10, eta=0.5),
@@ -149,8 +149,7 @@ def test_the_pipeline_uses_the_streams_in_order(settings):
     expected = []
     for batch in (indices[:4], indices[4:]):
         draws = iter(reference(4, batch, shape, 1 + int(np.count_nonzero(plan.coefs.noise_coef))))
-        predict = array_predictor(pipeline.backend.predict_eps, None, null_class=None)
-        expected.append(to_uint8(sample(predict, next(draws), plan.coefs, lambda i: next(draws))))
+        expected.append(to_uint8(sample(pipeline.backend.predict_eps, next(draws), plan.coefs, lambda i: next(draws))))
         assert next(draws, None) is None  # every declared draw was used
     assert np.array_equal(got, np.concatenate(expected))
 

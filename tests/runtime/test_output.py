@@ -24,8 +24,8 @@ from PIL import Image
 import runtime
 import runtime.generation.output
 import runtime.pipeline
-from runtime.generation import files
-from runtime.generation.cli import main
+from runtime import files
+from runtime.generate_cli import main
 
 REPO = Path(runtime.__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_a_shard_that_ends_before_the_others_says_the_run_is_not_finished(cond_o
 WRITER = """
 import sys
 from pathlib import Path
-from runtime.generation.files import temporary_sibling
+from runtime.files import temporary_sibling
 tmp = temporary_sibling(Path(sys.argv[1]))
 tmp.write_bytes(b"the first half of a file")
 print(tmp, flush=True)

@@ -11,7 +11,9 @@ import pytest
 
 from runtime.errors import ContractError, SettingsError
 from runtime.metadata import RunDefaults, SamplingContract
-from runtime.sampling.plan import TABLE_COLUMNS, ddim_coefficients, ddpm_coefficients, make_plan
+from runtime.sampling.plan import make_plan
+from runtime.sampling.samplers import ddim, ddpm, dpmpp_3m
+from runtime.sampling.table import COLUMNS, history_columns
 
 COND = SamplingContract(image_size=8, channels=1, num_classes=3)
 UNCOND = SamplingContract(image_size=8, channels=1)
@@ -86,11 +88,16 @@ def test_run_settings_and_manifest_fields():
 
 def test_coefficient_table_follows_the_named_columns():
     s = COND.schedule.build().respace(10)
-    for c in (ddpm_coefficients(s, "beta_tilde", True), ddim_coefficients(s, 0.3, False)):
+    for c in (ddpm.coefficients(s, variance="beta_tilde", clip_denoised=True), ddim.coefficients(s, eta=0.3),
+              dpmpp_3m.coefficients(s)):
         table = c.table()
-        assert table.shape == (10, len(TABLE_COLUMNS)) and table.dtype == np.float32
-        for k, name in enumerate(TABLE_COLUMNS):
+        assert table.shape == (10, len(COLUMNS) + c.slots) and table.dtype == np.float32
+        for k, name in enumerate(COLUMNS):
             np.testing.assert_array_equal(table[:, k], getattr(c, name).astype(np.float32))
+        for j, name in enumerate(history_columns(c.slots)):
+            np.testing.assert_array_equal(table[:, len(COLUMNS) + j], c.history[:, j].astype(np.float32))
+        padded = c.table(3)  # a mixed batch pads the history columns with zeros
+        assert padded.shape == (10, len(COLUMNS) + 3) and not padded[:, len(COLUMNS) + c.slots:].any()
 
 
 def test_contract_run_defaults_are_validated_and_round_trip():

@@ -18,9 +18,10 @@ import pytest
 from runtime.errors import ContractError, SettingsError
 from runtime.metadata import RunDefaults, SamplingContract, ScheduleSpec
 from runtime.sampling.plan import make_plan
-from runtime.sampling.samplers import sample
+from runtime.sampling.engine import sample
+from tests.nets import per_step
 from runtime.sampling.schedule import NoiseSchedule, make_betas, timestep_indices
-from runtime.sampling.settings import SAMPLERS
+from runtime.sampling.settings import SAMPLERS, applies
 from runtime.tolerances import TOLERANCES
 
 F64 = TOLERANCES["fp64"]
@@ -64,15 +65,18 @@ NETS = {"epsilon": fake_eps, "v_prediction": as_v, "sample": as_x0}
 
 def run(plan, net, x_T, noises):
     K = len(plan.coefs.timesteps)
-    return sample(net, x_T, plan.coefs, lambda i: noises[K - 1 - i])
+    return sample(per_step(net), x_T, plan.coefs, lambda i: noises[K - 1 - i])
 
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("clip", [False, True])
 def test_v_and_x0_models_sample_what_the_equivalent_eps_model_samples(prediction, sampler, clip):
+    if clip and not applies("clip_denoised", sampler):
+        pytest.skip(f"{sampler} does not clip")
     steps = T if sampler == "ddpm" and not clip else 12
-    kw = dict(sampler=sampler, steps=steps, clip_denoised=clip, eta=0.7 if sampler == "ddim" else None)
+    kw = dict(sampler=sampler, steps=steps, clip_denoised=clip if applies("clip_denoised", sampler) else None,
+              eta=0.7 if sampler == "ddim" else None)
     rng = np.random.default_rng(3)
     x_T = rng.standard_normal((2, 1, 4, 4))
     noises = rng.standard_normal((steps, 2, 1, 4, 4))
@@ -111,7 +115,7 @@ def test_ddim_on_a_v_model_matches_the_v_form_of_the_paper():
     rng = np.random.default_rng(5)
     x_T = rng.standard_normal((2, 1, 4, 4))
     plan = make_plan(contract("v_prediction"), sampler="ddim", steps=10, clip_denoised=True, clip_range=0.8)
-    got = sample(as_v, x_T, plan.coefs, lambda i: None)
+    got = sample(per_step(as_v), x_T, plan.coefs, lambda i: None)
     want = reference_ddim_v(as_v, x_T, plan.coefs.timesteps[::-1].tolist(), clip_range=0.8)
     np.testing.assert_allclose(got, want, atol=F64.atol, rtol=F64.rtol)
 
@@ -121,7 +125,7 @@ def test_ddpm_on_an_x0_model_matches_the_posterior_mean_form():
     x_T = rng.standard_normal((2, 1, 4, 4))
     noises = rng.standard_normal((T, 2, 1, 4, 4))
     plan = make_plan(contract("sample", variance="beta_tilde"), sampler="ddpm", clip_denoised=True, clip_range=1.5)
-    got = sample(as_x0, x_T, plan.coefs, lambda i: noises[T - 1 - i])
+    got = sample(per_step(as_x0), x_T, plan.coefs, lambda i: noises[T - 1 - i])
     np.testing.assert_allclose(got, reference_ddpm_x0(as_x0, x_T, noises, 1.5), atol=F64.atol, rtol=F64.rtol)
 
 
@@ -132,13 +136,16 @@ def test_guidance_is_linear_in_any_prediction():
     def uncond_eps(x, t):
         return np.sin(0.5 * x - 0.001 * t) * 0.7
 
-    def guided(cond, uncond):
-        return lambda x, t, w=1.0: uncond(x, t) + w * (cond(x, t) - uncond(x, t))
+    def guided(cond, uncond):  # label 0: the conditional net, 1 (the null class): the unconditional one
+        def net(x, t, y):
+            tt = int(t[0])  # one row: every image at the same t
+            return np.where(y[:, None, None, None] == 0, cond(x, tt), uncond(x, tt))
+        return net
 
     x_T = np.random.default_rng(7).standard_normal((1, 1, 4, 4))
     plan_eps, plan_v = (make_plan(c, sampler="ddim", steps=8, guidance=2.5) for c in (c_eps, c_v))
-    want = sample(guided(fake_eps, uncond_eps), x_T, plan_eps.coefs, lambda i: None)
-    got = sample(guided(as_v, to_v(uncond_eps)), x_T, plan_v.coefs, lambda i: None)
+    want = sample(guided(fake_eps, uncond_eps), x_T, plan_eps.coefs, lambda i: None, labels=[0], null_class=1)
+    got = sample(guided(as_v, to_v(uncond_eps)), x_T, plan_v.coefs, lambda i: None, labels=[0], null_class=1)
     np.testing.assert_allclose(got, want, atol=F64.atol, rtol=F64.rtol)
 
 

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 import runtime
-from runtime.generation.cli import main
+from runtime.generate_cli import main
 from tests.cli_checks import one_error_line
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the cluster extra: pip install 'ddpm-toolkit[cluster]')")
@@ -87,7 +87,7 @@ def cluster(tmp_path_factory):
 
 def generate(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     """``ddpm-generate ARGS`` as a subprocess (its own session: a timeout kills it and its children)."""
-    p = subprocess.Popen([sys.executable, "-m", "runtime.generation.cli", *map(str, args)], env=env, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "runtime.generate_cli", *map(str, args)], env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -163,7 +163,7 @@ def wait_until(condition, what: str, timeout: float = 120) -> None:
 # ddpm-generate with its own SIGINT disposition, whatever it inherited: a test runner started in the background
 # (nohup, CI jobs) hands children SIGINT ignored, and this driver must take Ctrl-C as a user's terminal delivers it.
 DRIVER = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-          "from runtime.generation.cli import main; main(prog_name='ddpm-generate')")
+          "from runtime.generate_cli import main; main(prog_name='ddpm-generate')")
 
 
 def start_generate(env: dict, *args) -> tuple[subprocess.Popen, Path]:

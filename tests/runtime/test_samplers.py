@@ -7,11 +7,22 @@ import math
 import numpy as np
 import pytest
 
-from runtime.sampling.samplers import ddim_sample, ddpm_sample, guided_eps
+from runtime.sampling.engine import guided_eps, sample
+from runtime.sampling.samplers import ddim, ddpm
 from runtime.sampling.schedule import NoiseSchedule
+from tests.nets import per_step
 from runtime.tolerances import TOLERANCES
 
 FP64, SAME = TOLERANCES["fp64"], TOLERANCES["fp32-same-math"]
+
+
+def ddpm_sample(fn, x_T, schedule, noise, ops=None, **settings):
+    kw = {} if ops is None else {"ops": ops}
+    return sample(per_step(fn), x_T, ddpm.coefficients(schedule, **settings), noise, **kw)
+
+
+def ddim_sample(fn, x_T, schedule, noise, **settings):
+    return sample(per_step(fn), x_T, ddim.coefficients(schedule, **settings), noise)
 
 
 def fake_eps(x, t):
@@ -95,7 +106,9 @@ def test_float32_stays_float32_and_torch_agrees_with_numpy():
     x_T = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
     noises = rng.standard_normal((100, 3, 1, 8, 8)).astype(np.float32)
     out_np = ddpm_sample(fake_eps, x_T, s, lambda i: noises[i])
-    out_t = ddpm_sample(fake_eps, torch.from_numpy(x_T), s, lambda i: torch.from_numpy(noises[i]))
+    from runtime.backends.torch_loop import torch_ops
+
+    out_t = ddpm_sample(fake_eps, torch.from_numpy(x_T), s, lambda i: torch.from_numpy(noises[i]), torch_ops("cpu"))
     assert out_np.dtype == np.float32 and out_t.dtype == torch.float32
     np.testing.assert_allclose(out_t.numpy(), out_np, rtol=SAME.rtol, atol=SAME.atol)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from runtime.sampling.plan import ddpm_coefficients
+from runtime.sampling.samplers import ddpm
 from runtime.sampling.schedule import NoiseSchedule, cosine_betas, linear_betas, make_betas, spaced_indices
 
 
@@ -40,13 +40,13 @@ def test_posterior_variance_and_mean_coefficients():
     x_t, eps = 0.7, -1.3
     x0 = s.sqrt_recip_alphas_cumprod[t] * x_t - s.sqrt_recipm1_alphas_cumprod[t] * eps
     mean = s.posterior_mean_coef1[t] * x0 + s.posterior_mean_coef2[t] * x_t
-    c = ddpm_coefficients(s)
+    c = ddpm.coefficients(s)
     assert mean == pytest.approx(c.x_coef[t] * x_t + c.eps_coef[t] * eps, rel=1e-10)
     assert c.x_coef[t] == pytest.approx(1 / math.sqrt(1 - b), rel=1e-12)
     assert c.eps_coef[t] == pytest.approx(-b / math.sqrt(1 - ab) / math.sqrt(1 - b), rel=1e-12)
     assert c.noise_coef[0] == 0.0 and c.noise_coef[t] == pytest.approx(math.sqrt(b), rel=1e-12)
-    assert ddpm_coefficients(s, "beta_tilde").noise_coef[t] == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12)
-    assert c.table().shape == (1000, 8) and c.table().dtype == np.float32
+    assert ddpm.coefficients(s, variance="beta_tilde").noise_coef[t] == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12)
+    assert c.table().shape == (1000, 7) and c.table().dtype == np.float32
 
 
 def test_cosine_schedule_closed_form():

@@ -23,13 +23,13 @@ BLOCK_TORCH = textwrap.dedent(
 SCRIPT = BLOCK_TORCH + textwrap.dedent(
     """
     import numpy as np
-    import runtime, runtime.sampling.schedule, runtime.metadata, runtime.sampling.samplers
+    import runtime, runtime.sampling.schedule, runtime.metadata, runtime.sampling.engine, runtime.sampling.plan
     from runtime.metadata import SamplingContract
     contract = SamplingContract(image_size=8, channels=1)
-    schedule = contract.schedule.build().respace(20)
+    plan = runtime.sampling.plan.make_plan(contract, sampler="ddpm", steps=20)
     rng = np.random.default_rng(0)
-    x = runtime.sampling.samplers.ddpm_sample(lambda x, t: 0.1 * x, rng.standard_normal((2, 1, 8, 8)).astype(np.float32),
-                                     schedule, lambda i: rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    x = runtime.sampling.engine.sample(lambda x, t, y: 0.1 * x, rng.standard_normal((2, 1, 8, 8)).astype(np.float32),
+                                       plan.coefs, lambda i: rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
     assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     print("ok")
@@ -49,7 +49,7 @@ GENERATE = BLOCK_TORCH + textwrap.dedent(
     g = runtime.load(sys.argv[1], "cpu")
     images = g.generate(3, sampler="ddim", steps=4)
     assert images.shape == (3, 16, 16, 1), images.shape
-    from runtime.generation.cli import main
+    from runtime.generate_cli import main
     main([sys.argv[1], "-n", "2", "--steps", "3", "--out", sys.argv[2], "--provider", "cpu"], standalone_mode=False)
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     print("ok")

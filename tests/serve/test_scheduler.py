@@ -10,6 +10,7 @@ import pytest
 
 import runtime
 from runtime.errors import GenerationError, SettingsError
+from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES
 from serve.scheduler import Cancelled, QueueFull, Scheduler
 
@@ -22,6 +23,9 @@ REQUESTS = [  # mixed samplers, steps, guidance, classes and clipping in flight 
     dict(n=2, seed=5, sampler="dpmpp-2m", steps=6, guidance=2.0),  # multistep: each image keeps its last x̂₀
     dict(n=2, seed=6, sampler="dpmpp-2m-sde", steps=8, guidance=1.5, guidance_interval=(20, 70), classes=1),
     dict(n=1, seed=7, sampler="ddim", steps=10, guidance=3.0, guidance_interval=(0, 40), clip_denoised=True),
+    # every sampler with more history, from the registry: h1 … hH kept while an image sits out a tick
+    *(dict(n=2, seed=8 + k, sampler=name, steps=s.min_steps + 3 + k, guidance=2.0 + k / 2, guidance_interval=(10, 70))
+      for k, (name, s) in enumerate((name, s) for name, s in SAMPLERS.items() if s.history > 1)),
 ]
 
 

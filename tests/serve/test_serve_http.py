@@ -19,6 +19,7 @@ for _module in SERVE_MODULES:
 
 import runtime  # noqa: E402
 from serve.app import begin_shutdown, create_app  # noqa: E402
+from runtime.sampling.settings import SAMPLERS  # noqa: E402
 from serve.scheduler import Scheduler  # noqa: E402
 from tests.serve.helpers import CLASS_NAMES, assert_images_close, decode, wait_until  # noqa: E402
 
@@ -171,7 +172,8 @@ BAD_REQUESTS = [  # body -> what the one-line reason says
     ({"n": 0}, "n: Input should be greater than or equal to 1"),
     ({"n": 65}, "n: Input should be less than or equal to 64"),
     ({"n": "3"}, "n: Input should be a valid integer"),
-    ({"sampler": "euler"}, "sampler: Input should be 'ddpm', 'ddim', 'dpmpp-2m' or 'dpmpp-2m-sde'"),
+    ({"sampler": "euler"}, "sampler: Input should be " + ", ".join(f"'{s}'" for s in SAMPLERS[:-1])
+     + f" or '{SAMPLERS[-1]}'"),  # the registry's samplers, all of them
     ({"steps": 5000}, "steps must be between 1 and T = 1000, got 5000"),
     ({"eta": 2.0, "sampler": "ddim"}, "eta must be between 0 and 1, got 2.0"),
     ({"class": "delta"}, "unknown class 'delta' (this model knows: alpha, beta, gamma)"),
@@ -188,6 +190,9 @@ BAD_REQUESTS = [  # body -> what the one-line reason says
     ({"guidance_interval": [600, 100]}, "guidance interval must have 0 <= LO <= HI < T = 1000, got 600,100"),
     ({"guidance_interval": [0, 1000]}, "guidance interval must have 0 <= LO <= HI < T = 1000, got 0,1000"),
     ({"guidance": 3e38}, "guidance must be from 0 (unconditional) to 50, got 3e+38"),  # fits float32; was NaN: 500
+    ({"sampler": "unipc", "variance": "beta"}, "variance applies to the ddpm sampler only, not to unipc"),
+    ({"sampler": "dpmpp-3m", "steps": 2}, "dpmpp-3m needs at least 3 steps (its first 2 warm up its history), got 2"),
+    ({"sampler": "unipc", "steps": 1}, "unipc needs at least 2 steps"),
 ]
 
 

@@ -28,7 +28,7 @@ class Payload:
 
 
 def test_generate_names_a_torch_save_checkpoint(tmp_path: Path):
-    from runtime.generation.cli import main
+    from runtime.generate_cli import main
 
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {"unet.w": torch.zeros(3)}, "hyper_parameters": {"lr": 1e-3}}, evil)

@@ -8,8 +8,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from runtime.errors import SettingsError
-from runtime.sampling.plan import make_plan, ddpm_coefficients
-from runtime.sampling.samplers import sample
+from runtime.backends.torch_loop import torch_ops
+from runtime.sampling.engine import sample
+from runtime.sampling.samplers import SAMPLERS
+from runtime.sampling.plan import make_plan
+from runtime.sampling.samplers import ddpm
 from training.dataset import Diffset
 from training.eval_mode import eval_mode
 from training.model import DiffusionModel
@@ -143,15 +146,15 @@ def test_sample_is_algorithm_2_with_beta_at_full_T_and_beta_tilde_when_respaced(
     g = torch.Generator().manual_seed(5)
     x_T = torch.randn(2, 1, 16, 16, generator=g)
     with torch.no_grad(), eval_mode(model.unet):
-        expected = sample(eps_predictor(model.unet), x_T, ddpm_coefficients(schedule, expected_variance),
-                          lambda i: torch.randn(x_T.shape, generator=g)).clamp(-1, 1)
+        expected = sample(eps_predictor(model.unet), x_T, ddpm.coefficients(schedule, variance=expected_variance),
+                          lambda i: torch.randn(x_T.shape, generator=g), ops=torch_ops("cpu")).clamp(-1, 1)
     got = model.sample(2, steps=steps, variance=variance, generator=torch.Generator().manual_seed(5))
     assert torch.equal(got, expected)
     if steps == 10 and variance is None:  # the default really is β̃ here: β gives other images
         assert not torch.equal(got, model.sample(2, steps=10, variance="beta", generator=torch.Generator().manual_seed(5)))
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp-2m", "dpmpp-2m-sde"])
+@pytest.mark.parametrize("sampler", [name for name, s in SAMPLERS.items() if s.history])
 def test_sample_takes_every_sampler_with_the_runtime_plan(sampler):
     """DiffusionModel.sample runs the runtime's plan and loop for the multistep samplers too (same noise)."""
     torch.manual_seed(0)
@@ -161,7 +164,7 @@ def test_sample_takes_every_sampler_with_the_runtime_plan(sampler):
     plan = make_plan(model.config.contract(ema=False), sampler=sampler, steps=6, model_defaults=False)
     with torch.no_grad(), eval_mode(model.unet):
         expected = sample(eps_predictor(model.unet), x_T, plan.coefs,
-                          lambda i: torch.randn(x_T.shape, generator=g)).clamp(-1, 1)
+                          lambda i: torch.randn(x_T.shape, generator=g), ops=torch_ops("cpu")).clamp(-1, 1)
     got = model.sample(2, sampler=sampler, steps=6, generator=torch.Generator().manual_seed(5))
     assert torch.equal(got, expected)
 

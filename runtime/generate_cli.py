@@ -13,7 +13,7 @@ from runtime.errors import GenerationError, ModelError, OutputError
 from runtime.pipeline import load
 from runtime.backends.providers import CHOICES
 from runtime.generation.run import RunOptions, generate_to_dir
-from runtime.sampling.settings import SETTINGS, RunSettings
+from runtime.sampling.settings import SETTINGS, RunSettings, help_text
 
 FORMATS = {"png": ("png",), "npz": ("npz",), "both": ("png", "npz")}
 
@@ -43,7 +43,7 @@ def _setting_option(f):
     """A click option for one ``RunSettings`` field, from its type and help (default None: not given)."""
     kind = typing.get_args(typing.get_type_hints(RunSettings)[f.name])[0]  # X of "X | None"
     name = "--" + f.name.replace("_", "-")
-    common = dict(default=None, show_default=False, help=f.metadata["help"])
+    common = dict(default=None, show_default=False, help=help_text(f.name))
     if typing.get_origin(kind) is typing.Literal:
         return click.option(name, type=click.Choice(typing.get_args(kind)), **common)
     if kind is bool:
