@@ -38,7 +38,7 @@ class Sampler:
 
 
 def _registry() -> dict[str, Sampler]:
-    from runtime.sampling.samplers import ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
+    from runtime.sampling.samplers import ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, ipndm, unipc
 
     return {s.name: s for s in (
         ddpm.SAMPLER,
@@ -47,6 +47,7 @@ def _registry() -> dict[str, Sampler]:
         dpmpp_2m_sde.SAMPLER,
         dpmpp_3m.SAMPLER,
         unipc.SAMPLER,
+        ipndm.SAMPLER,
     )}
 
 
