@@ -166,6 +166,10 @@ class Engine:
     # -- one predictor call ------------------------------------------------------------------------------------
     def tick(self, positions: Sequence[int] | None = None) -> Tick:
         """One predictor call for the images at ``positions`` (None: all), then one step each (see ``Tick``)."""
+        with self.ops.context():  # torch: inference mode, also for the in-place writes back
+            return self._tick(positions)
+
+    def _tick(self, positions: Sequence[int] | None) -> Tick:
         ops, n = self.ops, len(self.images)
         sel = list(range(n)) if positions is None else list(positions)
         every = sel == list(range(n))
@@ -176,11 +180,10 @@ class Engine:
         y = None if self.labels is None else (self.labels if every else ops.take(self.labels, sel))
         first = ims[0]
         uniform = all(im.coefs is first.coefs and im.i == first.i for im in ims)
-        with ops.context():
-            if uniform:
-                x_next, d = self._uniform(ims, x, history, y)
-            else:
-                x_next, d = self._mixed(ims, x, history, y, H)
+        if uniform:
+            x_next, d = self._uniform(ims, x, history, y)
+        else:
+            x_next, d = self._mixed(ims, x, history, y, H)
         if every:
             self.x = x_next
             if H:
