@@ -22,10 +22,12 @@ from runtime.evaluate.score import REFERENCES, evaluate, table
               help="Score an unfinished run (fewer images than its run.json's n) instead of refusing it; the table "
                    "and the JSON say how many images are missing.")
 def main(folder: str, reference: str, data_root: str, as_json: bool, seed: int, allow_incomplete: bool) -> None:
-    """Score a ddpm-generate FOLDER: FCD and KID on the classifier's features, predicted-class histogram and
-    (for conditional runs) how often the classifier agrees with the requested class — beside the floor (real
-    train vs real test) and the ceiling (Gaussian noise) at the same sample count. An unfinished run is refused
-    (see --allow-incomplete)."""
+    """Score a ddpm-generate FOLDER: FCD, FD∞ (the FCD of infinitely many images, extrapolated from subsets, with its
+    standard error) and KID (± its sd over subsets) on the classifier's features, the predicted-class histogram and,
+    for conditional runs, how often the classifier agrees with the requested class (with its 95 % interval) —
+    beside the floor (real train vs real test, mean ± sd over resampled subsets) and the ceiling (Gaussian noise) at
+    the same sample count. Fewer than 5000 images get a warning: their numbers cannot tell settings apart. An
+    unfinished run is refused (see --allow-incomplete)."""
     from pathlib import Path
 
     try:
@@ -33,6 +35,8 @@ def main(folder: str, reference: str, data_root: str, as_json: bool, seed: int, 
     except (EvalError, IdxError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2) if as_json else table(result))
+    if result["warning"]:
+        click.echo(f"warning: {result['warning']}", err=True)
 
 
 if __name__ == "__main__":
