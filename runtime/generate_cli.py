@@ -57,7 +57,7 @@ def _setting_option(f):
         except ValueError as e:
             raise click.BadParameter(str(e)) from None
 
-    return click.option(name, callback=parse, metavar="LO,HI", **common)
+    return click.option(name, callback=parse, metavar=f.metadata["metavar"], **common)
 
 
 def settings_options(command):

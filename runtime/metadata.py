@@ -25,9 +25,10 @@ from runtime.errors import ContractError
 from runtime.sampling.schedule import MAX_TIMESTEPS, SCHEDULE_NAMES, NoiseSchedule, default_params, make_betas
 from runtime.sampling.settings import VARIANCES, RunSettings
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: tuned_timesteps and tuning (ddpm-tune)
 SCHEMA_2_RUN_DEFAULTS = ("sampler", "steps", "eta", "guidance")  # what run_defaults held before schema 3
 SCHEMA_3_RUN_DEFAULTS = (*SCHEMA_2_RUN_DEFAULTS, "guidance_interval", "clip_denoised", "variance")  # before 4
+SCHEMA_4_RUN_DEFAULTS = (*SCHEMA_3_RUN_DEFAULTS, "clip_range", "spacing", "steps_offset")  # before 5
 CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
 CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the network outputs (diffusers' names)
@@ -100,6 +101,8 @@ class SamplingContract:
     outputs: list[TensorSpec] = field(default_factory=list)
     provenance: Provenance = field(default_factory=Provenance)
     run_defaults: RunDefaults | None = None
+    tuned_timesteps: dict[str, list[int]] = field(default_factory=dict)  # "K": the K timesteps ddpm-tune chose
+    tuning: dict | None = None  # how they were chosen: method, the source model's sha256, the reference run
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -149,14 +152,17 @@ class SamplingContract:
             )
         if version == 1:  # schema 1 had no run_defaults
             data = {**data, "run_defaults": data.get("run_defaults")}
-        if version < 4 and isinstance(data.get("run_defaults"), dict):  # fewer settings could be recommended
+        if version < 5 and isinstance(data.get("run_defaults"), dict):  # fewer settings could be recommended
             rd = data["run_defaults"]
-            extra = sorted(set(rd) - set(SCHEMA_2_RUN_DEFAULTS if version < 3 else SCHEMA_3_RUN_DEFAULTS))
+            known = SCHEMA_2_RUN_DEFAULTS if version < 3 else SCHEMA_3_RUN_DEFAULTS if version < 4 else SCHEMA_4_RUN_DEFAULTS
+            extra = sorted(set(rd) - set(known))
             if extra:
                 raise ContractError(f"contract field 'run_defaults.{extra[0]}': unknown field (in a schema {version} contract)")
             data = {**data, "run_defaults": {name: rd.get(name) for name in RunSettings.__dataclass_fields__}}
         if version < 4:  # ε only, the null class after the classes, named schedules only
             data = _as_schema_4(data)
+        if version < 5:  # no tuned timesteps before ddpm-tune
+            data = {"tuned_timesteps": {}, "tuning": None, **data}
         data = {**data, "schema_version": SCHEMA_VERSION}  # read as the current schema
         kw = _fields(cls, data, "")
         kw["schedule"] = ScheduleSpec(**_fields(ScheduleSpec, kw["schedule"], "schedule."))
@@ -296,6 +302,16 @@ def _validate(c: SamplingContract) -> None:
         _check(isinstance(r, RunDefaults), "run_defaults", "expected an object")
         for name, problem in r.problems(s.timesteps, c.conditional, c.guidable):
             _check(False, f"run_defaults.{name}", problem)
+    tuned = c.tuned_timesteps
+    _check(isinstance(tuned, dict), "tuned_timesteps", "expected an object of step counts")
+    for key, timesteps in tuned.items():
+        _check(isinstance(key, str) and key.isdigit() and int(key) > 0, "tuned_timesteps",
+               f"expected step counts as keys, got {key!r}")
+        _check(isinstance(timesteps, list) and len(timesteps) == int(key) and all(_is_int(t) for t in timesteps)
+               and all(a > b for a, b in zip(timesteps, timesteps[1:])) and 0 <= timesteps[-1]
+               and timesteps[0] < s.timesteps, f"tuned_timesteps.{key}",
+               f"expected {key} strictly decreasing model timesteps in [0, {s.timesteps}), got {timesteps!r}")
+    _check(c.tuning is None or isinstance(c.tuning, dict), "tuning", "expected an object or null")
     p = c.provenance
     _check(p.training_steps is None or (_is_int(p.training_steps) and p.training_steps >= 0),
            "provenance.training_steps", f"expected a non-negative integer, got {p.training_steps!r}")

@@ -66,8 +66,11 @@ def settings_fields() -> dict[str, tuple]:
         if f.metadata["specific"]:  # the samplers it applies to (the playground greys it out for the others)
             schema["x-samplers"] = taking(f.name)
         extra = {"json_schema_extra": schema}
-        if typing.get_origin(typing.get_args(kind)[0]) is tuple:
-            kind, extra = list[int] | None, {"min_length": 2, "max_length": 2}
+        inner = typing.get_args(kind)[0]
+        if typing.get_origin(inner) is tuple:  # a JSON array: of a fixed length (the interval) or any (timesteps)
+            items = typing.get_args(inner)
+            length = {} if Ellipsis in items else {"max_length": len(items)}
+            kind, extra = list[int] | None, {"min_length": 1 if Ellipsis in items else len(items), **length}
         out[f.name] = (kind, Field(None, description=help_text(f.name), **extra))
     return out
 

@@ -99,6 +99,9 @@ def read_png(path: Path, channels: int) -> np.ndarray:
     return arr[:, :, None] if channels == 1 and arr.ndim == 2 else arr
 
 
+DERIVED = ("timesteps",)  # run.json keys that the other settings determine, recorded since they exist
+
+
 class OutputDir:
     """One run's output folder. ``settings`` are what the images depend on; ``n`` the whole run's size."""
 
@@ -131,8 +134,11 @@ class OutputDir:
         except OSError as e:
             raise _io_error("write", run_file, e) from None
         theirs = json.loads(run_file.read_text())
+        # a folder of an earlier version does not record what its other settings determine (the timesteps)
+        theirs |= {k: self.settings[k] for k in DERIVED if k not in theirs and k in self.settings}
         if theirs != self.settings:
             diff = sorted(k for k in set(theirs) | set(self.settings) if theirs.get(k) != self.settings.get(k))
+            diff = [k for k in diff if k not in DERIVED] or diff  # name the settings given, not what they determine
             raise OutputError(f"{self.root} holds a run with other settings ({', '.join(diff)} differ); "
                               "use another folder or --overwrite")
         self._sweep()

@@ -38,6 +38,7 @@ class Contract(Protocol):
     prediction: str
     variance: str
     run_defaults: RunSettings | None
+    tuned_timesteps: dict[str, list[int]]  # "K": timesteps ddpm-tune chose for K steps
 
 
 def coefficients(sampler: str, schedule: NoiseSchedule, **settings: Any) -> StepCoefficients:
@@ -147,6 +148,26 @@ def make_plan(contract: Contract, settings: RunSettings | None = None, *, model_
             if from_model and from_model[-1] == f.name:
                 from_model.pop()
         values[f.name] = value
+    tuned = contract.tuned_timesteps if model_defaults else {}
+    if tuned and values["timesteps"] is None and given_settings.spacing is None and values["steps"] != T:
+        # a tuned model: its timesteps for this many steps, unless a spacing is asked for
+        K = values["steps"]
+        if str(K) not in tuned:
+            listed = ", ".join(sorted(tuned, key=int))
+            raise SettingsError(f"this model has tuned timesteps for {listed} steps, not for {K}; pass --spacing "
+                                f"linspace (or another spacing) to run {K} steps with evenly spaced ones")
+        values["timesteps"] = tuple(tuned[str(K)])
+        from_model.append("timesteps")
+    if values["timesteps"] is not None:  # an explicit list: its length is the steps, no spacing chooses them
+        listed = len(values["timesteps"])
+        if given_settings.steps is not None and given_settings.steps != listed:
+            raise SettingsError(f"timesteps lists {listed} timesteps but steps is {given_settings.steps}; "
+                                "give one of them, or both in agreement")
+        if given_settings.spacing is not None or given_settings.steps_offset is not None:
+            raise SettingsError("spacing and steps_offset choose the timesteps of a run without a timesteps list; "
+                                "give either a list or a spacing")
+        values.update(steps=listed, spacing=None, steps_offset=None)
+        from_model = [name for name in from_model if name not in ("steps", "spacing", "steps_offset")]
     if applies("variance", values["sampler"]) and values["variance"] is None:
         # Full T: the contract's variance (Algorithm 2); respaced: β̃ of the respaced schedule (Improved DDPM).
         values["variance"] = contract.variance if values["steps"] == T else "beta_tilde"
@@ -161,11 +182,17 @@ def make_plan(contract: Contract, settings: RunSettings | None = None, *, model_
     if problems := resolved.problems(T, conditional, guidable):
         raise SettingsError(problems[0][1])
     schedule = schedule or contract.schedule.build()
-    if resolved.steps != T:
+    if resolved.timesteps is not None:
+        keep = np.array(resolved.timesteps[::-1], dtype=np.int64)
+    else:
         try:
-            keep = timestep_indices(T, int(resolved.steps), resolved.spacing or "linspace", resolved.steps_offset or 0)
+            keep = timestep_indices(T, int(resolved.steps), resolved.spacing or "linspace", resolved.steps_offset or 0,
+                                    schedule.alphas_cumprod)
         except ValueError as e:
             raise SettingsError(str(e)) from None
+        # every run records the timesteps it visits (run.json), whatever chose them
+        resolved = dataclasses.replace(resolved, timesteps=tuple(int(t) for t in keep[::-1]))
+    if len(keep) != T:
         schedule = schedule.respace(keep)
     coefs = coefficients(resolved.sampler, schedule, eta=resolved.eta, clip_denoised=resolved.clip_denoised,
                          variance=resolved.variance, clip_range=resolved.clip_range or 1.0)

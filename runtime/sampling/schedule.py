@@ -20,7 +20,7 @@ COSINE_DEFAULTS = {"s": 0.008, "max_beta": 0.999}
 # each named schedule's parameters and their defaults; "explicit" takes its β table itself (``betas=``)
 PARAMS: dict[str, dict[str, float]] = {"linear": LINEAR_DEFAULTS, "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
                                        "cosine": COSINE_DEFAULTS, "sigmoid": LINEAR_DEFAULTS, "explicit": {}}
-SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "logsnr")
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -191,12 +191,16 @@ class NoiseSchedule:
         return NoiseSchedule(betas, self.timesteps[keep])
 
 
-def timestep_indices(num_steps: int, count: int, spacing: str = "linspace", offset: int = 0) -> np.ndarray:
+def timestep_indices(num_steps: int, count: int, spacing: str = "linspace", offset: int = 0,
+                     alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
     """The ``count`` model timesteps a respaced run visits, ascending, with diffusers' ``timestep_spacing`` meaning:
 
     * ``linspace``: ``round(linspace(0, T−1, K))`` (first and last kept; ``spaced_indices``);
     * ``leading``: ``k·(T // K) + offset`` for k = 0 … K−1 (``steps_offset``: diffusers' default spacing);
-    * ``trailing``: ``round(T − k·T/K) − 1`` for k = 0 … K−1 (ends at T − 1; Lin et al. 2024, Table 2).
+    * ``trailing``: ``round(T − k·T/K) − 1`` for k = 0 … K−1 (ends at T − 1; Lin et al. 2024, Table 2);
+    * ``logsnr``: the timesteps nearest to K values evenly spaced in log-SNR λ = log(ᾱ/(1 − ᾱ)) from λ(0) to
+      λ(T − 1) (``alphas_cumprod``: the schedule's ᾱ; DPM-Solver's "logSNR" timesteps, Lu et al. 2022), each at
+      least one above the one before (where λ is steep, near t = 0, two targets can share a nearest timestep).
 
     ``count == num_steps`` is every timestep, whatever the spacing. ValueError for a count, spacing or offset
     that gives no valid timesteps.
@@ -208,6 +212,18 @@ def timestep_indices(num_steps: int, count: int, spacing: str = "linspace", offs
     if int(count) != count or not 1 <= count <= num_steps:
         raise ValueError(f"the number of sampling steps must be between 1 and {num_steps}, got {count!r}")
     count = int(count)
+    if spacing == "logsnr":
+        if alphas_cumprod is None or len(alphas_cumprod) != num_steps:
+            raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
+        lam = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
+        targets = np.linspace(lam[0], lam[-1], count)  # from t = 0 up
+        keep = np.array([int(np.argmin(np.abs(lam - v))) for v in targets], dtype=np.int64)
+        for k in range(1, count):  # where λ is steep (t near 0) two targets can share a timestep: take the next one
+            keep[k] = max(keep[k], keep[k - 1] + 1)
+        keep[-1] = num_steps - 1
+        if np.any(np.diff(keep) <= 0):
+            raise ValueError(f"logsnr spacing of {count} steps does not fit in T = {num_steps}; use another spacing")
+        return keep
     if spacing == "leading":
         keep = np.arange(count, dtype=np.int64) * (num_steps // count) + int(offset)
     else:

@@ -99,6 +99,17 @@ def interval_problem(interval: object, ctx: Context) -> str | None:
     return ctx.unguidable("a guidance interval")
 
 
+def timesteps_problem(timesteps: object, ctx: Context) -> str | None:
+    T = ctx.timesteps
+    if not isinstance(timesteps, tuple | list) or not timesteps or not all(_is_int(v) for v in timesteps):
+        return f"timesteps must be a list of model timesteps (integers), got {timesteps!r}"
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        return f"timesteps must be strictly decreasing (the order a run visits them), got {','.join(map(str, timesteps))}"
+    if not 0 <= timesteps[-1] <= timesteps[0] < T:
+        return f"timesteps must lie in [0, T) = [0, {T}), got {timesteps[0]} … {timesteps[-1]}"
+    return None
+
+
 def clip_problem(clip: object, ctx: Context) -> str | None:
     return None if isinstance(clip, bool) else f"clip_denoised must be true or false, got {clip!r}"
 
@@ -134,6 +145,14 @@ def parse_interval(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def parse_timesteps(text: str) -> tuple[int, ...]:
+    """``"999,600,200,0"`` → (999, 600, 200, 0); ValueError if they are not integers."""
+    try:
+        return tuple(int(p.strip()) for p in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"timesteps must be integers T1,T2,... (model timesteps, decreasing), got {text!r}") from None
+
+
 def parse_bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
@@ -143,7 +162,8 @@ def parse_bool(text: str) -> bool:
 
 def setting(help: str, rule: Callable[[object, Context], str | None], parse: Callable[[str], Any], *,
             specific: bool = False, per_sampler: bool = False, per_image: bool = False,
-            new: bool = False, implicit: Any = None, bounds: tuple[float | None, float | None] = (None, None)) -> Any:
+            new: bool = False, implicit: Any = None, bounds: tuple[float | None, float | None] = (None, None),
+            metavar: str | None = None) -> Any:
     """A ``RunSettings`` field (default None = not given) and what is derived from it.
 
     ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
@@ -152,11 +172,12 @@ def setting(help: str, rule: Callable[[object, Context], str | None], parse: Cal
     ``per_image``: each manifest record carries it; ``new``: added after run folders existed, so ``run.json``
     records it only when set (folders of earlier versions resume); ``implicit``: a new setting's value when not
     set (a run that gives exactly it is recorded as not setting it, so the same run reads the same); ``bounds``:
-    (min, max) of a number, for documents such as the OpenAPI schema (``rule`` enforces them).
+    (min, max) of a number, for documents such as the OpenAPI schema (``rule`` enforces them); ``metavar``: how a
+    list is written on the command line.
     """
     return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "specific": specific,
                                          "per_sampler": per_sampler, "per_image": per_image, "new": new,
-                                         "implicit": implicit, "bounds": bounds})
+                                         "implicit": implicit, "bounds": bounds, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -185,7 +206,7 @@ class RunSettings:
         "LO,HI: guidance only on the steps whose model timestep t lies in [LO, HI] (0 <= LO <= HI < T; "
         "Kynkaanniemi et al. 2024); the other steps use w = 1 and make no null-class prediction. "
         "Default: the model's recommendation, else every step (0,T-1 also means every step).",
-        interval_problem, parse_interval, per_image=True, new=True)
+        interval_problem, parse_interval, per_image=True, new=True, metavar="LO,HI")
     clip_denoised: bool | None = setting(
         "Clip the predicted x0 to [-clip_range, clip_range] in each step (ddpm: the posterior-mean form). "
         "Default: the model's recommendation, else off.", clip_problem, parse_bool, specific=True)
@@ -194,8 +215,13 @@ class RunSettings:
         clip_range_problem, float, specific=True, new=True, implicit=1.0)
     spacing: Spacing | None = setting(
         "Which model timesteps a run of fewer than T steps visits (diffusers' timestep_spacing): linspace = "
-        "round(linspace(0, T-1, steps)); leading = k*(T//steps) + steps_offset; trailing = round(T - k*T/steps) - 1. "
+        "round(linspace(0, T-1, steps)); leading = k*(T//steps) + steps_offset; trailing = round(T - k*T/steps) - 1; "
+        "logsnr = the timesteps nearest to steps values evenly spaced in log-SNR. "
         "Default: the model's recommendation, else linspace.", spacing_problem, str, new=True, implicit="linspace")
+    timesteps: tuple[int, ...] | None = setting(
+        "The model timesteps a run visits, strictly decreasing, in [0, T) (e.g. 999,700,400,100,0): steps is their "
+        "count, and spacing does not apply. Every run records the ones it used in run.json. Default: the ones "
+        "spacing gives.", timesteps_problem, parse_timesteps, new=True, metavar="T1,T2,...")
     steps_offset: int | None = setting(
         "Added to every timestep of leading spacing (diffusers' steps_offset). Default: the model's "
         "recommendation, else 0.", offset_problem, int, new=True, implicit=0, bounds=(0, None))
@@ -204,8 +230,9 @@ class RunSettings:
         "beta_tilde when respaced.", variance_problem, str, specific=True)
 
     def __post_init__(self) -> None:
-        if isinstance(self.guidance_interval, list):  # JSON has no tuples
-            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
+        for name in ("guidance_interval", "timesteps"):
+            if isinstance(getattr(self, name), list):  # JSON has no tuples
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.steps, float) and self.steps.is_integer():  # 50.0 is 50 steps
             object.__setattr__(self, "steps", int(self.steps))
 
@@ -245,7 +272,7 @@ class RunSettings:
     def parse(cls, text: str | None) -> RunSettings | None:
         """``"sampler=ddim,steps=50,guidance=1.5"`` (``--run-defaults``) → RunSettings; ``""``/``"none"`` → None.
 
-        A value with a comma (the interval) is written with ``:`` or ``-``, e.g. ``guidance_interval=200:700``.
+        A list (the interval, timesteps) is written with ``:``, e.g. ``guidance_interval=200:700``.
         ValueError if malformed.
         """
         if text is None or text.strip().lower() in ("", "none"):
@@ -258,7 +285,7 @@ class RunSettings:
                 raise ValueError(f"expected KEY=VALUE with KEY one of {', '.join(NAMES)}, got {item.strip()!r}")
             parse = FIELDS[key].metadata["parse"]
             try:
-                values[key] = parse(value.replace(":", ",") if key == "guidance_interval" else value)
+                values[key] = parse(value.replace(":", ",") if FIELDS[key].metadata["metavar"] else value)
             except ValueError as e:
                 kind = {int: "n integer", float: " number"}.get(parse)
                 raise ValueError(f"{key} needs a{kind}, got {value!r}" if kind else f"{key}: {e}") from None
@@ -294,7 +321,7 @@ def defaults(sampler: str, timesteps: int) -> dict[str, Any]:
     steps = samplers.SAMPLERS[sampler].default_steps
     values = {"sampler": "ddpm", "steps": timesteps if steps is None else min(steps, timesteps), "eta": 0.0,
               "guidance": 1.0, "guidance_interval": None, "clip_denoised": False, "variance": None, "clip_range": None,
-              "spacing": None, "steps_offset": None}
+              "spacing": None, "steps_offset": None, "timesteps": None}
     return {name: value if applies(name, sampler) else None for name, value in values.items()}
 
 

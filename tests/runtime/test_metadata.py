@@ -129,3 +129,30 @@ def test_schema_3_files_made_by_the_previous_main_load_and_sample_as_before(tmp_
     assert uncond.contract.null_class is None and not uncond.contract.guidable
     fresh = runtime.load(make_toy_predictor(tmp_path / "u.onnx", channels=3, timesteps=50), "cpu")
     assert np.array_equal(uncond.generate(2, seed=1), fresh.generate(2, seed=1))
+
+
+def test_a_schema_4_contract_loads_without_what_schema_5_added():
+    """Files written before tuned timesteps and the timesteps setting: their run_defaults lack "timesteps", the
+    contract lacks tuned_timesteps and tuning; they load with none, and a key schema 4 never had is still refused."""
+    from runtime.metadata import RunDefaults
+
+    current = SamplingContract(image_size=8, channels=1, num_classes=2,
+                               run_defaults=RunDefaults(sampler="ddim", steps=20, spacing="trailing"))
+    d = json.loads(current.to_json())
+    d["schema_version"] = 4
+    del d["tuned_timesteps"], d["tuning"], d["run_defaults"]["timesteps"]
+    c = SamplingContract.from_dict(d)
+    assert c.tuned_timesteps == {} and c.tuning is None and c.run_defaults.timesteps is None
+    assert c.run_defaults.spacing == "trailing" and c.schema_version == SCHEMA_VERSION
+    d["run_defaults"]["timesteps"] = [999, 0]
+    with pytest.raises(ContractError, match="run_defaults.timesteps': unknown field \\(in a schema 4 contract\\)"):
+        SamplingContract.from_dict(d)
+
+
+def test_tuned_timesteps_are_validated():
+    good = SamplingContract(image_size=8, channels=1, tuned_timesteps={"3": [999, 500, 20]})
+    assert SamplingContract.from_json(good.to_json()).tuned_timesteps == {"3": [999, 500, 20]}
+    for bad, message in (({"3": [999, 500]}, "tuned_timesteps.3"), ({"2": [5, 50]}, "tuned_timesteps.2"),
+                         ({"2": [1000, 5]}, "tuned_timesteps.2"), ({"x": [5]}, "step counts as keys")):
+        with pytest.raises(ContractError, match=message):
+            SamplingContract(image_size=8, channels=1, tuned_timesteps=bad)

@@ -80,7 +80,7 @@ def test_guidance_needs_a_conditional_model():
 def test_run_settings_and_manifest_fields():
     p = make_plan(COND, sampler="ddim", steps=10, eta=0.0, guidance=2.0)
     assert p.run_settings() == {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0, "clip_denoised": False,
-                                "variance": None}
+                                "variance": None, "timesteps": [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]}
     assert p.manifest_fields() == {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance": 2.0}
     assert make_plan(COND, sampler="ddpm", steps=10).run_settings()["eta"] is None  # DDPM has no η
     assert p.describe() == "ddim 10 steps, eta 0, guidance 2"

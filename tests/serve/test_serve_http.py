@@ -193,6 +193,10 @@ BAD_REQUESTS = [  # body -> what the one-line reason says
     ({"sampler": "unipc", "variance": "beta"}, "variance applies to the ddpm sampler only, not to unipc"),
     ({"sampler": "dpmpp-3m", "steps": 2}, "dpmpp-3m needs at least 3 steps (its first 2 warm up its history), got 2"),
     ({"sampler": "unipc", "steps": 1}, "unipc needs at least 2 steps"),
+    ({"timesteps": [5, 50]}, "timesteps must be strictly decreasing (the order a run visits them), got 5,50"),
+    ({"timesteps": [999, 5], "steps": 3}, "timesteps lists 2 timesteps but steps is 3"),
+    ({"timesteps": []}, "timesteps: List should have at least 1 item"),
+    ({"spacing": "cosine"}, "spacing: Input should be 'linspace', 'leading', 'trailing' or 'logsnr'"),
 ]
 
 

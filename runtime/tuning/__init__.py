@@ -1,0 +1,1 @@
+"""Step schedules tuned to a model: GITS-style dynamic programming over the model's own fine trajectory."""
