@@ -1,6 +1,7 @@
 """Sample quality against predictor calls: sampler × steps at one guidance scale, then a guidance sweep.
 
     python -m benchmarks.quality --out benchmarks/results/quality-cpu-2core [--n 1000] [--only ROW,...]
+    python -m benchmarks.quality --grid few-step --n 5000 --out benchmarks/results/few-step-cpu-2core
 
 Each row is one ``ddpm-generate`` run of the bundled model (n images, classes cycling, seed 0, ``--format npz``)
 and its ``ddpm-eval`` against the FashionMNIST test set. A row's results are appended to ``OUT/rows.jsonl`` as soon
@@ -9,7 +10,10 @@ as it is scored (a rerun skips the rows already there); several processes may sh
 else runs, the times do: ``--speed N`` times N images per row (no scoring) into ``OUT/speed.jsonl``, to be run on a
 quiet machine. ``OUT/table.md`` (rewritten after each row): FCD, KID, conditional accuracy, predictor calls and
 rows per image (guided steps make two rows), end-to-end images/s of the whole ``ddpm-generate`` command (from the
-speed pass where there is one), and the floor and ceiling rows.
+speed pass where there is one), and the floor and ceiling rows; FD∞ ± its error where ``ddpm-eval`` gives it.
+
+``--grid few-step`` (issue 29) is every sampler with history or none at 5, 6, 8 and 10 calls at the bundled model's
+recommended guidance (w = 2 on t ∈ [0, 400]), 6 calls first, then DDIM-50 and DPM-Solver++(2M)-25 as references.
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ BATCH = 8  # 16 rows per call with guidance: onnxruntime's fastest here (README'
 # is σ = √((1−ᾱ)/ᾱ) from 0.28 to 5.42 on this schedule, Kynkäänniemi et al.'s interval for EDM)
 SWEEP = [("dpmpp-2m", 15, w, None) for w in (1.0, 1.25, 2.0)] + [
     ("dpmpp-2m", 15, w, iv) for w, iv in ((2.0, (82, 579)), (3.0, (82, 579)), (2.0, (0, 400)), (3.0, (0, 400)))]
+
+
+FEW_STEP_SAMPLERS = ("ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm")  # the few-step grid's candidates
+FEW_STEP_CALLS = (6, 5, 8, 10)  # 6 first: the target is reached at ≤ 6 calls or not
+RECOMMENDED = (2.0, (0, 400))  # the bundled model's guidance and interval
+
+
+def few_step_rows() -> list[tuple[str, int, float, tuple[int, int] | None]]:
+    """Every candidate at each call count (6 first), then the references DDIM-50 and DPM-Solver++(2M)-25."""
+    grid = [(s, k, *RECOMMENDED) for k in FEW_STEP_CALLS for s in FEW_STEP_SAMPLERS]
+    return grid + [("ddim", 50, *RECOMMENDED), ("dpmpp-2m", 25, *RECOMMENDED)]
 
 
 def rows() -> list[tuple[str, int, float, tuple[int, int] | None]]:
@@ -86,17 +101,23 @@ def run_row(sampler: str, steps: int, w: float, interval, n: int, work: Path) ->
 
 def table(results: list[dict], speed: dict[str, float] | None = None) -> str:
     speed = speed or {}
-    lines = ["| sampler | steps | w | interval | FCD ↓ | KID ↓ | cond. acc. | calls/img | rows/img | img/s |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| sampler | steps | w | interval | n | FCD ↓ | FD∞ ± error ↓ | KID ↓ | cond. acc. | calls/img | rows/img "
+             "| img/s |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fd_inf(g: dict) -> str:
+        return "" if g.get("fd_inf") is None else f"{g['fd_inf']:.2f} ± {g['fd_inf_stderr']:.2f}"
+
     for r in results:
         g = r["scores"][0]
         iv = "every step" if r["guidance_interval"] is None else "[{}, {}]".format(*r["guidance_interval"])
         acc = "" if g["conditional_accuracy"] is None else f"{100 * g['conditional_accuracy']:.1f} %"
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {iv} | {g['fcd']:.1f} | {g['kid']:.1f} | "
-                     f"{acc} | {r['predictor_calls']} | {r['rows_per_image']} | {speed.get(r['row'], r['images_per_s']):.2f} |")
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {iv} | {r['n']} | {g['fcd']:.1f} | "
+                     f"{fd_inf(g)} | {g['kid']:.1f} | {acc} | {r['predictor_calls']} | {r['rows_per_image']} | "
+                     f"{speed.get(r['row'], r['images_per_s']):.2f} |")
     if results:
         for s in results[-1]["scores"][1:]:
-            lines.append(f"| {s['name']} | | | | {s['fcd']:.1f} | {s['kid']:.1f} | | | | |")
+            fcd = f"{s['fcd']:.1f}" + ("" if s.get("fcd_sd") is None else f" ± {s['fcd_sd']:.1f}")
+            lines.append(f"| {s['name']} | | | | | {fcd} | {fd_inf(s)} | {s['kid']:.1f} | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +150,8 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated row names")
     parser.add_argument("--reverse", action="store_true", help="take the rows from the end of the list")
     parser.add_argument("--speed", type=int, default=None, metavar="N", help="only time N images per row")
+    parser.add_argument("--grid", choices=("samplers", "few-step"), default="samplers",
+                        help="samplers: the n = 1000 sampler and guidance table; few-step: issue 29's few-step grid")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "rows.jsonl"
@@ -137,7 +160,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "python": platform.python_version()}, indent=2))
     only = set(args.only.split(",")) if args.only else None
-    order = rows()[::-1] if args.reverse else rows()
+    grid = few_step_rows() if args.grid == "few-step" else rows()
+    order = grid[::-1] if args.reverse else grid
     with tempfile.TemporaryDirectory() as tmp:
         for sampler, steps, w, interval in order:
             name = row_name(sampler, steps, w, interval)
@@ -155,7 +179,7 @@ def main() -> None:
             with open(log, "a") as f:
                 f.write(json.dumps(result) + "\n")
             done = read_jsonl(log)
-            order_names = [row_name(*r) for r in rows()]
+            order_names = [row_name(*r) for r in grid]
             done.sort(key=lambda r: order_names.index(r["row"]) if r["row"] in order_names else len(order_names))
             speeds = {r["row"]: r["images_per_s"] for r in read_jsonl(speed_log)}
             (args.out / "table.md").write_text(table(done, speeds))
