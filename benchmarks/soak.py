@@ -14,7 +14,10 @@ its exit code is recorded. Reported: requests by status (the clients' view and t
 ``ddpm_serve_requests_total``), p50/p95/p99 latency per class, the server's RSS at the start (after a warm-up) and at
 the end (sampled every few seconds), and for one completed request in ``--check-every`` its images against
 ``runtime.load(model).generate`` with the same settings (exactly equal, and the largest difference in levels).
-Targets: no 5xx, RSS growth < 50 MB, exit 0, all compared images equal. Writes OUT/results.json, OUT/results.md and
+Per short request size (sampler and n): its time alone on the idle server (before the load) and its p50/p95 under
+load. Targets: no 5xx, RSS growth < 50 MB, exit 0, all compared images equal, and no short size's p95 above 4 × (its
+time alone + the queue wait), the queue wait being what the load costs the smallest request (its median under load
+less its time alone). Writes OUT/results.json, OUT/results.md and
 OUT/latency.png (latency of every request over time, and RSS).
 """
 
@@ -184,6 +187,13 @@ def markdown(r: dict) -> str:
     for kind, p in r["latency"].items():
         if p["n"]:
             lines.append(f"| {kind} | {p['n']} | {p['p50']:.2f} | {p['p95']:.2f} | {p['p99']:.2f} |")
+    lines += ["", f"Per request size (short requests; alone: the median of 3 on the idle server; queue wait "
+                  f"{r['queue_wait_s']:.2f} s: the median of {r['smallest']} under load less its time alone):", "",
+              "| size | done | alone s | p50 s | p95 s | p95 / alone |", "|---|---:|---:|---:|---:|---:|"]
+    for size, f in r["by_size"].items():
+        if f["n"]:
+            lines.append(f"| {size} | {f['n']} | {f['unloaded_s']:.2f} | {f['p50']:.2f} | {f['p95']:.2f} | "
+                         f"{f['p95'] / f['unloaded_s']:.1f} |")
     c = r["offline"]
     lines += ["", f"Server RSS: {r['rss_start_mb']:.1f} MB after warm-up, {r['rss_1min_mb']:.1f} MB after the first "
                   f"minute, {r['rss_end_mb']:.1f} MB at the end (max {r['rss_max_mb']:.1f} MB). Exit code after SIGTERM: {r['exit_code']} "
@@ -246,6 +256,16 @@ def main(model, minutes, clients, long_clients, disconnect_share, burst, burst_e
     with httpx.Client(timeout=None) as http:  # warm-up: full batches (the arena's largest shapes), every sampler
         for body in [BURST, *SHORTS, {**LONG, "steps": 50}]:
             http.post(f"{url}/v1/images", json={**body, "n": 32})
+    unloaded = {}  # each short request size alone on the idle server: median of 3
+    with httpx.Client(timeout=None) as http:
+        for body in SHORTS:
+            for n in range(1, 5):
+                times = []
+                for k in range(3):
+                    started = time.monotonic()
+                    http.post(f"{url}/v1/images", json={**body, "n": n, "seed": k})
+                    times.append(time.monotonic() - started)
+                unloaded[f"short-{body['sampler']} n={n}"] = float(np.median(times))
     rss = [(0.0, rss_mb(proc.pid))]
     rss_start = rss[0][1]
     load.t0 = time.monotonic()
@@ -290,6 +310,14 @@ def main(model, minutes, clients, long_clients, disconnect_share, burst, burst_e
     kinds = sorted({rec["kind"] for rec in records})
     latency = {k: percentiles([rec["latency"] for rec in records if rec["kind"] == k and rec["status"] == 200])
                for k in kinds}
+    # per request size: the fairness targets (aging in serve/scheduler.py) are about these
+    sized = {size: percentiles([rec["latency"] for rec in records if rec["status"] == 200 and
+                                f"{rec['kind']} n={rec['n']}" == size]) for size in unloaded}
+    # what the load itself costs any request: the smallest request's median under load beyond its time alone
+    smallest = min(unloaded, key=unloaded.get)
+    wait = max(0.0, (sized[smallest]["p50"] or 0.0) - unloaded[smallest])
+    fair = {size: {"unloaded_s": unloaded[size], **sized[size], "bound_s": 4 * (unloaded[size] + wait)}
+            for size in unloaded}
     five_xx = sum(v for k, v in by_status.items() if k.startswith("5") and "after SIGTERM" not in k) + sum(
         v for k, v in statuses.items() if k.startswith("5"))
     growth = rss_end - rss_start
@@ -298,6 +326,7 @@ def main(model, minutes, clients, long_clients, disconnect_share, burst, burst_e
                "platform": platform.platform(), "minutes": minutes, "clients": clients, "long_clients": long_clients,
                "disconnect_share": disconnect_share, "burst": burst, "burst_every": burst_every, "grace": grace,
                "client_statuses": by_status, "server_statuses": statuses, "latency": latency,
+               "by_size": fair, "queue_wait_s": wait, "smallest": smallest,
                "rss_start_mb": rss_start, "rss_1min_mb": after_1min, "rss_end_mb": rss_end,
                "rss_max_mb": max(m for _, m in rss),
                "exit_code": code, "drain_s": drain, "offline": offline, "rss": rss,
@@ -308,7 +337,9 @@ def main(model, minutes, clients, long_clients, disconnect_share, burst, burst_e
         {"target": "exit code 0 after SIGTERM", "measured": str(code), "met": code == 0},
         {"target": "compared images all equal", "measured": f"{offline['exactly_equal']}/{offline['images']}",
          "met": offline["images"] > 0 and offline["exactly_equal"] == offline["images"]},
-    ]
+    ] + [{"target": f"{size}: p95 ≤ 4 × (alone + queue wait) = {f['bound_s']:.2f} s",
+          "measured": "none done" if f["p95"] is None else f"{f['p95']:.2f} s",
+          "met": f["p95"] is not None and f["p95"] <= f["bound_s"]} for size, f in fair.items()]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**results, "requests": records}, indent=1) + "\n")

@@ -309,8 +309,13 @@ def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, export
         return _finish(out, tmp, "onnx", "fp16", exporter, report, reason, extra, source, o)
 
 
+TORCHSCRIPT_DEPRECATED = ("note: torch deprecates TorchScript (torch.jit) in favour of torch.export; --format pt2 is "
+                          "its successor (docs/export.md: which format to choose)")
+
+
 def _export_torchscript(source: ModelSource, contract: SamplingContract, reference, path: Path,
                         o: ExportOptions) -> Artifact:
+    o.log(TORCHSCRIPT_DEPRECATED)
     o.log("exporting TorchScript (torch.jit.trace) ...")
     contract = _exported_by(contract, TS_EXPORTER)
     module, warned = export_torchscript(source.network, contract, strict=not o.verify)

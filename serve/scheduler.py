@@ -7,9 +7,11 @@ the same call with the null class, only on their guided steps) and one step each
 plan's table and its own noise stream (``runtime.sampling.noise``): an image comes out as
 ``runtime.load(model).generate`` makes it, and one predictor call mixes images of any samplers. Which images: a
 quarter of the slots (at least one) to the oldest request, so that no request starves; the rest shortest remaining
-work first — the images of the request with the fewest steps left to make (ties: the older request) —, so a short
-request overtakes a long one at the next tick instead of waiting for it; an image that sits out a tick keeps its x
-and its history and goes on later, unchanged. New requests join at the next tick; finished images leave at once.
+work first, aged by waiting — the images of the request with the least ``image-steps left − AGING × ticks since it
+arrived`` (ties: the older request) —, so a short request overtakes a long one at the next tick instead of waiting
+for it, and a request that is neither the shortest nor the oldest still gains AGING image-steps on every newcomer
+for each tick it waits, instead of waiting behind a stream of smaller ones; an image that sits out a tick keeps its
+x and its history and goes on later, unchanged. New requests join at the next tick; finished images leave at once.
 ``batching=False`` is the naive server for comparison: one request at a time, through ``Pipeline.generate_batches``.
 """
 
@@ -32,6 +34,7 @@ from runtime.sampling.noise import NoiseStreams
 from runtime.sampling.plan import SamplingPlan
 from runtime.sampling.settings import RunSettings
 
+AGING = 2  # image-steps of priority a request gains for every tick (predictor call) it has waited
 RECENT = 2048  # how many batch sizes and latencies stats() keeps (the metrics see every call: ``on_call``)
 
 
@@ -66,6 +69,7 @@ class Job:
         self.remaining = n
         self.cancelled = False
         self.submitted = time.monotonic()
+        self.arrived = 0  # the scheduler's predictor calls when it was submitted (its age in ticks: aging)
         self._future: concurrent.futures.Future = concurrent.futures.Future()
 
     @property
@@ -132,6 +136,7 @@ class Scheduler:
         plan = self.pipeline.plan(settings, **run_settings)
         indices = range(start_index, start_index + n)
         job = Job(n, seed, start_index, plan, self.pipeline.labels(indices, classes))
+        job.arrived = self.predictor_calls
         with self._cond:
             if self._stopping:
                 raise Cancelled("the server is stopping")
@@ -204,7 +209,7 @@ class Scheduler:
     def _select(self) -> list[int]:
         """The positions of up to ``max_batch`` live images (called under the lock): the reserved slots
         (``max_batch // 4``, at least one from 2 on) to the oldest request's images, so that a long request is never
-        starved by a stream of short ones; the rest shortest remaining work first."""
+        starved by a stream of short ones; the rest shortest remaining work first, aged by the ticks waited."""
         pool = self.engine.images
         if len(pool) <= self.max_batch:
             return list(range(len(pool)))
@@ -214,8 +219,10 @@ class Scheduler:
         left: dict[Job, int] = collections.Counter()
         for im in pool:
             left[im.owner] += im.i + 1
+        now = self.predictor_calls
         shortest = sorted((p for p in range(len(pool)) if p not in taken),
-                          key=lambda p: (left[pool[p].owner], pool[p].owner.submitted, pool[p].index))
+                          key=lambda p: (left[pool[p].owner] - AGING * (now - pool[p].owner.arrived),
+                                         pool[p].owner.submitted, pool[p].index))
         return oldest + shortest[:self.max_batch - len(oldest)]
 
     def _drop_cancelled(self) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,12 @@ def test_a_runnable_block_runs(code: str, needs: str | None, tmp_path: Path):
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the commands say .venv/bin/...
     (tmp_path / "runtime").symlink_to(REPO / "runtime")  # and name the bundled files by their paths
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    ray_files = None
     if needs == "ray":
         env["HOME"] = str(tmp_path)  # a local cluster writes its token to ~/.ray/: the test's own, not the user's
+        # and its session files to RAY_TMPDIR (not /tmp/ray), short because Ray puts Unix sockets there
+        ray_files = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        env["RAY_TMPDIR"] = str(ray_files)
     proc = subprocess.Popen(["bash", "-eu", "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -61,6 +67,8 @@ def test_a_runnable_block_runs(code: str, needs: str | None, tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if ray_files is not None:
+            shutil.rmtree(ray_files, ignore_errors=True)
     assert proc.returncode == 0 and "Traceback" not in out, f"exit {proc.returncode}:\n{out[-3000:]}"
 
 

@@ -10,7 +10,7 @@ from runtime.sampling import samplers
 from runtime.sampling.settings import SAMPLERS, RunSettings
 from training.config import GRID_SAMPLER, TRAINABLE_SCHEDULES, ModelConfig
 from training.console import main_process
-from training.errors import TrainInterrupted
+from training.errors import RankLost, TrainInterrupted
 from training.train import TrainError, TrainOptions, train
 
 # The flags that define the model (``ModelConfig``'s fields; --timesteps is t_range), apart from run flags.
@@ -104,6 +104,8 @@ def main(**kwargs) -> None:
     except TrainInterrupted as e:
         if not main_process():  # under DDP rank 0 says it and exits 1; a rank Lightning started that exits
             return  # non-zero reads to Lightning as a crash, and it kills rank 0 (SIGKILL) before rank 0 is done
+        raise click.ClickException(str(e)) from None
+    except RankLost as e:  # whichever rank is left says it (rank 0 may be the one that ended)
         raise click.ClickException(str(e)) from None
     if main_process():
         click.echo(str(last))

@@ -11,3 +11,7 @@ class TrainError(ValueError):
 
 class TrainInterrupted(RuntimeError):
     """SIGTERM or Ctrl-C stopped the run; a resumable checkpoint was written (the message says where)."""
+
+
+class RankLost(RuntimeError):
+    """Under DDP, another rank ended at once (a second signal, or a crash) while this one was in a collective."""

@@ -53,4 +53,7 @@ def explain_load_error(path: Path, e: Exception) -> str:
         return (f"{path} is a torch.save checkpoint in the legacy (non-zip, pickle protocol {head[1]}) format, and "
                 f"{why}; it is refused because reading it otherwise would unpickle it, which can run code. If you "
                 "trust the file, re-save it: torch.save(torch.load(OLD, weights_only=False), NEW)")
+    if head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5:  # a pickle's PROTO opcode, without torch.save's magic
+        return (f"{path} is a plain Python pickle (pickle.dump), not a PyTorch checkpoint (a torch.save archive); "
+                "it is not loaded, because unpickling it would run whatever code it holds")
     return f"{path} is not a PyTorch checkpoint (expected a torch.save archive)"

@@ -8,6 +8,7 @@ raise ``TrainError`` (one line).
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,8 +16,11 @@ from pathlib import Path
 import torch
 
 from training.config import GRID_SAMPLER, ModelConfig
-from training.errors import DatasetError, TrainError, TrainInterrupted
+from training.errors import DatasetError, RankLost, TrainError, TrainInterrupted
 from runtime.errors import reason
+
+# what a gloo collective raises when the rank at the other end has gone
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe")
 
 
 @dataclass
@@ -182,6 +186,13 @@ def train(o: TrainOptions) -> Path:
         except SIGTERMException:  # Lightning's own SIGTERM flag, set if a SIGTERM came before on_train_start
             if stop.signum is None:
                 raise
+        except RuntimeError as e:  # a collective whose peer is gone: it ended at once, so does this rank
+            if trainer.world_size < 2 or not PEER_GONE.search(str(e)):
+                raise
+            newest = (f"; the newest checkpoint is {last}: to go on, run the same command with --resume {last}"
+                      if last.exists() else "")
+            raise RankLost(f"another rank of this DDP run ended at once (a second signal, or a crash), so this one "
+                           f"stopped at step {trainer.global_step} without a checkpoint of it{newest}") from None
         finally:
             stop.restore()
     if stop.saved_step is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class TorchScriptModel(TorchBackend):
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
                 self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
         except Exception as e:  # noqa: BLE001
-            raise ModelError(f"cannot load {path} as TorchScript: {reason(e)}") from None
+            raise ModelError(_load_failure(path, e)) from None
         if not extra[CONTRACT_FILE]:
             raise ModelError(f"{path} carries no sampling contract ({CONTRACT_FILE}); export it with ddpm-export")
         try:
@@ -37,3 +38,13 @@ class TorchScriptModel(TorchBackend):
     def net(self, x, t, y=None):
         """The module on torch tensors of its device."""
         return self.module(x, t) if y is None else self.module(x, t, y)
+
+
+def _load_failure(path, e: Exception) -> str:
+    """One line for a TorchScript archive that ``torch.jit.load`` refused. Its unpickler resolves only TorchScript's
+    own types: a Python global there (``posix.system``) means the archive holds pickled code, which it refuses."""
+    found = re.search(r"Unknown type name '([\w.]+)'", str(e))
+    if found and "." in found.group(1) and not found.group(1).startswith("__torch__."):
+        return (f"refusing to load {path}: it looks like a TorchScript archive but holds pickled Python code "
+                f"({found.group(1)}), which is never run")
+    return f"cannot load {path} as TorchScript: {reason(e)}"

@@ -7,6 +7,11 @@ one), ``auto`` (a running one, or an error), ``local`` (always a new local one),
 one request to its GCS, because ``ray.init`` retries for minutes an address that nothing answers or that wants
 another token; the request also tells whether the cluster uses token authentication, and this driver does as
 the cluster does (see ``_match_authentication``).
+
+A cluster recorded on this machine (``ray start`` writes its address to ``ray_current_cluster`` in Ray's temp
+folder) whose head no longer answers counts as no cluster: a bare ``--ray`` starts a local one and says so, where
+Ray itself would wait on it. A head that goes away in the middle of a run ends the run with one line
+(``ClusterGone``); what was made stays, and the same command finishes it once a cluster is back.
 """
 
 from __future__ import annotations
@@ -55,18 +60,56 @@ def check_address(address: str) -> str:
                      f"{address!r} (to name the model after --ray, write --ray=ADDRESS or put --ray later)")
 
 
-def _probe(address: str) -> None:
-    """Open and close a TCP connection to a HOST:PORT address; ``ClusterError`` in one line when that fails."""
+def _unreachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why a TCP connection to a HOST:PORT address fails ("connection refused", "timed out", ...), or None when it
+    opens (or the address is not HOST:PORT)."""
     m = _ADDRESS.fullmatch(address)
     if m is None:
-        return
+        return None
     host, port = m["host"].strip("[]"), int(m["port"])
     try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+        return "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e)).lower()
+    return None
+
+
+def _probe(address: str) -> None:
+    """``ClusterError`` in one line when a TCP connection to a HOST:PORT address fails."""
+    if (why := _unreachable(address)) is not None:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {why} (is `ray start --head` running "
-                           "there, and is the port open?)") from None
+                           "there, and is the port open?)")
+
+
+class ClusterGone(ClusterError):
+    """The head of the cluster a run was using went away in the middle of it."""
+
+    def __init__(self, ray) -> None:
+        super().__init__(f"the Ray cluster at {ray.get_runtime_context().gcs_address} went away; rerun the same "
+                         "command to finish the run")
+
+
+def head_answers(ray) -> bool:
+    """Whether the head of the cluster this process is connected to still takes TCP connections (a head that went
+    away refuses them at once; 2 s for one that hangs)."""
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # not connected, or a Ray that cannot say: nothing to tell
+        return True
+    return _unreachable(gcs, timeout=2.0) is None
+
+
+def _recorded_cluster_is_gone(address: str) -> str | None:
+    """For a bare ``--ray`` (no ``RAY_ADDRESS``): the address of the cluster recorded on this machine when its head
+    no longer answers, else None (none recorded, or it answers)."""
+    if address != "" or os.environ.get("RAY_ADDRESS"):
+        return None
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:
+        return None
+    recorded = find_bootstrap_address(None)
+    return recorded if recorded and _unreachable(recorded) is not None else None
 
 
 @dataclass(frozen=True)
@@ -184,21 +227,18 @@ def _match_authentication(head: str, address: str) -> None:
                            "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
 
 
-@contextmanager
-def connected(address: str, log: Callable[[str], None]) -> Iterator[tuple[object, bool]]:
-    """Connect to (or start) the cluster for the length of the block; yields the ``ray`` module and whether this
-    block owns the connection.
-
-    A cluster that ``ray.init`` started stops when the block ends; one that was running stays (this driver leaves,
-    and Ray ends the tasks it left running). When this process is already connected (a user's own ``ray.init``),
-    that connection is used and kept (not owned).
-    """
-    ray = require_ray()
+def join(address: str, log: Callable[[str], None], what: str = "--ray"):
+    """Connect this process to the cluster at ``address`` (see ``ADDRESS_FORMS``), or start a local one; returns
+    the ``ray`` module and whether this call made the connection (False: the process was already connected, by a
+    user's own ``ray.init``, and that connection is used). Any failure is a one-line ``ClusterError``."""
+    ray = require_ray(what)
     if ray.is_initialized():
-        yield ray, False
-        return
+        return ray, False
     address = check_address(address)
-    explicit = address not in ("", "auto", "local")
+    if (gone := _recorded_cluster_is_gone(address)) is not None:
+        log(f"the Ray cluster recorded on this machine ({gone}) is gone; starting a local one")
+        address = "local"
+    explicit, head = address not in ("", "auto", "local"), None
     if explicit:
         _probe(address)
     if address.startswith("ray://"):  # Ray Client: its server speaks for the cluster
@@ -208,6 +248,8 @@ def connected(address: str, log: Callable[[str], None]) -> Iterator[tuple[object
             _probe(head)
         _match_authentication(head, address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a run reports nothing to anyone unless asked
+    if address != "local" and (explicit or head is not None):  # joining: the driver's core logs nothing of its own
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # (a head that goes away is one line, below)
     try:
         context = ray.init(address=address or None, include_dashboard=False, logging_level=logging.ERROR,
                            configure_logging=True)
@@ -217,7 +259,19 @@ def connected(address: str, log: Callable[[str], None]) -> Iterator[tuple[object
     resources = ray.cluster_resources()
     log(f"Ray cluster at {context.address_info.get('gcs_address') or address}: {len(alive)} node(s), "
         f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+    return ray, True
+
+
+@contextmanager
+def connected(address: str, log: Callable[[str], None]) -> Iterator[tuple[object, bool]]:
+    """``join`` for the length of the block; yields the ``ray`` module and whether this block owns the connection.
+
+    A cluster that ``ray.init`` started stops when the block ends; one that was running stays (this driver leaves,
+    and Ray ends the tasks it left running). A connection the process had before is kept (not owned).
+    """
+    ray, owned = join(address, log)
     try:
-        yield ray, True
+        yield ray, owned
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()

@@ -29,10 +29,12 @@ from runtime.generation.output import shard_indices
 from runtime.generation.run import (RunOptions, RunResult, check_run, generate_to_dir, grid_columns, open_output,
                                     progress_bar, require_on_disk)
 from runtime.pipeline import load
-from runtime.ray.cluster import Worker, check_fits, connected, driver_pipeline, require_ray
+from runtime.ray.cluster import (ClusterGone, Worker, check_fits, connected, driver_pipeline, head_answers,
+                                 require_ray)
 
 REPORT_EVERY_S = 0.2  # a task's progress messages to the actor, at most this often (and at each batch's end)
 POLL_S = 0.2  # how often the driver redraws the bar
+HEAD_CHECK_S = 5.0  # how often the driver checks that the cluster's head is still there
 
 
 @dataclass(frozen=True)
@@ -121,19 +123,33 @@ def _gather(ray, refs: dict, progress, show: Callable[[float], None], log: Calla
     Cancelling only when needed: cancelling a task as it finishes can abort the driver (a race in Ray's core,
     ray-project/ray#54798, seen with Ray 2.60 on Ctrl-C)."""
     pending, results, logs_from = list(refs), [], 0
+    checked = time.monotonic()
     try:
         while True:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S) if pending else ([], [])
-            results += [_outcome(ray, r, refs[r], shards, retries) for r in ready]
-            done, retried, lines = ray.get(progress.snapshot.remote(logs_from))
+            try:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S) if pending else ([], [])
+                results += [_outcome(ray, r, refs[r], shards, retries) for r in ready]
+                done, retried, lines = ray.get(progress.snapshot.remote(logs_from), timeout=HEAD_CHECK_S)
+            except ray.exceptions.GetTimeoutError:  # a slow answer from a live cluster is no failure
+                if head_answers(ray):
+                    continue
+                raise ClusterGone(ray) from None
+            except (ray.exceptions.RayError, ClusterError) as e:  # a failure, or the cluster's own end
+                if isinstance(e, ray.exceptions.RayTaskError) or head_answers(ray):
+                    raise
+                raise ClusterGone(ray) from None
             logs_from += len(lines)
             for line in lines:
                 log(line)
             show(done)
             if not pending:
                 return results, retried
-    except BaseException:
-        if not owned:
+            if time.monotonic() - checked > HEAD_CHECK_S:  # a head that vanished without failing a call
+                checked = time.monotonic()
+                if not head_answers(ray):
+                    raise ClusterGone(ray)
+    except BaseException as e:
+        if not owned and not isinstance(e, ClusterGone):  # nothing left to cancel on a cluster that is gone
             for r in pending:
                 ray.cancel(r, force=True)
         raise

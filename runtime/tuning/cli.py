@@ -18,8 +18,9 @@ def _counts(ctx, param, value: str) -> list[int]:
         counts = sorted({int(v) for v in value.split(",")})
     except ValueError:
         raise click.BadParameter(f"expected step counts K1,K2,..., got {value!r}") from None
-    if not counts or counts[0] < 1:
-        raise click.BadParameter(f"step counts must be positive, got {value!r}")
+    if not counts or counts[0] < 2:
+        raise click.BadParameter(f"step counts must be at least 2 (a tuned schedule runs from T - 1 to 0), got "
+                                 f"{value!r}")
     return counts
 
 

@@ -6,8 +6,12 @@ The fine reference is a ``reference_steps``-step run of ``reference_sampler`` (l
 and its recommended guidance, recording at every grid timestep the state x and the sampler's x̂₀ (its history d).
 The cost of a coarse step from grid point a to a later grid point b is the mean squared distance between the
 first-order (DDIM) step from the reference state x_a with its x̂₀_a and the reference state x_b; a run of K steps is
-a path of K grid points from t = T − 1, and its last step goes to σ = 0 (x_0 = x̂₀ there), costing the distance of
-that x̂₀ from the reference's x_0. The path of least total cost is the tuned schedule for K.
+a path of K grid points from t = T − 1 to t = 0, as in GITS, whose coarse grid keeps both ends of the fine one. The
+path of least total cost is the tuned schedule for K.
+
+Letting the path end early instead (its last step to σ = 0 through that point's x̂₀, costed by the distance from
+the reference's result) gives lower trajectory error but blurrier images: on the bundled model at 6 steps it
+chose 999 … 202, 61 and scored FCD 28.1 against linspace's 17.8 (n = 5000; benchmarks/results/few-step-cpu-2core).
 """
 
 from __future__ import annotations
@@ -77,11 +81,11 @@ def step_costs(ref: Reference) -> np.ndarray:
     return cost
 
 
-def best_path(cost: np.ndarray, terminal: np.ndarray, K: int) -> tuple[list[int], float]:
-    """The K grid points from 0 (t = T − 1) that minimise the summed step costs plus ``terminal`` at the last one."""
-    G = len(terminal)
-    if not 1 <= K <= G:
-        raise ValueError(f"cannot choose {K} of {G} grid timesteps")
+def best_path(cost: np.ndarray, K: int) -> tuple[list[int], float]:
+    """The K grid points from the first (t = T − 1) to the last (t = 0) whose summed step costs are least."""
+    G = len(cost)
+    if not 2 <= K <= G:
+        raise ValueError(f"cannot choose {K} of {G} grid timesteps with both ends (K from 2 to {G})")
     best = np.full((K, G), np.inf)
     came = np.zeros((K, G), dtype=np.int64)
     best[0, 0] = 0.0
@@ -89,20 +93,17 @@ def best_path(cost: np.ndarray, terminal: np.ndarray, K: int) -> tuple[list[int]
         totals = best[k - 1][:, None] + cost  # [a, b]
         came[k] = np.argmin(totals, axis=0)
         best[k] = totals[came[k], np.arange(G)]
-    end = int(np.argmin(best[K - 1] + terminal))
-    path = [end]
+    path = [G - 1]
     for k in range(K - 1, 0, -1):
         path.append(int(came[k, path[-1]]))
-    return path[::-1], float(best[K - 1, end] + terminal[end])
+    return path[::-1], float(best[K - 1, G - 1])
 
 
 def tune(ref: Reference, counts: Sequence[int]) -> dict[int, tuple[list[int], float]]:
     """For each K: (the tuned timesteps, decreasing; their total cost)."""
     cost = step_costs(ref)
-    G = len(ref.timesteps)
-    terminal = np.mean((ref.x0.reshape(G, -1) - ref.final.reshape(1, -1)) ** 2, axis=1)
     out = {}
     for K in counts:
-        path, total = best_path(cost, terminal, K)
+        path, total = best_path(cost, K)
         out[K] = ([int(ref.timesteps[g]) for g in path], total)
     return out

@@ -73,7 +73,8 @@ def make_bad(tmp_path: Path, kind: str, good: Path) -> Path:
     "kind, message",
     [("missing", "does not exist"), ("text", "not a PyTorch checkpoint"), ("truncated", "truncated or corrupt"),
      ("nohparams", "lacks this project's hyperparameters"), ("plain", "not a ddpm-train checkpoint"),
-     ("pickle", "not a PyTorch checkpoint"),
+     ("pickle", "is a plain Python pickle (pickle.dump), not a PyTorch checkpoint (a torch.save archive); it is not "
+                "loaded, because unpickling it would run whatever code it holds"),
      ("legacy", "is a torch.save checkpoint in the legacy (non-zip, pickle protocol 4) format, and PyTorch's "
                 "weights-only loader cannot read it: Unsupported operand 149; it is refused because"),
      ("legacy-truncated", "in the legacy (non-zip, pickle protocol 2) format, and it is truncated or corrupt")],

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,15 @@ FRESH_PROCESS = textwrap.dedent(
 
 def test_torchscript_loads_in_a_fresh_process_without_this_package(uncond_ckpt, fresh_copy, tmp_path):
     ckpt = fresh_copy(uncond_ckpt)
-    assert export(str(ckpt), "--format", "torchscript").exit_code == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = export(str(ckpt), "--format", "torchscript")
+    assert r.exit_code == 0, r.output
+    # torch deprecates TorchScript: said once, in our words, and torch's own notices stay off the console
+    notes = [line for line in r.stderr.splitlines() if "deprecates TorchScript" in line]
+    assert notes == ["note: torch deprecates TorchScript (torch.jit) in favour of torch.export; --format pt2 is its "
+                     "successor (docs/export.md: which format to choose)"], r.stderr
+    assert not [w for w in caught if "torch.jit" in str(w.message)], [str(w.message) for w in caught]
     x = np.random.default_rng(0).standard_normal((3, 1, 16, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(ckpt.with_suffix(".pt")), str(tmp_path / "x.npy"),

@@ -15,6 +15,8 @@ import runtime
 from runtime.generate_cli import main
 from tests.cli_checks import one_error_line
 
+REPO = Path(runtime.__file__).resolve().parents[1]
+
 
 def test_a_plain_pickle_is_named_as_one(tmp_path: Path):
     evil = tmp_path / "evil.pt"
@@ -69,3 +71,30 @@ def test_a_gpu_provider_that_does_not_start_is_one_line(uncond_onnx, tmp_path: P
         from runtime.backends.providers import gpu_visible
 
         assert gpu_visible() or lines[0].endswith("; no NVIDIA GPU is visible here"), lines
+
+
+WITHOUT_TORCH = """
+import sys
+
+class Block:  # what imports meet where the train extra is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "pytorch_lightning", "lightning", "einops", "onnxscript"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from ddpm_export.entry import main
+sys.argv = ["ddpm-export", sys.argv[1]]
+main()
+"""
+
+
+def test_ddpm_export_without_the_train_extra_is_one_line_naming_it(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\0" * 16)
+    r = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(ckpt)], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "Error: ddpm-export needs the train extra (torch is not installed here): pip install 'ddpm-toolkit[train]'"]
+    assert list(tmp_path.iterdir()) == [ckpt]

@@ -4,17 +4,21 @@ killed mid-shard, the driver interrupted and rerun, and one-line errors for bad 
 The cluster is started once for the module (``ray start --head --block`` in its own session) with token
 authentication, as Ray sets a cluster up when this machine has a token, but with HOME in a temporary folder so
 the token is the test's own. Every driver runs in a subprocess, so no test depends on Ray's state in the test
-process.
+process. Every cluster keeps its files (sessions, the ``ray_current_cluster`` record) in a temporary folder of its
+own (``RAY_TMPDIR``, for the head and its drivers alike) and is stopped as Ray expects (SIGTERM to ``ray start
+--block``, which stops its processes): nothing is left in /tmp/ray.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,37 +49,68 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait()
 
 
+def stop(head: subprocess.Popen) -> None:
+    """Stop ``ray start --block`` as Ray expects: SIGTERM, on which it stops the processes it started; its whole
+    session is killed only if it has not stopped in 30 s."""
+    if head.poll() is None:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_group(head)
+
+
 @contextmanager
-def running_cluster(home: Path, cpus: int, token: bool) -> Iterator[tuple[str, dict]]:
-    """``ray start --head --block`` in its own session, with HOME at ``home``: its address and the environment its
-    drivers use (the same HOME, so the same token). With ``token`` the cluster uses token authentication, as Ray
-    sets one up on a machine that has a token; without, it runs with none."""
-    port = free_port()
-    env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)
-    ray_cli = Path(sys.executable).parent / "ray"
-    if token:
-        subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    log = open(home / "ray-start.log", "w")
-    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--num-cpus={cpus}", "--num-gpus=0",
-                             f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**env, "RAY_AUTH_MODE": "token" if token else "disabled"})
-    address = f"127.0.0.1:{port}"
+def ray_tmpdir() -> Iterator[Path]:
+    """A temporary folder for Ray's files (``RAY_TMPDIR``): short, because Ray puts Unix sockets in it."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"],
-                             env={**env, "RAY_AUTH_MODE": "token" if token else "disabled"}, capture_output=True,
-                             timeout=120).returncode:
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Ray cluster did not start: {(home / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(1)
-        yield address, env
+        yield folder
     finally:
-        kill_group(head)
-        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_head(env: dict, cpus: int, port: int, log: Path) -> subprocess.Popen:
+    ray_cli = Path(sys.executable).parent / "ray"
+    with open(log, "a") as f:
+        return subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--num-cpus={cpus}", "--num-gpus=0",
+                                 f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def wait_for_head(head: subprocess.Popen, address: str, env: dict, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={address!r}); ray.shutdown()"],
+                         env=env, capture_output=True, timeout=120).returncode:
+        if head.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the Ray cluster did not start: {log.read_text()[-2000:]}")
+        time.sleep(1)
+
+
+@contextmanager
+def running_cluster(home: Path, cpus: int, token: bool, port: int | None = None) -> Iterator[tuple[str, dict]]:
+    """``ray start --head --block`` in its own session, with HOME at ``home`` and its files in a temporary folder of
+    its own: its address and the environment its drivers use (the same HOME, so the same token, and the same
+    RAY_TMPDIR). With ``token`` the cluster uses token authentication, as Ray sets one up on a machine that has a
+    token; without, it runs with none."""
+    port = port or free_port()
+    with ray_tmpdir() as tmp:
+        env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp),
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_MODE", None)
+        if token:
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env,
+                           check=True, capture_output=True)
+        head_env = {**env, "RAY_AUTH_MODE": "token" if token else "disabled"}
+        head = start_head(head_env, cpus, port, home / "ray-start.log")
+        address = f"127.0.0.1:{port}"
+        try:
+            wait_for_head(head, address, head_env, home / "ray-start.log")
+            yield address, env
+        finally:
+            stop(head)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +330,7 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_at_once(cluster, uncond_onn
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and f"Error: the Ray cluster at {address} " in errors[0] and message in errors[0], r.stderr
-    assert took < 60, f"it took {took:.0f} s to say so"  # ray.init alone retries for minutes
+    assert took < 30, f"it took {took:.0f} s to say so"  # ray.init alone retries for minutes
     assert not (tmp_path / "o").exists()
 
 
@@ -380,3 +415,113 @@ def test_the_ray_data_source_checks_its_settings_at_once(cond_onnx):
     with pytest.raises(SettingsError, match="unknown class 'zebra'"):
         runtime.ray.images(cond_onnx, 4, classes="zebra")
     assert not ray.is_initialized()  # nothing was started for a call that fails
+
+
+def own_ray_env(home: Path, tmp: Path) -> dict:
+    """A driver's environment with Ray's files in ``tmp`` and no cluster named (no RAY_ADDRESS) and no token."""
+    env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    return env
+
+
+IMAGES_NO_ADDRESS = """
+import json, sys
+import numpy as np
+import runtime, runtime.ray
+rows = sorted(runtime.ray.images(sys.argv[1], 3, seed=1, steps=4, classes=None).take_all(), key=lambda r: r["index"])
+u = runtime.load(sys.argv[1], "cpu").generate(3, seed=1, steps=4)
+print(json.dumps([bool(np.array_equal(r["image"], u[k])) for k, r in enumerate(rows)]))
+"""
+
+
+def test_a_recorded_cluster_that_is_gone_counts_as_none(uncond_onnx, tmp_path):
+    """A cluster killed without `ray stop` leaves its address in Ray's temp folder (ray_current_cluster): a bare
+    --ray starts a local cluster and says so, and so does runtime.ray.images with no address."""
+    closed = free_port()
+    with ray_tmpdir() as tmp:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed}")
+        env = own_ray_env(tmp_path, tmp)
+        args = [uncond_onnx, "-n", 4, "--steps", 4, "--out", tmp_path / "o"]
+        r = generate(env, *args, "--ray", "--workers", 2)
+        assert r.returncode == 0, r.stderr
+        assert (f"the Ray cluster recorded on this machine (127.0.0.1:{closed}) is gone; starting a local one"
+                in r.stderr), r.stderr
+        assert "4 images in" in r.stdout and "on Ray: 2 tasks of 1 CPU" in r.stdout, r.stdout
+        assert_same_run(tmp_path / "o", one_process(tmp_path, *args[:-2]))
+
+        script = tmp_path / "images.py"
+        script.write_text(IMAGES_NO_ADDRESS)
+        p = subprocess.Popen([sys.executable, str(script), str(uncond_onnx)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=180)
+        finally:
+            kill_group(p)
+        assert p.returncode == 0, err[-3000:]
+        assert "is gone; starting a local one" in err
+        assert json.loads(out.strip().splitlines()[-1]) == [True] * 3
+
+
+@pytest.mark.parametrize("how", ["refused", "silent"])
+def test_runtime_ray_images_at_an_address_that_does_not_answer_is_one_line(uncond_onnx, how):
+    import runtime.ray
+    from runtime.errors import ClusterError
+
+    silent = listening_silently() if how == "silent" else None
+    address = f"127.0.0.1:{silent.getsockname()[1] if silent else free_port()}"
+    started = time.monotonic()
+    try:
+        with pytest.raises(ClusterError) as e:
+            runtime.ray.images(uncond_onnx, 2, steps=4, address=address)
+    finally:
+        if silent is not None:
+            silent.close()
+    assert time.monotonic() - started < 30
+    message = str(e.value)
+    assert "\n" not in message and f"Ray cluster at {address}" in message, message
+    assert ("connection refused" if how == "refused" else "does not answer as a Ray head") in message, message
+    assert not ray.is_initialized()
+
+
+def test_a_head_killed_mid_run_is_one_line_and_the_same_command_finishes_the_run(slow_onnx, tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    out, head_log = tmp_path / "o", tmp_path / "head.log"
+    with ray_tmpdir() as tmp:
+        env = own_ray_env(tmp_path, tmp)
+        head_env = {**env, "RAY_AUTH_MODE": "disabled"}
+        head = start_head(head_env, 2, port, head_log)
+        try:
+            wait_for_head(head, address, head_env, head_log)
+            args = [slow_onnx, *SLOW, "--out", out, "--ray", address, "--workers", 2]
+            p, log = start_generate(env, *args)
+            try:
+                wait_until(lambda: recorded(out) >= 2 or p.poll() is not None, "two images are on disk")
+                assert p.poll() is None, log.read_text()
+                os.killpg(head.pid, signal.SIGKILL)  # the head and everything it started, at once
+                head.wait()
+                killed = time.monotonic()
+                p.wait(timeout=120)
+                took = time.monotonic() - killed
+            finally:
+                kill_group(p)
+            text = log.read_text()
+            errors = [line for line in text.splitlines() if line.startswith("Error")]
+            assert p.returncode != 0 and "Traceback" not in text, text
+            assert len(errors) == 1 and errors[0].endswith(f":{port} went away; rerun the same command to finish "
+                                                           "the run"), text
+            assert took < 60, f"it took {took:.0f} s to say so"
+            made = recorded(out)
+            assert 2 <= made < 12 and not (out / "manifest.jsonl").exists()
+
+            head = start_head(head_env, 2, port, head_log)  # the cluster is back, at the same address
+            wait_for_head(head, address, head_env, head_log)
+            r = generate(env, *args)
+            assert r.returncode == 0, r.stderr
+            assert f"{12 - made} images in" in r.stdout and f"{made} already there" in r.stdout, r.stdout
+        finally:
+            stop(head)
+    assert_same_run(out, one_process(tmp_path, slow_onnx, *SLOW))

@@ -12,6 +12,7 @@ import runtime
 from runtime.errors import GenerationError, SettingsError
 from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES
+import serve.scheduler as scheduler_module
 from serve.scheduler import Cancelled, QueueFull, Scheduler
 
 LEVELS = TOLERANCES["fp32-same-math"].max_levels
@@ -231,3 +232,34 @@ def test_a_stream_of_short_requests_never_starves_a_long_one(cond_model):
             s.result(timeout=60)
     finally:
         scheduler.stop(grace=5)
+
+
+@pytest.mark.parametrize("aging", [0, scheduler_module.AGING], ids=["no-aging", "aging"])
+def test_a_mid_sized_request_is_not_starved_by_a_stream_of_smaller_ones(cond_model, monkeypatch, aging):
+    """One slot is the oldest request's (a long one), the other three go to the least remaining work. A stream of
+    small requests, one arriving with every predictor call, keeps those three busy: by remaining work alone a
+    request of three 20-step images waits behind every one of them until the long one ends; aged by its waiting
+    it gains on every newcomer and ends long before the long one."""
+    monkeypatch.setattr(scheduler_module, "AGING", aging)
+    scheduler = Scheduler(cond_model, max_batch=4, queue_limit=10_000)
+    long = scheduler.submit(1, sampler="ddpm", steps=100, seed=1)
+    medium = scheduler.submit(3, sampler="ddim", steps=20, seed=2)
+    stream = []
+    scheduler.on_call.append(lambda rows: long.done or stream.append(
+        scheduler.submit(1, sampler="ddim", steps=3, seed=10 + len(stream))))
+    scheduler.start()
+    try:
+        medium_images = medium.result(timeout=60)
+        medium_done_at = scheduler.predictor_calls
+        long.result(timeout=60)
+        long_done_at = scheduler.predictor_calls
+        for s in stream:
+            s.result(timeout=60)
+    finally:
+        scheduler.stop(grace=5)
+    if aging:
+        assert medium_done_at < 0.7 * long_done_at, (medium_done_at, long_done_at)
+        expected = cond_model.generate(3, seed=2, sampler="ddim", steps=20)
+        assert np.array_equal(np.stack([r.image for r in medium_images]), expected)
+    else:  # what the aging is for
+        assert medium_done_at >= long_done_at - 1, (medium_done_at, long_done_at)

@@ -201,3 +201,45 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(fashion_root: P
     assert err.count(f"Error: stopped by {name} at step {step}; checkpoint: {last}; to go on, run the same "
                      f"command with --resume {last}") == 1, run.log()
     assert_only_rank_0_wrote(out, run)
+
+
+@pytest.mark.parametrize("to, gap", [("group", 0.3), ("rank0", 0.05), ("rank0", 0.3), ("rank1", 0.3)])
+def test_ctrl_c_twice_stops_every_rank_at_once_without_a_traceback(fashion_root: Path, tmp_path: Path, gap, to):
+    """A second signal stops at once. Ctrl-C in a terminal signals every process of the foreground group (both
+    ranks get SIGINT twice, and each ends as the signal ends a process); ``kill -INT PID`` twice reaches one rank,
+    which ends, and the other, blocked in a gloo collective with it, must not print the broken connection as a
+    traceback: it says in one line that another rank ended and it stopped without a checkpoint of this step."""
+    out = tmp_path / "run"
+    run = Run(tmp_path, "record", "--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--out", str(out),
+              *TINY, *DDP, "--max-steps", "1000", slow_from=3)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run.record / "at-step").exists():
+            if run.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run never reached step 3\n{run.log()}")
+            time.sleep(0.01)
+        def send():
+            if to == "group":
+                os.killpg(run.proc.pid, signal.SIGINT)
+            else:
+                os.kill(run.rank(int(to[-1]))["pid"], signal.SIGINT)
+        send()
+        time.sleep(gap)
+        send()
+        status = run.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{run.rank(r)['pid']}").exists() for r in (0, 1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"a rank is still running 30 s after the second Ctrl-C\n{run.log()}")
+            time.sleep(0.05)
+    finally:
+        run.kill()
+    err = run.stderr.read_text()
+    assert status != 0 and "Traceback" not in err and "Connection" not in err, run.log()
+    errors = [line for line in err.splitlines() if line.startswith("Error")]
+    if to == "group":  # every rank ended as the signal ends a process
+        assert errors == [], run.log()
+    else:  # the rank left says so, once
+        assert len(errors) == 1 and (errors[0].startswith("Error: another rank of this DDP run ended at once (a "
+                                                          "second signal, or a crash), so this one stopped at step")
+                                     or errors[0].startswith("Error: stopped by SIGINT")), run.log()

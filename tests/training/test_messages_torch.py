@@ -38,9 +38,16 @@ def test_generate_names_a_torch_save_checkpoint(tmp_path: Path):
     assert "constants.pkl" not in line and "corrupted" not in line
 
 
+def scripted_linear(path: Path) -> None:
+    """A TorchScript archive of a Linear layer, without torch's deprecation notice for torch.jit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+
+
 def test_a_torchscript_archive_is_still_torchscript(tmp_path: Path):
     path = tmp_path / "plain.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    scripted_linear(path)
     assert model_format(path) == "torchscript"
     with pytest.raises(runtime.ModelError, match="carries no sampling contract"):  # loaded, then checked
         runtime.load(path, "cpu")
@@ -51,7 +58,7 @@ def test_a_torchscript_archive_that_does_not_load_says_why(tmp_path: Path):
     import zipfile
 
     whole = tmp_path / "whole.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(whole))
+    scripted_linear(whole)
     broken = tmp_path / "broken.pt"
     with zipfile.ZipFile(whole) as src, zipfile.ZipFile(broken, "w") as dst:
         for name in src.namelist():
@@ -61,6 +68,25 @@ def test_a_torchscript_archive_that_does_not_load_says_why(tmp_path: Path):
     with pytest.raises(runtime.ModelError) as caught:
         runtime.load(broken, "cpu")
     assert str(caught.value).startswith(f"cannot load {broken} as TorchScript: Unknown type name"), caught.value
+
+
+def test_a_torchscript_archive_holding_pickled_code_is_refused_in_plain_words(tmp_path: Path):
+    import zipfile
+
+    marker = tmp_path / "payload-ran"
+    whole = tmp_path / "whole.pt"
+    scripted_linear(whole)
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(whole) as src, zipfile.ZipFile(evil, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, pickle.dumps(Payload(marker), protocol=2) if name.endswith("/data.pkl") else
+                         src.read(name))
+    assert model_format(evil) == "torchscript"
+    with pytest.raises(runtime.ModelError) as caught:
+        runtime.load(evil, "cpu")
+    assert str(caught.value) == (f"refusing to load {evil}: it looks like a TorchScript archive but holds pickled "
+                                 "Python code (posix.system), which is never run"), caught.value
+    assert not marker.exists()
 
 
 def resume(tmp_path: Path, fashion_root: Path, ckpt: Path):
@@ -86,7 +112,9 @@ def test_resume_refuses_pickled_code_and_never_runs_it(tmp_path: Path, fashion_r
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind, message", [("pickle", "is not a PyTorch checkpoint"),
+@pytest.mark.parametrize("kind, message", [("pickle", "is a plain Python pickle (pickle.dump), not a PyTorch "
+                                                       "checkpoint (a torch.save archive); it is not loaded, because "
+                                                       "unpickling it would run whatever code it holds"),
                                            ("nohparams", "is not a ddpm-train checkpoint (no hyper_parameters)")])
 def test_resume_says_what_the_file_is(tmp_path: Path, fashion_root: Path, kind, message):
     path = tmp_path / f"{kind}.ckpt"
