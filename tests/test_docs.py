@@ -54,6 +54,7 @@ def test_a_runnable_block_runs(code: str, needs: str | None, tmp_path: Path):
         # and its session files to RAY_TMPDIR (not /tmp/ray), short because Ray puts Unix sockets there
         ray_files = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         env["RAY_TMPDIR"] = str(ray_files)
+    before = set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
     proc = subprocess.Popen(["bash", "-eu", "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -70,6 +71,8 @@ def test_a_runnable_block_runs(code: str, needs: str | None, tmp_path: Path):
         if ray_files is not None:
             shutil.rmtree(ray_files, ignore_errors=True)
     assert proc.returncode == 0 and "Traceback" not in out, f"exit {proc.returncode}:\n{out[-3000:]}"
+    after = set(os.listdir("/tmp/ray")) if os.path.isdir("/tmp/ray") else set()
+    assert after <= before, f"the block left {sorted(after - before)} in /tmp/ray"
 
 
 def test_the_sampler_table_is_the_registry():

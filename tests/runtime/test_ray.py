@@ -37,6 +37,22 @@ REPO = Path(runtime.__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+DEFAULT_RAY_FILES = Path("/tmp/ray")  # Ray's temp folder when RAY_TMPDIR is not set
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_in_the_default_ray_folder():
+    """No cluster of these tests writes to /tmp/ray (a session folder, the ray_current_cluster record): what a user
+    runs after the suite must not find a cluster of ours, dead or alive."""
+    before = entries(DEFAULT_RAY_FILES)
+    yield
+    assert entries(DEFAULT_RAY_FILES) <= before, sorted(entries(DEFAULT_RAY_FILES) - before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
