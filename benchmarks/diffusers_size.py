@@ -31,7 +31,8 @@ import numpy as np
 from benchmarks.throughput import cpu_name
 from runtime.files import atomic_write
 
-CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+               block_out_channels=(128, 256, 256, 256),
                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), freq_shift=1,
                flip_sin_to_cos=False, norm_eps=1e-6, downsample_padding=0, attention_head_dim=None)
@@ -119,7 +120,8 @@ def cifar10(out: Path, log) -> dict:
             r = rate(lambda: fn(x, t), calls) * batch
             predictor.setdefault(name, {})[str(batch)] = r
             log(f"predictor {name} batch {batch}: {r:.2f} img-steps/s")
-    scheduler = diffusers.DDIMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    scheduler = diffusers.DDIMScheduler.from_config(
+        json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     for batch in (1, 16):

@@ -1,5 +1,6 @@
 """``python -m benchmarks.noise``: image-steps/s of ``NoiseStreams.next()``, one NumPy call per image per step
-(the first implementation, kept here as ``PerImageStreams``) against the threaded block draws of ``runtime.sampling.noise``.
+(the first implementation, kept here as ``PerImageStreams``) against the threaded block draws of
+``runtime.sampling.noise``.
 
 Per batch size: 1 warm-up, then the median, min and max of ``--repeats`` runs of ``--steps`` draws. Only the
 ``next()`` calls are timed; making the batch's generators (``SeedSequence`` per image, the same for both) is

@@ -142,8 +142,8 @@ def run_row(sampler: str, steps: int, w: float, interval, schedule: str, n: int,
 
 def table(results: list[dict], speed: dict[str, float] | None = None) -> str:
     speed = speed or {}
-    lines = ["| sampler | steps | timesteps | w | interval | n | FCD ↓ | FD∞ ± error ↓ | KID ↓ | cond. acc. | calls/img "
-             "| rows/img | img/s |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| sampler | steps | timesteps | w | interval | n | FCD ↓ | FD∞ ± error ↓ | KID ↓ | cond. acc. "
+             "| calls/img | rows/img | img/s |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fd_inf(g: dict) -> str:
         return "" if g.get("fd_inf") is None else f"{g['fd_inf']:.2f} ± {g['fd_inf_stderr']:.2f}"

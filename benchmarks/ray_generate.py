@@ -109,13 +109,15 @@ def main() -> None:
         values = [r[key] for r in rows[way] if key in r]
         return statistics.median(values) if values else None
 
-    result = {"n": o.n, "workers": o.workers, "run": " ".join(common), "cpu": platform.processor() or platform.machine(),
-              "cores": os.cpu_count(), "python": platform.python_version(), "rows": rows}
+    result = {"n": o.n, "workers": o.workers, "run": " ".join(common),
+              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "python": platform.python_version(), "rows": rows}
     o.out.mkdir(parents=True, exist_ok=True)
     (o.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"`python -m benchmarks.ray_generate --out {o.out}`: bundled model, `{' '.join(common)}`, "
              f"{os.cpu_count()} cores; medians of {o.repeats} runs each (min–max of wall)", "",
-             "| way | wall s (min–max) | images/s | cluster ready s | task start-up s | model load s | task generation s "
+             "| way | wall s (min–max) | images/s | cluster ready s | task start-up s | model load s "
+             "| task generation s "
              "| final files s | Ray's share | same images |", "|---|---|---|---|---|---|---|---|---|---|"]
     for way in ways:
         walls = [r["wall_s"] for r in rows[way]]

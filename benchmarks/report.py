@@ -18,7 +18,8 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']} ({m['cores']} cores), {m.get('gpu') or 'no GPU'}; threads: {results['threads']}; "
         f"{results['versions_line']}.",
         f"Model: {results['flops_per_image_step'] / 1e9:.3f} GFLOP per image-step (torch.utils.flop_counter). "
-        f"Ceiling: fp32 matmul {ceiling['gflops_median']:.1f} GFLOP/s ({ceiling['library']}, {ceiling['n']}², median of "
+        f"Ceiling: fp32 matmul {ceiling['gflops_median']:.1f} GFLOP/s ({ceiling['library']}, {ceiling['n']}², "
+        "median of "
         f"{ceiling['repeats']}, max {ceiling['gflops_max']:.1f}; "
         + ", ".join(f"{k} {v['median']:.1f}" for k, v in ceiling["all"].items())
         + f") = {results['ceiling_img_steps_per_s']:.1f} image-steps/s. The ceiling is measured again right before "
@@ -40,7 +41,8 @@ def markdown(results: dict) -> str:
         )
     for r in results["records"]:
         if r.get("end_to_end"):
-            lines += ["", f"End to end ({r['backend']}, ddpm-generate equivalent, n = {r['n']}, batch {r['batch_size']}, "
+            lines += ["", f"End to end ({r['backend']}, ddpm-generate equivalent, n = {r['n']}, "
+                          f"batch {r['batch_size']}, "
                           f"DDIM-{r['steps']} incl. PNG writing): {r['images_per_s']:.2f} img/s measured vs "
                           f"{r['extrapolated_images_per_s']:.2f} img/s extrapolated from the loop rate at that batch."]
     if results.get("targets"):
@@ -48,7 +50,8 @@ def markdown(results: dict) -> str:
         for t in results["targets"]:
             lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
     if results.get("skipped"):
-        lines += ["", "Not measured here: " + "; ".join(f"{s['backend']} ({s['reason']})" for s in results["skipped"]) + "."]
+        lines += ["", "Not measured here: "
+                  + "; ".join(f"{s['backend']} ({s['reason']})" for s in results["skipped"]) + "."]
     return "\n".join(lines) + "\n"
 
 

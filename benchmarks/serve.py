@@ -138,12 +138,14 @@ def summarise(cell: dict, seconds: float) -> dict:
 def markdown(results: dict) -> str:
     lines = [f"# ddpm-serve load test — {results['model']}", "",
              f"Machine: {results['machine']}; server threads {results['threads']}, max batch {results['max_batch']}; "
-             f"{results['seconds']:.0f} s per cell; short = DDIM-20 n = 1 (mixed-dpmpp: half of them DPM-Solver++(2M)-15), "
+             f"{results['seconds']:.0f} s per cell; short = DDIM-20 n = 1 "
+             "(mixed-dpmpp: half of them DPM-Solver++(2M)-15), "
              "long = DDPM-1000 n = 16, guidance 1.5; "
              f"mixed: {100 * results['long_share']:.0f} % of requests long. Latency percentiles are of the short "
              "requests; ≥ marks a percentile reached by requests still running at the end (their elapsed time "
              "is a lower bound).", "",
-             "| workload | clients | mode | images/s | requests done | short p50 s | short p95 s | short p99 s | long done |",
+             "| workload | clients | mode | images/s | requests done | short p50 s | short p95 s | short p99 s "
+             "| long done |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for c in results["cells"]:
         s = c["summary"]
@@ -151,7 +153,8 @@ def markdown(results: dict) -> str:
         def fmt(q):
             return ("≥ " if s[f"p{q}_lower_bound"] else "") + f"{s[f'p{q}']:.2f}"
 
-        lines.append(f"| {c['workload']} | {c['clients']} | {c['mode']} | {s['images_per_s']:.2f} | {s['requests_done']} "
+        lines.append(f"| {c['workload']} | {c['clients']} | {c['mode']} | {s['images_per_s']:.2f} "
+                     f"| {s['requests_done']} "
                      f"| {fmt(50)} | {fmt(95)} | {fmt(99)} | {s['long_done']} |")
     lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in results["targets"]]

@@ -143,7 +143,8 @@ def server_statuses(url: str) -> dict[str, float]:
     import httpx
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r'ddpm_serve_requests_total\{status="(\d+)"\} (\S+)', text)}
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'ddpm_serve_requests_total\{status="(\d+)"\} (\S+)', text)}
 
 
 def compare_offline(model: str | None, checks: list[dict]) -> dict:
@@ -196,8 +197,10 @@ def markdown(r: dict) -> str:
                          f"{f['p95'] / f['unloaded_s']:.1f} |")
     c = r["offline"]
     lines += ["", f"Server RSS: {r['rss_start_mb']:.1f} MB after warm-up, {r['rss_1min_mb']:.1f} MB after the first "
-                  f"minute, {r['rss_end_mb']:.1f} MB at the end (max {r['rss_max_mb']:.1f} MB). Exit code after SIGTERM: {r['exit_code']} "
-                  f"({r['drain_s']:.1f} s to drain). Offline comparison: {c['requests']} requests, {c['images']} images, "
+                  f"minute, {r['rss_end_mb']:.1f} MB at the end (max {r['rss_max_mb']:.1f} MB). "
+                  f"Exit code after SIGTERM: {r['exit_code']} "
+                  f"({r['drain_s']:.1f} s to drain). Offline comparison: {c['requests']} requests, "
+                  f"{c['images']} images, "
                   f"{c['exactly_equal']} exactly equal, largest difference {c['max_levels']} levels.", "",
               "| target | measured | met |", "|---|---:|:---:|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in r["targets"]]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 class Timed:
     """Wraps a predictor ``net(x, t, y)`` and adds up the seconds spent inside it."""
 
@@ -85,8 +86,8 @@ def onnx_backend(name: str, model_dir: Path, threads: int):
 def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, repeats: int, loop_steps: int,
             e2e_n: int) -> list[dict]:
     import runtime
-    from runtime.sampling.noise import NoiseStreams
     from runtime.sampling.engine import sample
+    from runtime.sampling.noise import NoiseStreams
 
     contract_model = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     c = contract_model.contract
@@ -162,7 +163,8 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
             "cpu_ceiling_gflops": None if ceiling is None else ceiling["gflops_median"],
             "cpu_ceiling_library": None if ceiling is None else ceiling["library"],
         })
-        print(f"  {name} batch {b}: predictor {pred['median']:.1f} img-steps/s, loop {statistics.median(loop_rates):.1f}",
+        print(f"  {name} batch {b}: predictor {pred['median']:.1f} img-steps/s, "
+              f"loop {statistics.median(loop_rates):.1f}",
               file=sys.stderr)
     if name == "onnx-cpu" and e2e_n:
         records.append(end_to_end(model_dir, threads, e2e_n, loop_steps))

@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 
 from ddpm_export.errors import CheckpointError
-from runtime.errors import reason
 from ddpm_export.source import ModelSource
+from runtime.errors import reason
 from runtime.metadata import Provenance, SamplingContract
 from training.config import REQUIRED_HPARAMS, ModelConfig
 from training.safe_load import explain_load_error, load_data

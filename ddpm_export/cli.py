@@ -1,4 +1,5 @@
-"""``ddpm-export``: a thin click command over ``ddpm_export.export.export_checkpoint`` (a checkpoint or a diffusers folder)."""
+"""``ddpm-export``: a thin click command over ``ddpm_export.export.export_checkpoint`` (a checkpoint or a diffusers
+folder)."""
 
 from __future__ import annotations
 

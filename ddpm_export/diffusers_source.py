@@ -57,7 +57,8 @@ class DiffusersUNet(torch.nn.Module):
 
 def diffusers_source(folder: str | Path, *, scheduler_config: str | Path | None = None,
                      null_class: int | None = None) -> ModelSource:
-    """The model in a diffusers ``folder`` (see the module docstring); ``SourceError`` names the file and the problem."""
+    """The model in a diffusers ``folder`` (see the module docstring); ``SourceError`` names the file and the
+    problem."""
     folder = Path(folder)
     unet_dir, scheduler_file = locate(folder, scheduler_config)
     unet_config = read_config(unet_dir / "config.json", ("UNet2DModel",))
@@ -104,7 +105,8 @@ def locate(folder: Path, scheduler_config: str | Path | None) -> tuple[Path, Pat
         if config.get("_class_name") in LEGACY:
             raise SourceError(f"{folder} holds only the legacy diffusers files (config.json of class "
                               f"{config.get('_class_name')}, from diffusers < 0.1) and no model_index.json: use the "
-                              "pipeline folder (model_index.json, unet/, scheduler/) or re-save it with a current diffusers")
+                              "pipeline folder (model_index.json, unet/, scheduler/) or re-save it with a current "
+                              "diffusers")
         if scheduler_config is None:
             scheduler_config = folder / "scheduler_config.json"
             if not scheduler_config.is_file():
@@ -198,7 +200,8 @@ def diffusers_contract(unet: dict, scheduler: dict, *, null_class: int | None = 
         schedule = ScheduleSpec("explicit", T, {}, [float(b) for b in s["trained_betas"]])
     elif s["beta_schedule"] in SCHEDULES:
         name = SCHEDULES[s["beta_schedule"]]
-        params = default_params(name) if name == "cosine" else {"beta_start": s["beta_start"], "beta_end": s["beta_end"]}
+        params = (default_params(name) if name == "cosine"
+                  else {"beta_start": s["beta_start"], "beta_end": s["beta_end"]})
         schedule = ScheduleSpec(name, T, params)
     else:
         raise refuse(scheduler_file, f"unknown beta_schedule {s['beta_schedule']!r} (expected one of "
@@ -207,16 +210,19 @@ def diffusers_contract(unet: dict, scheduler: dict, *, null_class: int | None = 
     recommended = RunDefaults(
         sampler="ddim" if s["_class_name"] == "DDIMScheduler" else None,
         steps=min(DDIM_PIPELINE_STEPS, T) if s["_class_name"] == "DDIMScheduler" else None,
-        clip_denoised=bool(s["clip_sample"]), clip_range=float(s["clip_sample_range"]) if s["clip_sample"] and s["clip_sample_range"] != 1 else None,
+        clip_denoised=bool(s["clip_sample"]),
+        clip_range=float(s["clip_sample_range"]) if s["clip_sample"] and s["clip_sample_range"] != 1 else None,
         spacing=spacing, steps_offset=offset if spacing == "leading" and offset else None)
     try:
-        return SamplingContract(image_size=int(size), channels=channels, schedule=schedule, prediction=s["prediction_type"],
+        return SamplingContract(image_size=int(size), channels=channels, schedule=schedule,
+                                prediction=s["prediction_type"],
                                 variance=VARIANCE_TYPES[variance], num_classes=num_classes,
                                 null_class=null_class, run_defaults=recommended)
     except ContractError as e:
         field = str(e)
         file = scheduler_file if any(k in field for k in ("schedule", "run_defaults")) else where
-        raise refuse(file, f"cannot be used ({field}): the betas cannot be built or a setting is out of range") from None
+        raise refuse(file, f"cannot be used ({field}): the betas cannot be built or a setting is out of "
+                           "range") from None
 
 
 def load_unet(unet_dir: Path) -> torch.nn.Module:
@@ -234,8 +240,8 @@ def load_unet(unet_dir: Path) -> torch.nn.Module:
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder: never the network
     try:
-        unet, info = diffusers.UNet2DModel.from_pretrained(str(unet_dir), output_loading_info=True, low_cpu_mem_usage=False,
-                                                 local_files_only=True)
+        unet, info = diffusers.UNet2DModel.from_pretrained(str(unet_dir), output_loading_info=True,
+                                                           low_cpu_mem_usage=False, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds; one line names the first problem
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "mismatch" in ln or "missing" in ln.lower()), lines[0] if lines else "")

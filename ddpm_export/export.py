@@ -24,9 +24,11 @@ import onnx
 from ddpm_export.errors import ExportError
 from ddpm_export.fp16 import to_fp16
 from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_summary
-from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER, Device, Precision, export_pt2
+from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER
+from ddpm_export.pt2_export import Device, Precision, export_pt2
 from ddpm_export.source import ModelSource, open_source
-from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER, export_torchscript, save_torchscript
+from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER
+from ddpm_export.torchscript_export import export_torchscript, save_torchscript
 from ddpm_export.verify import VerificationReport, torch_net, verify_backend
 from runtime.backends.backend import BACKENDS, Backend
 from runtime.backends.providers import PROVIDER_NAMES
@@ -39,7 +41,8 @@ from runtime.tolerances import TOLERANCES
 
 Format = Literal["onnx", "torchscript", "pt2"]
 # which --dtype each format can be written in (ONNX fp16: a <stem>.fp16.onnx copy beside the fp32 model)
-DTYPES: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "fp16"), "torchscript": ("fp32",), "pt2": ("fp32", "bf16", "fp16")}
+DTYPES: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "fp16"), "torchscript": ("fp32",),
+                                      "pt2": ("fp32", "bf16", "fp16")}
 # The per-call check must judge the export, not the provider's arithmetic mode: onnxruntime's CUDA provider
 # computes fp32 convolutions and matmuls in TF32 by default, so that check runs with TF32 off; the trajectory
 # check runs with the provider's defaults, as generation does.
@@ -100,8 +103,9 @@ def export_module(module, contract: SamplingContract, out: str | Path, *, format
 
     ``options`` are ``ExportOptions`` fields (``verify``, ``dtype``, ``opset``, ``run_defaults``, ``log`` …).
     """
-    import ddpm_export
     import torch
+
+    import ddpm_export
 
     p = contract.provenance
     provenance = dataclasses.replace(p, package=p.package or "ddpm-toolkit",
@@ -215,7 +219,8 @@ def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationRe
     cuda_failed = False
     for provider in providers:
         if provider == "tensorrt" and cuda_failed:
-            report.skipped.append({"backend": "onnx:TensorrtExecutionProvider", "reason": "needs CUDA, which did not start"})
+            report.skipped.append({"backend": "onnx:TensorrtExecutionProvider",
+                                   "reason": "needs CUDA, which did not start"})
             continue
         backend = _load(tmp, provider, report, f"onnx:{PROVIDER_NAMES[provider]}")
         cuda_failed |= backend is None and provider == "cuda"
@@ -277,7 +282,8 @@ def _export_optimized(path: Path, reference, contract, exporter: str, extra: dic
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
             for m in _onnx_backends(tmp, ("cpu",), report):
-                report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m.predict_eps, contract))
+                report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m.predict_eps,
+                                                     contract))
         extra = {**extra, "optimized_for": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_EXTENDED"}
         return _finish(out, tmp, "onnx", "fp32-optimized", exporter, report,
                        None if o.verify else "--no-verify", extra, source, o)
@@ -296,7 +302,8 @@ def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, export
         if o.verify:
             for m in _onnx_backends(tmp, ("cuda",), report):
                 o.log(f"verifying fp16 on {m.provider} ...")
-                report.results.append(verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract, "fp16"))
+                report.results.append(verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract,
+                                                     "fp16"))
             reason = None
             if not report.results:  # not the target provider: a CPU run can fail the export, never pass it
                 for m in _onnx_backends(tmp, ("cpu",), report):

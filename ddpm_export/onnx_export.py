@@ -44,7 +44,8 @@ def export_onnx(net: torch.nn.Module, contract: SamplingContract, *, opset: int 
     names = [spec.name for spec in contract.inputs]
     errors = []
     with eval_mode(net):
-        for exporter, fn in (("torch.onnx.export(dynamo=True)", _dynamo), ("torch.onnx.export(dynamo=False)", _torchscript)):
+        for exporter, fn in (("torch.onnx.export(dynamo=True)", _dynamo),
+                             ("torch.onnx.export(dynamo=False)", _torchscript)):
             try:
                 with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -55,7 +56,8 @@ def export_onnx(net: torch.nn.Module, contract: SamplingContract, *, opset: int 
         else:
             raise OnnxExportError("ONNX export failed with both exporters (" + "; ".join(errors) + ")")
     contract = dataclasses.replace(
-        contract, provenance=dataclasses.replace(contract.provenance, exporter=exporter, exporter_version=torch.__version__)
+        contract,
+        provenance=dataclasses.replace(contract.provenance, exporter=exporter, exporter_version=torch.__version__),
     )
     embed_contract(model, contract)
     try:
@@ -102,7 +104,8 @@ def input_output_summary(model: onnx.ModelProto) -> dict[str, list]:
         for v in values:
             tt = v.type.tensor_type
             dims = [d.dim_param or d.dim_value for d in tt.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name, "shape": dims})
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                        "shape": dims})
         return out
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 
 from ddpm_export.errors import ExportError
-from runtime.errors import reason
 from ddpm_export.onnx_export import example_inputs
-from runtime.metadata import CONTRACT_FILE, SamplingContract
 from runtime.backends.pt2_model import TARGET_FILE
+from runtime.errors import reason
+from runtime.metadata import CONTRACT_FILE, SamplingContract
 from training.eval_mode import eval_mode
 
 EXPORTER = "torch._inductor.aot_compile (AOTInductor)"

@@ -18,6 +18,7 @@ from runtime.errors import ContractError, reason
 from runtime.files import atomic_path
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 
+
 def parse_run_defaults(text: str | None) -> RunDefaults | None:
     """``"sampler=ddim,steps=50,guidance=1.5"`` → ``RunDefaults``; ``""``/``"none"`` → None. ValueError if malformed.
 

@@ -41,7 +41,8 @@ def open_source(path: str | Path, *, weights: str | None = None, scheduler_confi
         path = path.parent  # a file of a diffusers folder: the folder
     if path.is_dir():
         if weights is not None:
-            raise SourceError("--weights applies to ddpm-train checkpoints (EMA or raw); a diffusers folder has one set")
+            raise SourceError("--weights applies to ddpm-train checkpoints (EMA or raw); a diffusers folder has one "
+                              "set")
         try:
             from ddpm_export.diffusers_source import diffusers_source
         except ImportError as e:

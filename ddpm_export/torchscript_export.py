@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ddpm_export.errors import TorchScriptExportError
-from runtime.errors import reason
 from ddpm_export.onnx_export import example_inputs
+from runtime.errors import reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 from training.eval_mode import eval_mode
 

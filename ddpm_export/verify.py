@@ -19,14 +19,14 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.backends.torch_backend import call_torch
 from runtime.errors import reason
-from runtime.sampling.finish import to_uint8
 from runtime.metadata import SamplingContract
-from runtime.sampling.plan import make_plan
 from runtime.sampling.engine import sample
+from runtime.sampling.finish import to_uint8
+from runtime.sampling.plan import make_plan
 from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES, Tolerance
-from runtime.backends.torch_backend import call_torch
 
 NumpyNet = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]  # e.g. a backend's predict_eps
 
@@ -131,7 +131,8 @@ def check_eps(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContra
         a, b = candidate(x, t, y), reference(x, t, y)
         calls += 1
         if a.shape != b.shape or not np.all(np.isfinite(a)):
-            return EpsCheck(False, calls, float("inf"), {"case": name, "problem": f"shape {a.shape} or non-finite values"})
+            return EpsCheck(False, calls, float("inf"),
+                            {"case": name, "problem": f"shape {a.shape} or non-finite values"})
         diff = np.abs(a.astype(np.float64) - b)
         excess = diff - (tol.atol + tol.rtol * np.abs(b))
         i = np.unravel_index(int(np.argmax(excess)), excess.shape)

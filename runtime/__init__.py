@@ -1,4 +1,5 @@
-"""The torch-free DDPM runtime: schedule, sampling contract, plan, samplers and batch generation (numpy + onnxruntime)."""
+"""The torch-free DDPM runtime: schedule, sampling contract, plan, samplers and batch generation (numpy +
+onnxruntime)."""
 
 from runtime.errors import GenerationError, ModelError, SettingsError
 from runtime.pipeline import Pipeline, load

@@ -1,4 +1,5 @@
-"""Models bundled with the package (``runtime/assets/``), found by name; ``ddpm-generate`` with no MODEL uses the default."""
+"""Models bundled with the package (``runtime/assets/``), found by name; ``ddpm-generate`` with no MODEL uses the
+default."""
 
 from __future__ import annotations
 

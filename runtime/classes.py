@@ -17,7 +17,8 @@ def class_index(contract: SamplingContract, value: int | str) -> int:
     names = [n.lower() for n in contract.class_names]
     if isinstance(value, str) and not value.lstrip("-").isdigit():
         if value.lower() not in names:
-            known = ", ".join(contract.class_names) if contract.class_names else f"indices 0..{contract.num_classes - 1}"
+            known = (", ".join(contract.class_names) if contract.class_names
+                     else f"indices 0..{contract.num_classes - 1}")
             raise SettingsError(f"unknown class {value!r} (this model knows: {known})")
         return names.index(value.lower())
     index = int(value)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
+from runtime.backends.providers import CHOICES
 from runtime.bundled import resolve
 from runtime.errors import GenerationError, ModelError, OutputError
-from runtime.pipeline import load
-from runtime.backends.providers import CHOICES
 from runtime.generation.run import RunOptions, generate_to_dir
+from runtime.pipeline import load
 from runtime.sampling.settings import SETTINGS, RunSettings, help_text
 
 FORMATS = {"png": ("png",), "npz": ("npz",), "both": ("png", "npz")}
@@ -72,22 +72,27 @@ def settings_options(command):
 @click.option("-n", "n", type=int, required=True, help="Number of images in the whole run (all shards together).")
 @click.option("--out", type=click.Path(), required=True, help="Output folder: DIR/000000.png ..., manifest, run.json.")
 @click.option("--batch-size", type=int, default=64, help="Images per predictor call (does not change the images).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Image k depends only on (seed, k) and the settings.")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Image k depends only on (seed, k) and the settings.")
 @click.option("--class", "cls", default=None,
-              help="Class index or name (case-insensitive) from the model's contract. Default: classes cycle over the images.")
+              help="Class index or name (case-insensitive) from the model's contract. "
+                   "Default: classes cycle over the images.")
 @settings_options
 @click.option("--model-defaults/--no-model-defaults", default=True,
               help="Take the run settings the model recommends (its contract's run_defaults) "
-                   "where they are not given; --no-model-defaults uses the runtime's (the paper's DDPM, all T steps, w = 1).")
+                   "where they are not given; --no-model-defaults uses the runtime's "
+                   "(the paper's DDPM, all T steps, w = 1).")
 @click.option("--provider", type=click.Choice(CHOICES), default="auto",
               help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
 @click.option("--shard", callback=_shard, default=None,
-              help="I/N: make only shard I of N (contiguous index blocks). Shards may share one --out at the same time.")
+              help="I/N: make only shard I of N (contiguous index blocks). "
+                   "Shards may share one --out at the same time.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="png",
               help="png: one file per image; npz: DIR/samples.npz (uint8 NxHxWxC, arr_0); both.")
 @click.option("--grid", is_flag=True, help="Also write DIR/grid.png (the first 100 images) when the run is complete.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run with other settings in --out.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--cpu-arena/--no-cpu-arena", default=True, help="onnxruntime's CPU memory arena (faster; holds memory).")
 @click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]), default=None,
               help="CUDA provider: how cuDNN picks convolution algorithms (default: onnxruntime's, EXHAUSTIVE).")
@@ -107,9 +112,11 @@ def settings_options(command):
               help="With --ray: GPUs each worker asks Ray for (fractions share one).")
 @click.option("--retries", type=click.IntRange(min=0), default=3,
               help="With --ray: times a task is run again after its worker died; it resumes its shard.")
-def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, fmt, grid, overwrite, threads, cpu_arena,
-         cudnn_algo_search, fused, ray_address, workers, cpus_per_worker, gpus_per_worker, retries, **settings) -> None:
-    """Generate N images from an exported MODEL (.onnx; TorchScript .pt or AOTInductor .pt2, which need torch) into --out.
+def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, fmt, grid, overwrite, threads,
+         cpu_arena, cudnn_algo_search, fused, ray_address, workers, cpus_per_worker, gpus_per_worker, retries,
+         **settings) -> None:
+    """Generate N images from an exported MODEL (.onnx; TorchScript .pt or AOTInductor .pt2, which need torch) into
+    --out.
 
     MODEL may also name a model bundled with the package (fashion-mnist); without MODEL the default bundled
     model is used.

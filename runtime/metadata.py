@@ -7,9 +7,9 @@ the field. Schema 2 added ``run_defaults`` (the run settings a model recommends:
 schema 3 lets it hold every run setting (``runtime.sampling.settings.RunSettings``); schema 4 (models from elsewhere)
 adds ``prediction`` (epsilon, v_prediction or sample; it replaces ``prediction_type``, which could only be epsilon),
 an explicit ``null_class`` (or none: no guidance), the scaled_linear, sigmoid and explicit β schedules (``betas``),
-``provenance.source`` and, as run settings, ``clip_range``, ``spacing`` and ``steps_offset``. Older contracts read as the current schema:
-schema 1 as having no recommendations, schema 2's recommendations with the later settings not given, schemas 1-3
-as predicting ε with the null class after the classes (the ddpm-train convention).
+``provenance.source`` and, as run settings, ``clip_range``, ``spacing`` and ``steps_offset``. Older contracts read as
+the current schema: schema 1 as having no recommendations, schema 2's recommendations with the later settings not given,
+schemas 1-3 as predicting ε with the null class after the classes (the ddpm-train convention).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class SamplingContract:
 
     def __post_init__(self) -> None:
         if self.null_class == AFTER_CLASSES:
-            object.__setattr__(self, "null_class", self.num_classes if _is_int(self.num_classes) and self.num_classes > 0 else None)
+            object.__setattr__(self, "null_class",
+                               self.num_classes if _is_int(self.num_classes) and self.num_classes > 0 else None)
         if not self.inputs:
             object.__setattr__(self, "inputs", default_inputs(self.channels, self.image_size, self.num_classes))
         if not self.outputs:
@@ -154,10 +155,12 @@ class SamplingContract:
             data = {**data, "run_defaults": data.get("run_defaults")}
         if version < 5 and isinstance(data.get("run_defaults"), dict):  # fewer settings could be recommended
             rd = data["run_defaults"]
-            known = SCHEMA_2_RUN_DEFAULTS if version < 3 else SCHEMA_3_RUN_DEFAULTS if version < 4 else SCHEMA_4_RUN_DEFAULTS
+            known = (SCHEMA_2_RUN_DEFAULTS if version < 3 else SCHEMA_3_RUN_DEFAULTS if version < 4
+                     else SCHEMA_4_RUN_DEFAULTS)
             extra = sorted(set(rd) - set(known))
             if extra:
-                raise ContractError(f"contract field 'run_defaults.{extra[0]}': unknown field (in a schema {version} contract)")
+                raise ContractError(f"contract field 'run_defaults.{extra[0]}': unknown field "
+                                    f"(in a schema {version} contract)")
             data = {**data, "run_defaults": {name: rd.get(name) for name in RunSettings.__dataclass_fields__}}
         if version < 4:  # ε only, the null class after the classes, named schedules only
             data = _as_schema_4(data)
@@ -243,14 +246,16 @@ def _is_int(v: Any) -> bool:
 def _validate(c: SamplingContract) -> None:
     _check(_is_int(c.schema_version) and 1 <= c.schema_version <= SCHEMA_VERSION, "schema_version",
            f"unsupported version {c.schema_version!r}")
-    _check(_is_int(c.image_size) and c.image_size > 0, "image_size", f"expected a positive integer, got {c.image_size!r}")
+    _check(_is_int(c.image_size) and c.image_size > 0, "image_size",
+           f"expected a positive integer, got {c.image_size!r}")
     _check(c.channels in (1, 3) and _is_int(c.channels), "channels", f"expected 1 or 3, got {c.channels!r}")
     lo_hi = c.pixel_range
     _check(len(lo_hi) == 2 and all(isinstance(v, int | float) for v in lo_hi) and tuple(lo_hi) == (-1.0, 1.0),
            "pixel_range", f"only [-1, 1] is supported, got {list(lo_hi)!r}")
     _check(c.prediction in PREDICTION_TYPES, "prediction",
            f"unknown value {c.prediction!r} (expected one of {', '.join(PREDICTION_TYPES)})")
-    _check(c.variance in VARIANCES, "variance", f"unknown value {c.variance!r} (expected one of {', '.join(VARIANCES)})")
+    _check(c.variance in VARIANCES, "variance",
+           f"unknown value {c.variance!r} (expected one of {', '.join(VARIANCES)})")
     _check(_is_int(c.num_classes) and c.num_classes >= 0, "num_classes",
            f"expected a non-negative integer, got {c.num_classes!r}")
     _check(isinstance(c.class_names, list) and all(isinstance(n, str) for n in c.class_names), "class_names",
@@ -262,7 +267,8 @@ def _validate(c: SamplingContract) -> None:
            "null_class", f"expected none or the label after the classes, num_classes = {c.num_classes}, of a "
                          f"class-conditional model (the classes are 0 ... num_classes - 1), got {c.null_class!r}")
     s = c.schedule
-    _check(s.name in SCHEDULE_NAMES, "schedule.name", f"unknown value {s.name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
+    _check(s.name in SCHEDULE_NAMES, "schedule.name",
+           f"unknown value {s.name!r} (expected one of {', '.join(SCHEDULE_NAMES)})")
     _check(_is_int(s.timesteps) and 0 < s.timesteps <= MAX_TIMESTEPS, "schedule.timesteps",
            f"expected an integer from 1 to {MAX_TIMESTEPS}, got {s.timesteps!r}")
     _check(isinstance(s.params, dict), "schedule.params", "expected an object")
@@ -273,7 +279,8 @@ def _validate(c: SamplingContract) -> None:
         _check(isinstance(v, int | float) and math.isfinite(v), f"schedule.params.{k}", f"expected a number, got {v!r}")
     explicit = s.name == "explicit"
     _check((s.betas is not None) == explicit, "schedule.betas",
-           "an explicit schedule needs its betas" if explicit else f"only an explicit schedule lists betas, not {s.name}")
+           "an explicit schedule needs its betas" if explicit
+           else f"only an explicit schedule lists betas, not {s.name}")
     _check(s.betas is None or (isinstance(s.betas, list) and all(isinstance(v, int | float) and not isinstance(v, bool)
                                                                  for v in s.betas)),
            "schedule.betas", "expected a list of numbers")
@@ -286,7 +293,8 @@ def _validate(c: SamplingContract) -> None:
     for key in ("inputs", "outputs"):
         for i, spec in enumerate(getattr(c, key)):
             _check(isinstance(spec.name, str) and spec.name != "", f"{key}[{i}].name", "expected a non-empty string")
-            _check(spec.dtype in DTYPES, f"{key}[{i}].dtype", f"unknown value {spec.dtype!r} (expected one of {', '.join(DTYPES)})")
+            _check(spec.dtype in DTYPES, f"{key}[{i}].dtype",
+                   f"unknown value {spec.dtype!r} (expected one of {', '.join(DTYPES)})")
             _check(isinstance(spec.shape, list) and all(_is_int(d) or isinstance(d, str) for d in spec.shape),
                    f"{key}[{i}].shape", "expected a list of integers and dimension names")
     names = [spec.name for spec in c.inputs]

@@ -12,9 +12,9 @@ import socket
 
 import click
 
+from runtime.backends.providers import CHOICES
 from runtime.bundled import resolve
 from runtime.errors import ModelError
-from runtime.backends.providers import CHOICES
 
 API_KEY_ENV = "DDPM_SERVE_API_KEY"
 CPU_MAX_BATCH = 8  # images per call on the CPU provider: the best of the load test on a 2-core CPU (docs/benchmarks.md)

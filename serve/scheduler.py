@@ -100,12 +100,13 @@ class Scheduler:
     """The loop that owns the model; see the module docstring.
 
     ``submit(n, *, seed, start_index, classes, settings, **run_settings) -> Job`` (run settings: the fields of
-    ``runtime.sampling.settings.RunSettings``) validates the settings with the pipeline's plan (``SettingsError``, one line; None takes the model's
-    recommendation, as ``Pipeline.generate`` does) and raises ``QueueFull`` beyond ``queue_limit`` images waiting
-    or in flight, ``Cancelled`` once stopping. ``max_batch``: images per predictor call (guided ones count once
-    but make two rows); on a CPU a few dozen rows per call are fastest, a GPU wants thousands. ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls,
-    batch_fill (rows per recent call), latencies (seconds of recent requests). ``on_call``: functions called with
-    the rows of every predictor call (the metrics' batch-fill histogram), from the loop's thread.
+    ``runtime.sampling.settings.RunSettings``) validates the settings with the pipeline's plan (``SettingsError``, one
+    line; None takes the model's recommendation, as ``Pipeline.generate`` does) and raises ``QueueFull`` beyond
+    ``queue_limit`` images waiting or in flight, ``Cancelled`` once stopping. ``max_batch``: images per predictor call
+    (guided ones count once but make two rows); on a CPU a few dozen rows per call are fastest, a GPU wants thousands.
+    ``stats()``: queue_depth, images_in_flight, images_done, requests_done, predictor_calls, batch_fill (rows per recent
+    call), latencies (seconds of recent requests). ``on_call``: functions called with the rows of every predictor call
+    (the metrics' batch-fill histogram), from the loop's thread.
     """
 
     def __init__(self, pipeline: Pipeline, *, max_batch: int = 256, queue_limit: int = 1024,

@@ -39,46 +39,80 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...] | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "celeba", "folder"], case_sensitive=False),
-              help="Training data: MNIST / FashionMNIST (28x28 padded to 32x32), CelebA (center-cropped, resized) or a folder of images.")
-@click.option("--data-root", default="data", type=click.Path(file_okay=False), help="Where the data lies: a folder of IDX .gz files, torchvision's layout, CelebA's img_align_celeba/, or the image folder.")
-@click.option("--download", is_flag=True, help="Download MNIST/FashionMNIST/CelebA with torchvision's downloader into --data-root (needs a network).")
-@click.option("--image-size", default=32, type=click.IntRange(min=8), help="Side of the square training images in pixels.")
-@click.option("--channels", type=int, default=None, help="Image channels, 1 or 3 (default: the dataset's own; folder and CelebA are converted).")
+@click.option("--dataset", required=True,
+              type=click.Choice(["mnist", "fashion-mnist", "celeba", "folder"], case_sensitive=False),
+              help="Training data: MNIST / FashionMNIST (28x28 padded to 32x32), CelebA (center-cropped, resized) "
+                   "or a folder of images.")
+@click.option("--data-root", default="data", type=click.Path(file_okay=False),
+              help="Where the data lies: a folder of IDX .gz files, torchvision's layout, CelebA's img_align_celeba/, "
+                   "or the image folder.")
+@click.option("--download", is_flag=True,
+              help="Download MNIST/FashionMNIST/CelebA with torchvision's downloader into --data-root "
+                   "(needs a network).")
+@click.option("--image-size", default=32, type=click.IntRange(min=8),
+              help="Side of the square training images in pixels.")
+@click.option("--channels", type=int, default=None,
+              help="Image channels, 1 or 3 (default: the dataset's own; folder and CelebA are converted).")
 @click.option("--batch-size", default=128, type=click.IntRange(min=1), help="Images per optimizer step (per device).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps (counted from step 0, also when resuming).")
-@click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Stop after this many epochs (default: 1 when --max-steps is not given).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after this many optimizer steps (counted from step 0, also when resuming).")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None,
+              help="Stop after this many epochs (default: 1 when --max-steps is not given).")
 @click.option("--lr", default=2e-4, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
-@click.option("--schedule", default="linear", type=click.Choice(TRAINABLE_SCHEDULES), help="Noise schedule: linear beta 1e-4..0.02 (Ho et al.), scaled_linear (sqrt(beta) linear, 0.00085..0.012), cosine (Nichol & Dhariwal) or sigmoid (GeoDiff, beta 1e-4..0.02); runtime/sampling/schedule.py has the formulas.")
+@click.option("--schedule", default="linear", type=click.Choice(TRAINABLE_SCHEDULES),
+              help="Noise schedule: linear beta 1e-4..0.02 (Ho et al.), scaled_linear (sqrt(beta) linear, "
+                   "0.00085..0.012), cosine (Nichol & Dhariwal) or sigmoid (GeoDiff, beta 1e-4..0.02); "
+                   "runtime/sampling/schedule.py has the formulas.")
 @click.option("--timesteps", default=1000, type=click.IntRange(min=2), help="Diffusion steps T.")
 @click.option("--base-channels", default=32, type=click.IntRange(min=1), help="U-Net channels at full resolution.")
-@click.option("--channel-mult", default="1,2,2", callback=_int_list, help="Channel multiplier per U-Net level (comma-separated); each level after the first halves the resolution.")
+@click.option("--channel-mult", default="1,2,2", callback=_int_list,
+              help="Channel multiplier per U-Net level (comma-separated); "
+                   "each level after the first halves the resolution.")
 @click.option("--num-res-blocks", default=2, type=click.IntRange(min=1), help="Residual blocks per U-Net level.")
-@click.option("--attention-resolutions", default="16,8", help="Resolutions (pixels) with self-attention, comma-separated, or 'none'.")
-@click.option("--dropout", default=0.1, type=click.FloatRange(0, 1, max_open=True), help="Dropout in the residual blocks.")
-@click.option("--num-classes", type=click.IntRange(min=0), default=None, help="Train class-conditional with this many classes (0: unconditional).")
+@click.option("--attention-resolutions", default="16,8",
+              help="Resolutions (pixels) with self-attention, comma-separated, or 'none'.")
+@click.option("--dropout", default=0.1, type=click.FloatRange(0, 1, max_open=True),
+              help="Dropout in the residual blocks.")
+@click.option("--num-classes", type=click.IntRange(min=0), default=None,
+              help="Train class-conditional with this many classes (0: unconditional).")
 @click.option("--conditional", is_flag=True, help="Train class-conditional on the dataset's own classes.")
-@click.option("--p-uncond", default=0.1, type=click.FloatRange(0, 1, max_open=True), help="Probability of dropping the label (classifier-free guidance).")
-@click.option("--ema-decay", default=0.999, type=click.FloatRange(0, 1, max_open=True), help="EMA decay of the weights (0: no EMA).")
-@click.option("--precision", default="32", type=click.Choice(["32", "bf16-mixed", "16-mixed"]), help="Lightning precision; 16-mixed needs a CUDA GPU.")
+@click.option("--p-uncond", default=0.1, type=click.FloatRange(0, 1, max_open=True),
+              help="Probability of dropping the label (classifier-free guidance).")
+@click.option("--ema-decay", default=0.999, type=click.FloatRange(0, 1, max_open=True),
+              help="EMA decay of the weights (0: no EMA).")
+@click.option("--precision", default="32", type=click.Choice(["32", "bf16-mixed", "16-mixed"]),
+              help="Lightning precision; 16-mixed needs a CUDA GPU.")
 @click.option("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu.")
 @click.option("--devices", default="auto", help="Lightning devices: auto, a count, or a comma-separated list of ids.")
 @click.option("--strategy", default="auto", help="Lightning strategy, e.g. ddp for multi-GPU.")
 @click.option("--num-nodes", default=1, type=click.IntRange(min=1), help="Machines for multi-node DDP.")
 @click.option("--num-workers", default=0, type=click.IntRange(min=0), help="DataLoader worker processes.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch CPU threads (default: torch's choice).")
 @click.option("--seed", default=0, type=int, help="Random seed for weights, data order and noise.")
-@click.option("--out", "out_dir", default="runs/ddpm", type=click.Path(file_okay=False), help="Run folder: checkpoints/, samples/, logs/.")
-@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Continue from this checkpoint: its model, step, optimizer and EMA state (model flags are taken from it). "
+@click.option("--out", "out_dir", default="runs/ddpm", type=click.Path(file_okay=False),
+              help="Run folder: checkpoints/, samples/, logs/.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Continue from this checkpoint: its model, step, optimizer and EMA state "
+                   "(model flags are taken from it). "
                    "A checkpoint saved mid-epoch finishes that epoch on a fresh shuffle of the data: some of the "
                    "epoch's images come twice, others not until the next epoch.")
-@click.option("--checkpoint-every", default=500, type=click.IntRange(min=1), help="Write checkpoints/last.ckpt every N steps.")
-@click.option("--sample-every", default=0, type=click.IntRange(min=0), help="Write a sample grid every N steps (0: only at the end).")
-@click.option("--sample-sampler", default=GRID_SAMPLER, type=click.Choice(SAMPLERS), help="Sampler of the grids: a fast one by default, so a grid costs seconds, not the minutes of DDPM at all T steps.")
-@click.option("--sample-steps", default=None, type=click.IntRange(min=1), help=f"Sampling steps of the grids (default: {GRID_SAMPLER}'s {samplers.SAMPLERS[GRID_SAMPLER].default_steps}; for ddpm T).")
-@click.option("--guidance", default=1.0, type=float, help="Classifier-free guidance scale for the grids of conditional models.")
+@click.option("--checkpoint-every", default=500, type=click.IntRange(min=1),
+              help="Write checkpoints/last.ckpt every N steps.")
+@click.option("--sample-every", default=0, type=click.IntRange(min=0),
+              help="Write a sample grid every N steps (0: only at the end).")
+@click.option("--sample-sampler", default=GRID_SAMPLER, type=click.Choice(SAMPLERS),
+              help="Sampler of the grids: a fast one by default, so a grid costs seconds, "
+                   "not the minutes of DDPM at all T steps.")
+@click.option("--sample-steps", default=None, type=click.IntRange(min=1),
+              help=f"Sampling steps of the grids (default: {GRID_SAMPLER}'s "
+                   f"{samplers.SAMPLERS[GRID_SAMPLER].default_steps}; for ddpm T).")
+@click.option("--guidance", default=1.0, type=float,
+              help="Classifier-free guidance scale for the grids of conditional models.")
 @click.option("--run-defaults", default=None, metavar="KEY=VALUE,...", callback=_run_defaults,
-              help="Run settings the model recommends (e.g. sampler=dpmpp-2m,steps=20,guidance=2): kept in every checkpoint, so every export samples with them by default (ddpm-export --run-defaults replaces given keys; on --resume, given ones replace the checkpoint's).")
+              help="Run settings the model recommends (e.g. sampler=dpmpp-2m,steps=20,guidance=2): kept in every "
+                   "checkpoint, so every export samples with them by default (ddpm-export --run-defaults replaces "
+                   "given keys; on --resume, given ones replace the checkpoint's).")
 def main(**kwargs) -> None:
     """Train a DDPM (Ho et al. 2020) with PyTorch Lightning.
 

@@ -1,8 +1,8 @@
 """``ModelConfig``: what defines a trained model — the checkpoint's hyperparameters as one typed dataclass.
 
-No Lightning (torch only through ``training.unet``'s ``UNetConfig``): training builds ``DiffusionModel`` from it, export reads it back from a checkpoint
-(``ModelConfig.from_hparams``), and it is the one place where hyperparameters become a ``UNetConfig``, a
-noise schedule and a ``SamplingContract``. ``to_hparams`` is exactly the dict a checkpoint stores.
+No Lightning (torch only through ``training.unet``'s ``UNetConfig``): training builds ``DiffusionModel`` from it, export
+reads it back from a checkpoint (``ModelConfig.from_hparams``), and it is the one place where hyperparameters become a
+``UNetConfig``, a noise schedule and a ``SamplingContract``. ``to_hparams`` is exactly the dict a checkpoint stores.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from runtime.sampling.plan import make_plan
-from runtime.sampling.settings import RunSettings
 from runtime.backends.torch_loop import torch_ops
 from runtime.sampling import engine
+from runtime.sampling.plan import make_plan
+from runtime.sampling.settings import RunSettings
 from training.config import ModelConfig
 from training.eval_mode import eval_mode
 from training.predictor import eps_predictor
@@ -94,8 +94,11 @@ class DiffusionModel(pl.LightningModule):
             self.ema.requires_grad_(False)
         self.schedule = self.config.schedule_spec().build()
         # Algorithm 1 needs √ᾱ_t and √(1−ᾱ_t); float64 tables cast once, at the point of use.
-        self.register_buffer("sqrt_ac", torch.tensor(self.schedule.sqrt_alphas_cumprod, dtype=torch.float32), persistent=False)
-        self.register_buffer("sqrt_1m_ac", torch.tensor(self.schedule.sqrt_one_minus_alphas_cumprod, dtype=torch.float32), persistent=False)
+        self.register_buffer("sqrt_ac", torch.tensor(self.schedule.sqrt_alphas_cumprod, dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("sqrt_1m_ac",
+                             torch.tensor(self.schedule.sqrt_one_minus_alphas_cumprod, dtype=torch.float32),
+                             persistent=False)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> DiffusionModel:
@@ -161,8 +164,8 @@ class DiffusionModel(pl.LightningModule):
         """Sample on the model's device with the runtime's plan and loop -> (n_samples, C, H, W) float32 in [−1, 1].
 
         Run settings (``settings`` and/or keywords: ``sampler``, ``steps``, ``eta``, ``guidance``,
-        ``guidance_interval``, ``clip_denoised``, ``variance``, the fields of ``runtime.sampling.settings.RunSettings``) are
-        those of ``ddpm-generate``; unset ones take the runtime's defaults (Algorithm 2 at all T steps, w = 1).
+        ``guidance_interval``, ``clip_denoised``, ``variance``, the fields of ``runtime.sampling.settings.RunSettings``)
+        are those of ``ddpm-generate``; unset ones take the runtime's defaults (Algorithm 2 at all T steps, w = 1).
         ``labels`` (conditional models; default: classes cycle over the images) and guidance w give
         ε = ε_uncond + w·(ε_cond − ε_uncond); w ≠ 1 needs a conditional model. The EMA weights are used when
         present unless ``use_ema=False``. The model's train/eval mode is left as it was. Bad settings raise

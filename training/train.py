@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from runtime.errors import reason
 from training.config import GRID_SAMPLER, ModelConfig
 from training.errors import DatasetError, RankLost, TrainError, TrainInterrupted
-from runtime.errors import reason
 
 # what a gloo collective raises when the rank at the other end has gone
 PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe")
@@ -96,7 +96,8 @@ def _build_model(o: TrainOptions, data):
 def _config_for_data(o: TrainOptions, data) -> ModelConfig:
     """``o.model`` with the data's image size, channels and (for a conditional run) classes."""
     if o.conditional and o.num_classes not in (None, data.num_classes):
-        raise TrainError(f"--conditional uses the dataset's {data.num_classes} classes; drop --num-classes {o.num_classes}")
+        raise TrainError(f"--conditional uses the dataset's {data.num_classes} classes; "
+                         f"drop --num-classes {o.num_classes}")
     num_classes = data.num_classes if o.conditional else (o.num_classes or 0)
     if o.conditional and num_classes == 0:
         raise TrainError(f"--conditional: the {data.name} dataset at {o.data_root} has no classes")
@@ -130,9 +131,8 @@ def train(o: TrainOptions) -> Path:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
-    from torch.utils.data import DataLoader
-
     from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from torch.utils.data import DataLoader
 
     from training.callbacks import SampleGrid
     from training.console import main_process, quiet_console

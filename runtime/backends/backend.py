@@ -3,8 +3,9 @@
 A backend is a thin adapter around an exported noise predictor: ``contract``, ``provider`` (what runs it),
 ``path``, ``predict_eps`` on host arrays and ``device_engine`` (the batch engine with its arrays on the backend's
 device: ``runtime.backends.fused`` for onnxruntime, ``runtime.backends.torch_loop`` for torch). Samplers and batching
-never look past this protocol. onnxruntime (``runtime.backends.onnx_model``) is the base backend; TorchScript (``runtime.backends.torchscript_model``)
-and ``.pt2`` (``runtime.backends.pt2_model``) need torch and are imported only for such a file.
+never look past this protocol. onnxruntime (``runtime.backends.onnx_model``) is the base backend; TorchScript
+(``runtime.backends.torchscript_model``) and ``.pt2`` (``runtime.backends.pt2_model``) need torch and are imported only
+for such a file.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from runtime.backends.providers import AUTO_ORDER, CHOICES, GPU_PROVIDERS, PROVIDER_NAMES, gpu_visible
 from runtime.errors import ModelError
 from runtime.metadata import SamplingContract
-from runtime.backends.providers import AUTO_ORDER, CHOICES, GPU_PROVIDERS, PROVIDER_NAMES, gpu_visible
 
 
 class Backend(Protocol):
@@ -145,9 +146,9 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, threads: in
     """The backend for a model file, by its kind (``BACKENDS[model_format(path)]``).
 
     ONNX: ``auto`` takes the first of tensorrt, cuda, cpu that starts and, where a GPU is visible
-    (``runtime.backends.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly (onnxruntime
-    logs a failure in several lines); one asked for by name that does not start is one ``ModelError``. The session
-    settings (``threads``, ``cpu_arena``, ``provider_options``, ``session_options``) apply to ONNX models.
+    (``runtime.backends.providers.gpu_visible``), logs the ones that did not. GPU providers are probed quietly
+    (onnxruntime logs a failure in several lines); one asked for by name that does not start is one ``ModelError``. The
+    session settings (``threads``, ``cpu_arena``, ``provider_options``, ``session_options``) apply to ONNX models.
     """
     path = Path(path)
     if path.is_dir():

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.backends.providers import PROVIDER_NAMES, full_name
 from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_KEY, SamplingContract
-from runtime.backends.providers import PROVIDER_NAMES, full_name
-
 
 
 def _contract_of(session, path) -> SamplingContract:
@@ -54,7 +53,8 @@ def _check_graph(session, contract: SamplingContract, path) -> None:
                              f"{sorted(graph)}")
         for spec in specs:
             v = graph[spec.name]
-            fixed = [(want, got) for want, got in zip(spec.shape, v.shape) if isinstance(want, int) and isinstance(got, int)]
+            fixed = [(want, got) for want, got in zip(spec.shape, v.shape)
+                     if isinstance(want, int) and isinstance(got, int)]
             if _ORT_TYPES[spec.dtype] != v.type or len(spec.shape) != len(v.shape) or any(w != g for w, g in fixed):
                 raise ModelError(f"{path}: its contract says {spec.name} is {spec.dtype} {spec.shape} but the graph "
                                  f"takes {v.type} {v.shape} (image_size, channels or dtype disagree)")
@@ -92,7 +92,8 @@ class OnnxModel:
         finally:
             ort.set_default_logger_severity(2)
         if self.session.get_providers()[0] != name:
-            raise ModelError(f"{name} did not start for {path} (onnxruntime fell back to {self.session.get_providers()[0]})")
+            raise ModelError(f"{name} did not start for {path} "
+                             f"(onnxruntime fell back to {self.session.get_providers()[0]})")
         self.provider = name
         self.contract = _contract_of(self.session, path)
         _check_graph(self.session, self.contract, path)

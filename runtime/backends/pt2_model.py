@@ -1,4 +1,5 @@
-"""The ``.pt2`` backend (AOTInductor package from ``ddpm-export --format pt2``); torch is imported only when one is loaded."""
+"""The ``.pt2`` backend (AOTInductor package from ``ddpm-export --format pt2``); torch is imported only when one is
+loaded."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import os
 import zipfile
 from pathlib import Path
 
-
+from runtime.backends.torch_backend import TorchBackend, require_torch
 from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
-from runtime.backends.torch_backend import TorchBackend, require_torch
 
 TARGET_FILE = "ddpm_pt2.json"  # extra file: {"device": "cpu"|"cuda", "precision": "fp32"|"bf16"|"fp16", ...}
 
@@ -68,7 +68,8 @@ class Pt2Model(TorchBackend):
         if b <= self.max_batch:
             return self.runner(x, t) if y is None else self.runner(x, t, y)
         size = -(-b // -(-b // self.max_batch))  # the fewest chunks, as even as they come
-        parts = [self.net(x[i:i + size], t[i:i + size], None if y is None else y[i:i + size]) for i in range(0, b, size)]
+        parts = [self.net(x[i:i + size], t[i:i + size], None if y is None else y[i:i + size])
+                 for i in range(0, b, size)]
         return self.torch.cat(parts)
 
 

@@ -1,4 +1,5 @@
-"""The TorchScript backend (a ``ddpm-export`` .pt file): numpy in, numpy out; torch is imported only when one is loaded."""
+"""The TorchScript backend (a ``ddpm-export`` .pt file): numpy in, numpy out; torch is imported only when one is
+loaded."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import re
 import warnings
 from pathlib import Path
 
+from runtime.backends.torch_backend import TorchBackend, require_torch
 from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
-from runtime.backends.torch_backend import TorchBackend, require_torch
 
 
 class TorchScriptModel(TorchBackend):

@@ -32,7 +32,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         raise IdxError(f"truncated header in IDX file {path}")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     if len(data) - header != int(np.prod(dims)):
-        raise IdxError(f"IDX file {path} has {len(data) - header} data bytes, expected {int(np.prod(dims))} for dims {dims}")
+        raise IdxError(f"IDX file {path} has {len(data) - header} data bytes, expected {int(np.prod(dims))} "
+                       f"for dims {dims}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -64,7 +64,8 @@ def frechet_distance(a: np.ndarray | Moments, b: np.ndarray | Moments) -> float:
     w, v = np.linalg.eigh(cov_a)
     sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
 
 
 @dataclass(frozen=True)

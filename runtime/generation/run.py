@@ -1,4 +1,5 @@
-"""``generate_to_dir``: make a run's (or one shard's) missing images in an output folder; what ``ddpm-generate`` calls."""
+"""``generate_to_dir``: make a run's (or one shard's) missing images in an output folder; what ``ddpm-generate``
+calls."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def open_output(g: Pipeline, o: RunOptions, plan: SamplingPlan) -> OutputDir:
 
 def grid_columns(g: Pipeline, o: RunOptions) -> int:
     """grid.png's columns: one per class when classes cycle, else a square."""
-    return g.contract.num_classes if g.contract.conditional and o.classes is None else math.ceil(math.sqrt(min(o.n, 100)))
+    return (g.contract.num_classes if g.contract.conditional and o.classes is None
+            else math.ceil(math.sqrt(min(o.n, 100))))
 
 
 @contextmanager

@@ -48,7 +48,8 @@ def require_ray(what: str = "--ray"):
     try:
         import ray
     except ImportError:
-        raise ClusterError(f"{what} needs Ray, which is not installed here: pip install 'ddpm-toolkit[{EXTRA}]'") from None
+        raise ClusterError(f"{what} needs Ray, which is not installed here: "
+                           f"pip install 'ddpm-toolkit[{EXTRA}]'") from None
     return ray
 
 

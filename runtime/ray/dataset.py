@@ -21,7 +21,6 @@ from runtime.classes import Classes
 from runtime.ray.cluster import driver_pipeline, join, require_ray
 from runtime.sampling.settings import RunSettings
 
-
 # Blocks of image indices (each at least one batch). The indices are made on the driver rather than by
 # ray.data.range, whose read tasks wait for a free CPU that a pool holding every CPU never frees.
 MAX_BLOCKS = 1000

@@ -26,11 +26,18 @@ from pathlib import Path
 
 from runtime.errors import ClusterError, GenerationError, ModelError, OutputError, reason
 from runtime.generation.output import shard_indices
-from runtime.generation.run import (RunOptions, RunResult, check_run, generate_to_dir, grid_columns, open_output,
-                                    progress_bar, require_on_disk)
+from runtime.generation.run import (
+    RunOptions,
+    RunResult,
+    check_run,
+    generate_to_dir,
+    grid_columns,
+    open_output,
+    progress_bar,
+    require_on_disk,
+)
 from runtime.pipeline import load
-from runtime.ray.cluster import (ClusterGone, Worker, check_fits, connected, driver_pipeline, head_answers,
-                                 require_ray)
+from runtime.ray.cluster import ClusterGone, Worker, check_fits, connected, driver_pipeline, head_answers, require_ray
 
 REPORT_EVERY_S = 0.2  # a task's progress messages to the actor, at most this often (and at each batch's end)
 POLL_S = 0.2  # how often the driver redraws the bar
@@ -70,7 +77,8 @@ class Progress:
 
 
 def generate_shard(model: str, load_options: dict, o: RunOptions, progress) -> dict:
-    """A Ray task: the missing images of shard ``o.shard`` into ``o.out``; leaves the run's final files to the driver."""
+    """A Ray task: the missing images of shard ``o.shard`` into ``o.out``; leaves the run's final files to the
+    driver."""
     import ray
 
     entered = time.time()
@@ -169,7 +177,8 @@ def generate_on_ray(model: Path, o: RunOptions, run: RayRun, load_options: dict,
     if o.shard != (0, 1):
         raise GenerationError("--shard and --ray do not combine: --ray splits the run into --workers shards itself")
     if run.workers is not None and run.workers > o.n:
-        raise GenerationError(f"--workers {run.workers} is more than the {o.n} images of this run; ask for at most {o.n}")
+        raise GenerationError(f"--workers {run.workers} is more than the {o.n} images of this run; "
+                              f"ask for at most {o.n}")
     seen: set[str] = set()
 
     def once(message: str) -> None:
@@ -189,7 +198,8 @@ def generate_on_ray(model: Path, o: RunOptions, run: RayRun, load_options: dict,
         records = out.recorded()
         already = len(records)
         blocks = [shard_indices(o.n, i, shards) for i in range(shards)]
-        progress = ray.remote(num_cpus=0)(Progress).remote({i: sum(j in records for j in b) for i, b in enumerate(blocks)})
+        progress = ray.remote(num_cpus=0)(Progress).remote(
+            {i: sum(j in records for j in b) for i, b in enumerate(blocks)})
         task = ray.remote(generate_shard)
         start = time.perf_counter()
         submitted = time.time()
@@ -207,8 +217,10 @@ def generate_on_ray(model: Path, o: RunOptions, run: RayRun, load_options: dict,
         require_on_disk(records, range(o.n))
     finalized = out.finalize(g.contract.channels, o.grid, grid_columns(g, o), records)
     if results:  # where the time went (benchmarks/ray_generate.py reads this line)
-        log(f"Ray: cluster ready in {connect_s:.2f} s; per task (median of {len(results)}): start-up (submitted → running) "
-            f"{_median(r['entered'] - submitted for r in results)}, model load {_median(r['load_s'] for r in results)}, "
+        log(f"Ray: cluster ready in {connect_s:.2f} s; per task (median of {len(results)}): "
+            "start-up (submitted → running) "
+            f"{_median(r['entered'] - submitted for r in results)}, "
+            f"model load {_median(r['load_s'] for r in results)}, "
             f"generation {_median(r['generate_s'] for r in results)}; all tasks {seconds:.2f} s; final files "
             f"{time.perf_counter() - finishing:.2f} s")
     where = f"on Ray: {len(refs)} task{'s' if len(refs) != 1 else ''} of {run.worker.describe()}, {retried} retried"

@@ -69,8 +69,9 @@ class NoiseStreams:
     ``draws``: how many times ``next`` will be called (x_T included), so that nothing is drawn that is not used;
     one call more raises RuntimeError. None: no limit (up to one block is drawn in vain at the end).
     ``threads``: threads that draw the next block while the caller works on this one (default: the usable CPUs;
-    0, or a block of fewer than ``PART_ELEMENTS`` values: draw in the calling thread, when asked). Use as a context manager, or call ``close``, to stop the threads;
-    they also stop when the object is garbage-collected. One consumer: ``next`` is not for concurrent callers.
+    0, or a block of fewer than ``PART_ELEMENTS`` values: draw in the calling thread, when asked). Use as a context
+    manager, or call ``close``, to stop the threads; they also stop when the object is garbage-collected. One consumer:
+    ``next`` is not for concurrent callers.
     """
 
     def __init__(self, seed: int, indices: Sequence[int], shape: tuple[int, int, int], *, draws: int | None = None,

@@ -1,11 +1,11 @@
 """A run's resolved settings and the per-step coefficients they give: the one place that computes them.
 
-Shaped like diffusers' ``set_timesteps``: ``make_plan`` takes the settings a user gave (``runtime.sampling.settings.RunSettings``,
-``None`` = not given), fills the rest — the model's recommendations (``contract.run_defaults``) first, then the
-runtime's defaults (``runtime.sampling.settings.defaults``) —, checks them against the model's contract, and precomputes every
-step's coefficients with the sampler's own function (``runtime.sampling.samplers``). The batch engine
-(``runtime.sampling.engine``) only indexes them, through the one step (``runtime.sampling.step``) or its fused ONNX
-form.
+Shaped like diffusers' ``set_timesteps``: ``make_plan`` takes the settings a user gave
+(``runtime.sampling.settings.RunSettings``, ``None`` = not given), fills the rest — the model's recommendations
+(``contract.run_defaults``) first, then the runtime's defaults (``runtime.sampling.settings.defaults``) —, checks them
+against the model's contract, and precomputes every step's coefficients with the sampler's own function
+(``runtime.sampling.samplers``). The batch engine (``runtime.sampling.engine``) only indexes them, through the one step
+(``runtime.sampling.step``) or its fused ONNX form.
 
 DDPM's σ² is the contract's variance at full T and β̃ when respaced (Improved DDPM). Every sampler runs on the same
 respaced schedule: the K model timesteps of the run's ``spacing`` (``schedule.timestep_indices``; by default
@@ -113,7 +113,8 @@ class SamplingPlan:
         """E.g. ``ddim 50 steps, eta 0, guidance 1.5``."""
         eta = f", eta {self.eta:g}" if self.eta is not None else ""
         interval = "" if self.guidance_interval is None else " on t in [{}, {}]".format(*self.guidance_interval)
-        spacing = "" if self.spacing is None else f" ({self.spacing}{f' + {self.steps_offset}' if self.steps_offset else ''})"
+        spacing = ("" if self.spacing is None
+                   else f" ({self.spacing}{f' + {self.steps_offset}' if self.steps_offset else ''})")
         return f"{self.sampler} {self.steps} steps{spacing}{eta}, guidance {self.guidance:g}{interval}"
 
 
@@ -173,7 +174,8 @@ def make_plan(contract: Contract, settings: RunSettings | None = None, *, model_
         values["variance"] = contract.variance if values["steps"] == T else "beta_tilde"
     if values["steps_offset"] is not None and values["spacing"] != "leading":
         if "steps_offset" not in from_model:
-            raise SettingsError(f"steps_offset applies to leading spacing only, not to {values['spacing'] or 'linspace'}")
+            raise SettingsError("steps_offset applies to leading spacing only, "
+                                f"not to {values['spacing'] or 'linspace'}")
         values["steps_offset"] = None  # a recommendation for the recommended spacing, not for this one
         from_model.remove("steps_offset")
     for name in ("eta", "guidance", "clip_range"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
 import numpy as np
 
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "sigmoid", "explicit")
@@ -18,7 +19,8 @@ MAX_TIMESTEPS = 100_000  # T beyond this is a mistake: the float64 tables alone 
 LINEAR_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
 COSINE_DEFAULTS = {"s": 0.008, "max_beta": 0.999}
 # each named schedule's parameters and their defaults; "explicit" takes its β table itself (``betas=``)
-PARAMS: dict[str, dict[str, float]] = {"linear": LINEAR_DEFAULTS, "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
+PARAMS: dict[str, dict[str, float]] = {"linear": LINEAR_DEFAULTS,
+                                       "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012},
                                        "cosine": COSINE_DEFAULTS, "sigmoid": LINEAR_DEFAULTS, "explicit": {}}
 SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "logsnr")
 

@@ -104,7 +104,8 @@ def timesteps_problem(timesteps: object, ctx: Context) -> str | None:
     if not isinstance(timesteps, tuple | list) or not timesteps or not all(_is_int(v) for v in timesteps):
         return f"timesteps must be a list of model timesteps (integers), got {timesteps!r}"
     if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
-        return f"timesteps must be strictly decreasing (the order a run visits them), got {','.join(map(str, timesteps))}"
+        return ("timesteps must be strictly decreasing (the order a run visits them), "
+                f"got {','.join(map(str, timesteps))}")
     if not 0 <= timesteps[-1] <= timesteps[0] < T:
         return f"timesteps must lie in [0, T) = [0, {T}), got {timesteps[0]} … {timesteps[-1]}"
     return None
@@ -168,12 +169,12 @@ def setting(help: str, rule: Callable[[object, Context], str | None], parse: Cal
 
     ``help``: the text of its CLI option and HTTP field; ``rule``: its validator; ``parse``: from a string
     (``--run-defaults``); ``specific``: it applies only to the samplers that list it in their ``settings``
-    (``runtime.sampling.samplers``; given for another: an error; recommended for another: not used); ``per_sampler``: a recommendation of it holds for the recommended sampler only;
-    ``per_image``: each manifest record carries it; ``new``: added after run folders existed, so ``run.json``
-    records it only when set (folders of earlier versions resume); ``implicit``: a new setting's value when not
-    set (a run that gives exactly it is recorded as not setting it, so the same run reads the same); ``bounds``:
-    (min, max) of a number, for documents such as the OpenAPI schema (``rule`` enforces them); ``metavar``: how a
-    list is written on the command line.
+    (``runtime.sampling.samplers``; given for another: an error; recommended for another: not used); ``per_sampler``: a
+    recommendation of it holds for the recommended sampler only; ``per_image``: each manifest record carries it;
+    ``new``: added after run folders existed, so ``run.json`` records it only when set (folders of earlier versions
+    resume); ``implicit``: a new setting's value when not set (a run that gives exactly it is recorded as not setting
+    it, so the same run reads the same); ``bounds``: (min, max) of a number, for documents such as the OpenAPI schema
+    (``rule`` enforces them); ``metavar``: how a list is written on the command line.
     """
     return field(default=None, metadata={"help": help, "rule": rule, "parse": parse, "specific": specific,
                                          "per_sampler": per_sampler, "per_image": per_image, "new": new,

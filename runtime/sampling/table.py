@@ -19,7 +19,8 @@ import numpy as np
 
 FLOAT32_MAX = 3.4028234663852886e38  # the loops compute in float32
 NO_CLIP = FLOAT32_MAX  # d_clip of a step that does not clip d
-COLUMNS = ("x_coef", "eps_coef", "noise_coef", "d_coef", "d_from_x", "d_from_eps", "d_clip")  # then history, newest first
+COLUMNS = ("x_coef", "eps_coef", "noise_coef", "d_coef", "d_from_x", "d_from_eps",
+           "d_clip")  # then history, newest first
 NOISE_COLUMN = COLUMNS.index("noise_coef")
 
 
@@ -69,7 +70,8 @@ class StepCoefficients:
         h = self.slots if slots is None else slots
         history = np.zeros((len(self.timesteps), h))
         history[:, :self.slots] = self.history[:, :h]
-        return np.concatenate([np.stack([getattr(self, n) for n in COLUMNS], axis=1), history], axis=1).astype(np.float32)
+        return np.concatenate([np.stack([getattr(self, n) for n in COLUMNS], axis=1), history],
+                              axis=1).astype(np.float32)
 
     @functools.cached_property
     def f32(self) -> np.ndarray:

@@ -29,10 +29,10 @@ from ddpm_export.cli import main as export_cli  # noqa: E402
 from ddpm_export.diffusers_source import diffusers_contract, read_config  # noqa: E402
 from ddpm_export.run_defaults import set_contract  # noqa: E402
 from runtime.errors import SettingsError  # noqa: E402
-from runtime.sampling.finish import to_uint8  # noqa: E402
 from runtime.metadata import SamplingContract, ScheduleSpec  # noqa: E402
-from runtime.sampling.schedule import default_params  # noqa: E402
 from runtime.sampling.engine import sample  # noqa: E402
+from runtime.sampling.finish import to_uint8  # noqa: E402
+from runtime.sampling.schedule import default_params  # noqa: E402
 from runtime.tolerances import TOLERANCES  # noqa: E402
 
 SIZE, CHANNELS, T = 8, 3, 1000
@@ -50,7 +50,8 @@ def tiny_unet(num_class_embeds: int | None = None, seed: int = 0):
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("diffusers") / "tiny-ddpm"
-    diffusers.DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler(num_train_timesteps=T)).save_pretrained(folder)
+    diffusers.DDPMPipeline(unet=tiny_unet(),
+                           scheduler=diffusers.DDPMScheduler(num_train_timesteps=T)).save_pretrained(folder)
     return folder
 
 

@@ -11,9 +11,9 @@ diffusers = pytest.importorskip("diffusers", reason="the interop extra (diffuser
 import torch  # noqa: E402
 
 from runtime.backends.torch_loop import torch_ops  # noqa: E402
-from runtime.sampling.finish import to_uint8  # noqa: E402
 from runtime.metadata import SamplingContract  # noqa: E402
 from runtime.sampling.engine import sample  # noqa: E402
+from runtime.sampling.finish import to_uint8  # noqa: E402
 from runtime.sampling.plan import make_plan  # noqa: E402
 from runtime.tolerances import TOLERANCES  # noqa: E402
 
@@ -41,7 +41,8 @@ def unet():
 @pytest.mark.parametrize("sampler", list(SCHEDULERS))
 @pytest.mark.parametrize("steps", [6, 10, 16])
 def test_matches_the_diffusers_scheduler(unet, sampler, steps):
-    contract = SamplingContract(image_size=SIZE, channels=CHANNELS)  # linear β 1e-4 … 0.02, T = 1000: diffusers' default
+    # linear β 1e-4 … 0.02, T = 1000: diffusers' default
+    contract = SamplingContract(image_size=SIZE, channels=CHANNELS)
     plan = make_plan(contract, sampler=sampler, steps=steps, spacing="trailing", model_defaults=False)
     scheduler = SCHEDULERS[sampler]()
     scheduler.set_timesteps(steps)

@@ -167,7 +167,8 @@ def test_fp16_keeps_sensitive_ops_in_fp32_and_never_claims_unmeasured_success(co
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
     types.update({i.name: i.data_type for i in model.graph.initializer})
-    assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for i in model.graph.input)
+    assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+               for i in model.graph.input)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     sensitive = [n for n in model.graph.node if n.op_type in ("InstanceNormalization", "Softmax", "Sin", "Cos")]
     assert sensitive and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in sensitive)
@@ -177,7 +178,8 @@ def test_fp16_keeps_sensitive_ops_in_fp32_and_never_claims_unmeasured_success(co
         assert report["verification"] == "passed"
     else:
         assert report["verification"].startswith("skipped: fp16 targets CUDAExecutionProvider")
-        assert "verification: skipped" in r.output and "passed" not in r.output.split("cond.fp16.onnx")[1].split("\n")[0]
+        assert ("verification: skipped" in r.output
+                and "passed" not in r.output.split("cond.fp16.onnx")[1].split("\n")[0])
         assert report["checks"]["informational"][0]["trajectory"]["max_level_diff"] <= FP16.max_levels
 
 

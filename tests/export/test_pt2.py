@@ -15,9 +15,9 @@ import runtime
 from ddpm_export.checkpoint import load_checkpoint
 from ddpm_export.cli import main
 from runtime.backends.backend import model_format
+from runtime.backends.pt2_model import TARGET_FILE
 from runtime.errors import ModelError
 from runtime.sampling.samplers import SAMPLERS
-from runtime.backends.pt2_model import TARGET_FILE
 from runtime.tolerances import TOLERANCES
 
 FP32, SAME = TOLERANCES["fp32"], TOLERANCES["fp32-same-math"]

@@ -46,8 +46,8 @@ def test_the_bundled_checkpoint_exports_to_a_model_that_samples_like_the_bundled
     (no settings given) both models make the same images."""
     from ddpm_export.export import ExportOptions, export_checkpoint
 
-    (artifact,) = export_checkpoint(ExportOptions(assets_dir() / "fashion-mnist.ckpt", ("onnx",), out=tmp_path / "m.onnx",
-                                                  verify=False, log=lambda m: None))
+    (artifact,) = export_checkpoint(ExportOptions(assets_dir() / "fashion-mnist.ckpt", ("onnx",),
+                                                  out=tmp_path / "m.onnx", verify=False, log=lambda m: None))
     exported, bundled = runtime.load(artifact.path, "cpu"), runtime.load("fashion-mnist", "cpu")
     assert exported.contract.run_defaults == bundled.contract.run_defaults
     assert exported.plan().run_settings() == bundled.plan().run_settings()  # dpmpp-2m 15, w = 2 on [0, 400]

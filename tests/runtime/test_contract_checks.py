@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import runtime
-from runtime.generate_cli import main
 from runtime.errors import ModelError
+from runtime.generate_cli import main
 from runtime.metadata import CONTRACT_KEY
 from tests.toy_onnx import make_toy_predictor
 

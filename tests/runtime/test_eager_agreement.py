@@ -8,10 +8,10 @@ import torch
 
 import runtime
 from ddpm_export.checkpoint import load_checkpoint
-from runtime.sampling.finish import to_uint8
-from runtime.sampling.noise import NoiseStreams
 from runtime.backends.torch_loop import torch_ops
 from runtime.sampling.engine import sample
+from runtime.sampling.finish import to_uint8
+from runtime.sampling.noise import NoiseStreams
 from runtime.tolerances import TOLERANCES
 from training.predictor import eps_predictor
 

@@ -15,8 +15,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from runtime.evaluate.cli import main
-from runtime.evaluate.score import (FeatureExtractor, classifier_path, fd_infinity, frechet_distance,
-                                    kernel_inception_distance, wilson_interval)
+from runtime.evaluate.score import (
+    FeatureExtractor,
+    classifier_path,
+    fd_infinity,
+    frechet_distance,
+    kernel_inception_distance,
+    wilson_interval,
+)
 from runtime.generation.output import OutputDir, shard_indices
 
 
@@ -57,7 +63,8 @@ def test_fd_infinity_finds_the_true_distance_of_gaussians_within_its_error():
 def test_wilson_interval():
     lo, hi = wilson_interval(90, 100)
     assert lo < 0.9 < hi and hi - lo == pytest.approx(0.1197, abs=1e-3)  # the textbook value for 90/100
-    assert wilson_interval(0, 50)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(50, 50)[1] == pytest.approx(1.0)
+    assert (wilson_interval(0, 50)[0] == pytest.approx(0.0, abs=1e-12)
+            and wilson_interval(50, 50)[1] == pytest.approx(1.0))
 
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
@@ -187,8 +194,9 @@ def test_bad_input(case, message, tmp_path, reference_root):
 
 
 def write_run(folder: Path, n: int, shards_done: list[int], num_shards: int = 2, formats=("png",)) -> Path:
-    """A ddpm-generate folder written by ``runtime.generation.output`` as a run does: shards ``shards_done`` of ``num_shards``
-    finished (their images and manifest-I-of-N.jsonl); finalized (manifest.jsonl, samples.npz) once all are."""
+    """A ddpm-generate folder written by ``runtime.generation.output`` as a run does: shards ``shards_done`` of
+    ``num_shards`` finished (their images and manifest-I-of-N.jsonl); finalized (manifest.jsonl, samples.npz) once all
+    are."""
     images, labels = garment_like(n, 11)
     images = np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
     out = OutputDir(folder, {"n": n, "seed": 0}, formats=formats, overwrite=False)

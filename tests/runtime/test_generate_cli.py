@@ -50,7 +50,8 @@ def test_files_manifest_npz_and_grid(cond_onnx, tmp_path):
     assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(7)]
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(7))
-    assert {"index", "seed", "class", "class_name", "sampler", "steps", "provider", "model_sha256", "file"} <= set(records[0])
+    assert ({"index", "seed", "class", "class_name", "sampler", "steps", "provider", "model_sha256", "file"}
+            <= set(records[0]))
     assert [r["class"] for r in records] == [0, 1, 2, 0, 1, 2, 0]
     npz = np.load(out / "samples.npz")
     assert npz["arr_0"].shape == (7, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
@@ -197,9 +198,11 @@ def foreign_model(path: Path, contract_json: str | None) -> Path:
     nodes = [helper.make_node("Cast", ["t"], ["tf"], to=TensorProto.FLOAT),
              helper.make_node("Constant", [], ["limit"], value=helper.make_tensor("l", TensorProto.FLOAT, [], [50.0])),
              helper.make_node("Less", ["tf", "limit"], ["late"]),
-             helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [4], [-1, 1, 1, 1])),
+             helper.make_node("Constant", [], ["shape"],
+                              value=helper.make_tensor("s", TensorProto.INT64, [4], [-1, 1, 1, 1])),
              helper.make_node("Reshape", ["late", "shape"], ["late4"]),
-             helper.make_node("Constant", [], ["nan"], value=helper.make_tensor("n", TensorProto.FLOAT, [], [float("nan")])),
+             helper.make_node("Constant", [], ["nan"],
+                              value=helper.make_tensor("n", TensorProto.FLOAT, [], [float("nan")])),
              helper.make_node("Constant", [], ["tenth"], value=helper.make_tensor("c", TensorProto.FLOAT, [], [0.1])),
              helper.make_node("Mul", ["x", "tenth"], ["sq"]),
              helper.make_node("Where", ["late4", "nan", "sq"], ["eps"])]  # NaN once t < 50
@@ -314,7 +317,8 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_partial_file(uncond_onnx, t
     out = tmp_path / "o"
     r = cli(uncond_onnx, "-n", 3, "--batch-size", 1, "--steps", 3, "--out", out)
     assert r.exit_code != 0 and "disk full while writing" in r.output and "000001.png" in r.output
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("run")) == ["000000.png", "manifest-0-of-1.jsonl"]
+    assert (sorted(p.name for p in out.iterdir() if not p.name.startswith("run"))
+            == ["000000.png", "manifest-0-of-1.jsonl"])
     monkeypatch.setattr(runtime.generation.output.os, "replace", real_replace)
     r = cli(uncond_onnx, "-n", 3, "--batch-size", 1, "--steps", 3, "--out", out)
     assert r.exit_code == 0 and "1 already there" in r.output

@@ -87,7 +87,8 @@ def test_bundled_model_reproduces_the_golden_images():
 
     diff = np.abs(images.astype(np.int16) - golden.astype(np.int16))
     max_levels = TOLERANCES["fp32"].max_levels
-    assert diff.max() <= max_levels, f"max |diff| {diff.max()} levels > {max_levels} ({np.count_nonzero(diff)} pixels differ)"
+    assert diff.max() <= max_levels, (f"max |diff| {diff.max()} levels > {max_levels} "
+                                      f"({np.count_nonzero(diff)} pixels differ)")
     exact = float(np.mean(diff == 0))
     assert exact >= 0.99, f"only {exact:.2%} of the pixels are exactly equal to the golden images"
 

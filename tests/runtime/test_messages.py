@@ -61,8 +61,9 @@ def test_other_zips_are_not_called_torchscript(tmp_path: Path, kind, message):
 
 @pytest.mark.parametrize("provider", ["tensorrt", "cuda"])
 def test_a_gpu_provider_that_does_not_start_is_one_line(uncond_onnx, tmp_path: Path, provider):
-    r = subprocess.run([sys.executable, "-m", "runtime.generate_cli", str(uncond_onnx), "-n", "1", "--out", str(tmp_path / "o"),
-                        "--provider", provider], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "runtime.generate_cli", str(uncond_onnx), "-n", "1",
+                        "--out", str(tmp_path / "o"), "--provider", provider],
+                       capture_output=True, text=True, timeout=120)
     both = r.stdout + r.stderr
     assert "EP Error" not in both and "onnxruntime::" not in both, both
     if r.returncode != 0:  # no such GPU provider here (a machine where it starts makes the image)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 from runtime.metadata import SCHEMA_VERSION, ContractError, Provenance, SamplingContract, ScheduleSpec
@@ -119,12 +118,14 @@ def test_schema_3_files_made_by_the_previous_main_load_and_sample_as_before(tmp_
     assert (c.prediction, c.num_classes, c.null_class, c.schema_version) == ("epsilon", 3, 3, SCHEMA_VERSION)
     assert c.schedule.betas is None and c.provenance.source is None
     rd = c.run_defaults
-    assert (rd.sampler, rd.steps, rd.guidance, rd.guidance_interval, rd.clip_denoised) == ("ddim", 10, 1.5, (0, 30), True)
+    assert ((rd.sampler, rd.steps, rd.guidance, rd.guidance_interval, rd.clip_denoised)
+            == ("ddim", 10, 1.5, (0, 30), True))
     assert rd.spacing is None and rd.clip_range is None and rd.steps_offset is None
     new = runtime.load(make_toy_predictor(tmp_path / "cond.onnx", num_classes=3, timesteps=50,
                                           class_names=["a", "b", "c"]), "cpu")
     settings = dict(sampler="ddim", steps=10, guidance=1.5, guidance_interval=(0, 30), clip_denoised=True)
-    assert np.array_equal(old.generate(3, seed=4, classes=[0, 1, 2]), new.generate(3, seed=4, classes=[0, 1, 2], **settings))
+    assert np.array_equal(old.generate(3, seed=4, classes=[0, 1, 2]),
+                          new.generate(3, seed=4, classes=[0, 1, 2], **settings))
     uncond = runtime.load(DATA / "toy-uncond.onnx", "cpu")
     assert uncond.contract.null_class is None and not uncond.contract.guidable
     fresh = runtime.load(make_toy_predictor(tmp_path / "u.onnx", channels=3, timesteps=50), "cpu")

@@ -14,10 +14,10 @@ import pytest
 
 from runtime.errors import SettingsError
 from runtime.metadata import RunDefaults, SamplingContract
-from runtime.sampling.plan import make_plan
 from runtime.sampling.engine import sample
-from tests.nets import per_step
+from runtime.sampling.plan import make_plan
 from runtime.tolerances import TOLERANCES
+from tests.nets import per_step
 
 F64 = TOLERANCES["fp64"]
 COND = SamplingContract(image_size=4, channels=1, num_classes=3)

@@ -19,8 +19,8 @@ from runtime.metadata import SamplingContract
 from runtime.sampling.engine import sample
 from runtime.sampling.plan import make_plan
 from runtime.sampling.settings import SAMPLERS
-from tests.nets import per_step
 from runtime.tolerances import TOLERANCES
+from tests.nets import per_step
 
 F64 = TOLERANCES["fp64"]
 COND = SamplingContract(image_size=4, channels=1, num_classes=3)

@@ -14,11 +14,11 @@ import pytest
 
 import runtime.sampling.noise as noise
 from runtime.errors import GenerationError
-from runtime.sampling.finish import to_uint8
 from runtime.metadata import SamplingContract
-from runtime.sampling.noise import NoiseStreams, image_generator
 from runtime.pipeline import Pipeline
 from runtime.sampling.engine import sample
+from runtime.sampling.finish import to_uint8
+from runtime.sampling.noise import NoiseStreams, image_generator
 
 
 def reference(seed: int, indices, shape, n: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""runtime.sampling.plan: the one definition of a run's sampler settings, their defaults, the model's recommendations and
-the per-step coefficients."""
+"""runtime.sampling.plan: the one definition of a run's sampler settings, their defaults, the model's recommendations
+and the per-step coefficients."""
 
 from __future__ import annotations
 

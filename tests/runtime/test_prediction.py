@@ -17,12 +17,12 @@ import pytest
 
 from runtime.errors import ContractError, SettingsError
 from runtime.metadata import RunDefaults, SamplingContract, ScheduleSpec
-from runtime.sampling.plan import make_plan
 from runtime.sampling.engine import sample
-from tests.nets import per_step
+from runtime.sampling.plan import make_plan
 from runtime.sampling.schedule import NoiseSchedule, make_betas, timestep_indices
 from runtime.sampling.settings import SAMPLERS, applies
 from runtime.tolerances import TOLERANCES
+from tests.nets import per_step
 
 F64 = TOLERANCES["fp64"]
 T = 200

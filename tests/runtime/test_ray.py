@@ -174,7 +174,8 @@ def test_a_ray_run_writes_what_one_process_writes(cluster, cond_onnx, tmp_path):
     assert "12 images in" in r.stdout and "on Ray: 3 tasks of 1 CPU, 0 retried" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr and "Ray cluster at" in r.stderr, r.stderr
     assert_same_run(tmp_path / "ray", one_process(tmp_path, *args))
-    assert sorted(p.name for p in (tmp_path / "ray").glob("manifest-*")) == [f"manifest-{i}-of-3.jsonl" for i in range(3)]
+    assert (sorted(p.name for p in (tmp_path / "ray").glob("manifest-*"))
+            == [f"manifest-{i}-of-3.jsonl" for i in range(3)])
 
     again = generate(env, *args, "--out", tmp_path / "ray", "--ray", address)  # complete: nothing to make
     assert again.returncode == 0 and "0 images in" in again.stdout and "12 already there" in again.stdout, again
@@ -289,7 +290,8 @@ def test_a_worker_larger_than_any_node_is_a_one_line_error_and_writes_nothing(cl
     r = generate(env, uncond_onnx, "-n", 4, "--out", tmp_path / "o", "--ray", address, "--cpus-per-worker", 64)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
-    assert errors == ["Error: no node of the Ray cluster can hold a worker of 64 CPUs (the largest has 2 CPUs, 0 GPUs); "
+    assert errors == ["Error: no node of the Ray cluster can hold a worker of 64 CPUs "
+                      "(the largest has 2 CPUs, 0 GPUs); "
                       "ask for less with --cpus-per-worker/--gpus-per-worker"], r.stderr
     assert not (tmp_path / "o").exists()
 

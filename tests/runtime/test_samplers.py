@@ -10,8 +10,8 @@ import pytest
 from runtime.sampling.engine import guided_eps, sample
 from runtime.sampling.samplers import ddim, ddpm
 from runtime.sampling.schedule import NoiseSchedule
-from tests.nets import per_step
 from runtime.tolerances import TOLERANCES
+from tests.nets import per_step
 
 FP64, SAME = TOLERANCES["fp64"], TOLERANCES["fp32-same-math"]
 

@@ -45,7 +45,8 @@ def test_posterior_variance_and_mean_coefficients():
     assert c.x_coef[t] == pytest.approx(1 / math.sqrt(1 - b), rel=1e-12)
     assert c.eps_coef[t] == pytest.approx(-b / math.sqrt(1 - ab) / math.sqrt(1 - b), rel=1e-12)
     assert c.noise_coef[0] == 0.0 and c.noise_coef[t] == pytest.approx(math.sqrt(b), rel=1e-12)
-    assert ddpm.coefficients(s, variance="beta_tilde").noise_coef[t] == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12)
+    assert (ddpm.coefficients(s, variance="beta_tilde").noise_coef[t]
+            == pytest.approx(math.sqrt(s.posterior_variance[t]), rel=1e-12))
     assert c.table().shape == (1000, 7) and c.table().dtype == np.float32
 
 

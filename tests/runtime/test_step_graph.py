@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.backends.fused import StepSession
+from runtime.backends.step_graph import build_step_graph
 from runtime.metadata import CONTRACT_KEY, SamplingContract
 from runtime.sampling.table import COLUMNS
-from runtime.backends.step_graph import build_step_graph
 from runtime.tolerances import TOLERANCES
 
 CPU = ["CPUExecutionProvider"]

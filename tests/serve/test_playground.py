@@ -247,6 +247,7 @@ def test_the_controls_come_from_the_request_schema(long_cond_onnx):
         page.fill("#steps", "2")
         page.click("#generate")
         page.wait_for_function("document.getElementById('error').textContent.length > 0")
-        assert page.inner_text("#error") == "422: dpmpp-3m needs at least 3 steps (its first 2 warm up its history), got 2"
+        assert page.inner_text("#error") == ("422: dpmpp-3m needs at least 3 steps "
+                                             "(its first 2 warm up its history), got 2")
         assert page.script_errors == []
         assert all(url.startswith(base) or url.startswith("data:") for url in page.urls), page.urls

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import runtime
+import serve.scheduler as scheduler_module
 from runtime.errors import GenerationError, SettingsError
 from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES
-import serve.scheduler as scheduler_module
 from serve.scheduler import Cancelled, QueueFull, Scheduler
 
 LEVELS = TOLERANCES["fp32-same-math"].max_levels
@@ -196,7 +196,8 @@ def test_with_a_full_batch_a_short_request_takes_a_long_ones_slot_and_both_are_r
         rest = long.result(timeout=60)  # paused images resume unchanged
     finally:
         scheduler.stop(grace=5)
-    assert np.abs(first[0].image.astype(int) - offline(cond_model, 1, sampler="ddim", steps=3, seed=6)[0]).max() <= LEVELS
+    assert (np.abs(first[0].image.astype(int) - offline(cond_model, 1, sampler="ddim", steps=3, seed=6)[0]).max()
+            <= LEVELS)
     expected = offline(cond_model, 4, sampler=long_sampler, steps=long_steps, seed=5)
     assert np.abs(np.stack([im.image for im in rest]).astype(int) - expected).max() <= LEVELS
 

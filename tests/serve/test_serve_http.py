@@ -18,8 +18,8 @@ for _module in SERVE_MODULES:
     pytest.importorskip(_module, reason="needs the serve extra: pip install -e '.[serve,dev]'")
 
 import runtime  # noqa: E402
-from serve.app import begin_shutdown, create_app  # noqa: E402
 from runtime.sampling.settings import SAMPLERS  # noqa: E402
+from serve.app import begin_shutdown, create_app  # noqa: E402
 from serve.scheduler import Scheduler  # noqa: E402
 from tests.serve.helpers import CLASS_NAMES, assert_images_close, decode, wait_until  # noqa: E402
 
@@ -207,7 +207,8 @@ def test_bad_requests_get_one_line_reasons_and_never_reach_the_batch(serving, lo
         detail = r.json()["detail"]
         assert r.status_code == 422 and detail.startswith(reason) and "\n" not in detail, (body, r.text)
     for raw, reason in ((b'{"guidance": NaN}', "guidance must be a finite number from 0 to 50, got nan"),
-                        (b'{"n": ', 'the body is not valid JSON (Expecting value: line 1 column 7 (char 6)); send a JSON object of settings, such as {"n": 4, "class": 1}')):
+                        (b'{"n": ', 'the body is not valid JSON (Expecting value: line 1 column 7 (char 6)); '
+                                    'send a JSON object of settings, such as {"n": 4, "class": 1}')):
         r = client.post("/v1/images", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json() == {"detail": reason}, (raw, r.text)
     big = json.dumps({"n": 1, "pad": "x" * 600}).encode()

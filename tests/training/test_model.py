@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from runtime.errors import SettingsError
 from runtime.backends.torch_loop import torch_ops
+from runtime.errors import SettingsError
 from runtime.sampling.engine import sample
-from runtime.sampling.samplers import SAMPLERS
 from runtime.sampling.plan import make_plan
-from runtime.sampling.samplers import ddpm
+from runtime.sampling.samplers import SAMPLERS, ddpm
 from training.dataset import Diffset
 from training.eval_mode import eval_mode
 from training.model import DiffusionModel
@@ -151,7 +150,8 @@ def test_sample_is_algorithm_2_with_beta_at_full_T_and_beta_tilde_when_respaced(
     got = model.sample(2, steps=steps, variance=variance, generator=torch.Generator().manual_seed(5))
     assert torch.equal(got, expected)
     if steps == 10 and variance is None:  # the default really is β̃ here: β gives other images
-        assert not torch.equal(got, model.sample(2, steps=10, variance="beta", generator=torch.Generator().manual_seed(5)))
+        assert not torch.equal(got, model.sample(2, steps=10, variance="beta",
+                                                 generator=torch.Generator().manual_seed(5)))
 
 
 @pytest.mark.parametrize("sampler", [name for name, s in SAMPLERS.items() if s.history])
@@ -169,7 +169,8 @@ def test_sample_takes_every_sampler_with_the_runtime_plan(sampler):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(guidance=2.0), "class-conditional"), (dict(steps=11), "between 1 and T"),
+@pytest.mark.parametrize("kwargs, message", [(dict(guidance=2.0), "class-conditional"),
+                                             (dict(steps=11), "between 1 and T"),
                                              (dict(guidance_interval=(0, 5)), "class-conditional"),
                                              (dict(sampler="dpmpp-2m", eta=0.5), "ddim sampler only")])
 def test_bad_sampler_settings_are_refused(kwargs, message):

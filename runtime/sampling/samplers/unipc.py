@@ -1,4 +1,5 @@
-"""UniPC (Zhao et al. 2023): the UniP-2 predictor with B(h) = e^h − 1 ("bh2") and the UniC corrector, data prediction."""
+"""UniPC (Zhao et al. 2023): the UniP-2 predictor with B(h) = e^h − 1 ("bh2") and the UniC corrector, data
+prediction."""
 
 from __future__ import annotations
 
