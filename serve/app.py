@@ -32,9 +32,10 @@ from runtime.errors import GenerationError
 from runtime.generation.output import png_bytes
 from runtime.pipeline import Pipeline
 from runtime.sampling.settings import NAMES, SETTINGS, RunSettings, help_text, taking
+from serve.errors import Cancelled, QueueFull
 from serve.guard import CLIENT_CLOSED, IMAGES_PATH, MAX_BODY_BYTES, Guard, error
 from serve.metrics import CONTENT_TYPE, Metrics
-from serve.scheduler import Cancelled, ImageResult, QueueFull, Scheduler
+from serve.scheduler import ImageResult, Scheduler
 
 RETRY_AFTER_FULL_S = 1  # 429: the queue drains continuously
 RETRY_AFTER_STOPPING_S = 5  # 503: this process is going away; another replica (or its restart) will answer

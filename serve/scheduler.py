@@ -33,17 +33,10 @@ from runtime.sampling.engine import Engine
 from runtime.sampling.noise import NoiseStreams
 from runtime.sampling.plan import SamplingPlan
 from runtime.sampling.settings import RunSettings
+from serve.errors import Cancelled, QueueFull
 
 AGING = 2  # image-steps of priority a request gains for every tick (predictor call) it has waited
 RECENT = 2048  # how many batch sizes and latencies stats() keeps (the metrics see every call: ``on_call``)
-
-
-class QueueFull(RuntimeError):
-    """More images waiting than ``queue_limit``: the caller should retry later (HTTP 429 with Retry-After)."""
-
-
-class Cancelled(RuntimeError):
-    """The request was cancelled (client gone, deadline passed, or the server stopping) before it finished."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import serve.scheduler as scheduler_module
 from runtime.errors import GenerationError, SettingsError
 from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES
-from serve.scheduler import Cancelled, QueueFull, Scheduler
+from serve.errors import Cancelled, QueueFull
+from serve.scheduler import Scheduler
 
 LEVELS = TOLERANCES["fp32-same-math"].max_levels
 REQUESTS = [  # mixed samplers, steps, guidance, classes and clipping in flight together
