@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ from ddpm_export.verify import VerificationReport, torch_net, verify_backend
 from runtime.backends.backend import BACKENDS, Backend
 from runtime.backends.providers import PROVIDER_NAMES
 from runtime.backends.step_graph import MIN_OPSET
-from runtime.errors import ModelError
-from runtime.files import atomic_path, atomic_write
+from runtime.errors import ModelError, reason
+from runtime.files import atomic_path, atomic_write, check_writable
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 from runtime.pipeline import load
 from runtime.tolerances import TOLERANCES
@@ -168,10 +167,12 @@ def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"cannot write {path}: directory {parent} is not writable")
     if path.is_dir():
         raise ExportError(f"cannot write {path}: it is a directory")
+    try:  # the way the artifact will be written (a temporary sibling): os.access misses read-only mounts and root
+        check_writable(path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: directory {parent} is not writable ({reason(e)})") from None
 
 
 def _write_report(path: Path, data: dict) -> Path:

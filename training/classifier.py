@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.evaluate.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, read_split
+from runtime.files import atomic_path
 
 FEATURES = 128
 
@@ -95,7 +96,8 @@ def main(data_root: str, out: str, epochs: int, seed: int) -> None:
     onnx.helper.set_model_props(model, {"test_accuracy": f"{acc:.4f}", "dataset": "fashion-mnist",
                                         "classes": ",".join(FASHION_MNIST_CLASSES), "epochs": str(epochs)})
     onnx.checker.check_model(model)
-    onnx.save(model, out)
+    with atomic_path(out) as tmp:  # a reader never sees a partial classifier
+        onnx.save(model, str(tmp))
     click.echo(f"wrote {out}: test accuracy {acc:.4f}")
 
 
