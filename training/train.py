@@ -135,6 +135,7 @@ def train(o: TrainOptions) -> Path:
     from torch.utils.data import DataLoader
 
     from training.callbacks import SampleGrid
+    from training.checkpoint_io import AtomicCheckpointIO
     from training.console import main_process, quiet_console
     from training.dataset import Diffset
     from training.interrupt import StopOnSignal
@@ -175,6 +176,7 @@ def train(o: TrainOptions) -> Path:
                 stop,
                 SeedPerRank(o.seed),
             ],
+            plugins=[AtomicCheckpointIO()],
             log_every_n_steps=min(50, max(1, len(loader))),
             enable_model_summary=False,
         )
