@@ -137,9 +137,6 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
     ``grace_s``: at shutdown, how long in-flight images may take to finish (counted from ``begin_shutdown``).
     The app's lifespan starts the scheduler and stops it.
     """
-    contract = pipeline.contract
-    sha256 = pipeline.sha256
-    names = contract.class_names
     metrics = Metrics(scheduler, getattr(scheduler, "max_batch", 256))
     state = _State()
 
@@ -162,6 +159,19 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
     locked = (401,) if api_key is not None else ()
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(422, _one_line(exc.errors()))
+
+    _images_route(app, scheduler, pipeline, state, _request_model(max_images), guarded, locked, deadline_s)
+    _other_routes(app, pipeline, state, metrics, guarded, locked, max_images)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _request_model(max_images: int) -> type[BaseModel]:
+    """The ``/v1/images`` request body: n, class, seed, start_index and format, then every run setting."""
+
     class ImagesRequest(BaseModel):
         """Run settings, as ``ddpm-generate`` takes them; settings left out take the model's recommendations."""
 
@@ -181,29 +191,34 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
                                          {"value": json.dumps(v, default=str)})
             return v
 
-    ImagesRequest = create_model("ImagesRequest", __base__=ImagesRequest, __doc__=ImagesRequest.__doc__,
-                                 **settings_fields())
+    return create_model("ImagesRequest", __base__=ImagesRequest, __doc__=ImagesRequest.__doc__,
+                        **settings_fields())
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(422, _one_line(exc.errors()))
 
-    def encode(results: list[ImageResult], plan, fmt: str) -> Response:
-        meta = {"model_sha256": sha256, "provider": pipeline.provider, "settings": plan.run_settings(), "images": [
-            {"index": r.index, "seed": r.seed, "class": r.label,
-             "class_name": names[r.label] if r.label is not None and names else None} for r in results]}
-        if fmt == "npz":
-            buf = io.BytesIO()
-            np.savez(buf, arr_0=np.stack([r.image for r in results]), meta=np.array(json.dumps(meta)))
-            return Response(buf.getvalue(), media_type="application/octet-stream",
-                            headers={"Content-Disposition": 'attachment; filename="samples.npz"'})
-        for record, r in zip(meta["images"], results):
-            record["png_base64"] = base64.b64encode(png_bytes(r.image)).decode("ascii")
-        return JSONResponse(meta)
+def _encode(pipeline: Pipeline, results: list[ImageResult], plan, fmt: str) -> Response:
+    """A request's answer: JSON with base64 PNGs, or npz bytes, with the model, provider and settings."""
+    names = pipeline.contract.class_names
+    meta = {"model_sha256": pipeline.sha256, "provider": pipeline.provider, "settings": plan.run_settings(),
+            "images": [{"index": r.index, "seed": r.seed, "class": r.label,
+                        "class_name": names[r.label] if r.label is not None and names else None} for r in results]}
+    if fmt == "npz":
+        buf = io.BytesIO()
+        np.savez(buf, arr_0=np.stack([r.image for r in results]), meta=np.array(json.dumps(meta)))
+        return Response(buf.getvalue(), media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="samples.npz"'})
+    for record, r in zip(meta["images"], results):
+        record["png_base64"] = base64.b64encode(png_bytes(r.image)).decode("ascii")
+    return JSONResponse(meta)
 
-    async def client_gone(request: Request) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
+
+async def _client_gone(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _images_route(app: FastAPI, scheduler: Scheduler, pipeline: Pipeline, state: _State,
+                  ImagesRequest: type[BaseModel], guarded: list, locked: tuple, deadline_s: float) -> None:
+    """``POST /v1/images``: a request joins the running batch; its answer, or the one status that says why not."""
 
     @app.post(IMAGES_PATH, dependencies=guarded, response_class=JSONResponse, responses={
         200: {"model": ImagesResponse, "description": "JSON with base64 PNGs (format png), or npz bytes (format npz)",
@@ -234,7 +249,7 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
             return error(503, "the server is stopping", RETRY_AFTER_STOPPING_S)
         done = asyncio.ensure_future(job.wait())
         done.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, also when abandoned
-        gone = asyncio.ensure_future(client_gone(request))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
             await asyncio.wait({done, gone}, timeout=max(0.0, deadline_s - (time.monotonic() - start)),
                                return_when=asyncio.FIRST_COMPLETED)
@@ -259,14 +274,20 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
             return error(500, str(e))
         except Cancelled:
             return error(503, "the server stopped before this request finished", RETRY_AFTER_STOPPING_S)
-        return await run_in_threadpool(encode, results, job.plan, body.format)
+        return await run_in_threadpool(_encode, pipeline, results, job.plan, body.format)
+
+
+def _other_routes(app: FastAPI, pipeline: Pipeline, state: _State, metrics: Metrics, guarded: list, locked: tuple,
+                  max_images: int) -> None:
+    """The model card, the playground page, the health check and the metrics."""
 
     @app.get("/v1/model", dependencies=guarded, responses=problems(*locked))
     async def model() -> dict:
         """The model's sampling contract, its provider and SHA-256, the run settings it recommends (what a request
         that gives none runs with) and this server's per-request image limit."""
-        return {"contract": contract.to_dict(), "provider": pipeline.provider, "model_sha256": sha256,
-                "recommended_settings": pipeline.plan().run_settings(), "max_images": max_images}
+        return {"contract": pipeline.contract.to_dict(), "provider": pipeline.provider,
+                "model_sha256": pipeline.sha256, "recommended_settings": pipeline.plan().run_settings(),
+                "max_images": max_images}
 
     @app.get("/", include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -291,13 +312,11 @@ def create_app(scheduler: Scheduler, pipeline: Pipeline, *, api_key: str | None,
         """Prometheus text: queue depth, images in flight, images done, batch fill per predictor call, latency."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    def openapi() -> dict:  # FastAPI's document, plus what its route declarations cannot say
-        if app.openapi_schema is None:
-            document = FastAPI.openapi(app)
-            document["paths"][IMAGES_PATH]["post"]["requestBody"]["required"] = False  # empty: {}
-            app.openapi_schema = document
-        return app.openapi_schema
 
-    app.openapi = openapi
-
-    return app
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, plus what its route declarations cannot say (cached on the app)."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        document["paths"][IMAGES_PATH]["post"]["requestBody"]["required"] = False  # empty: {}
+        app.openapi_schema = document
+    return app.openapi_schema
