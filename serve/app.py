@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from runtime.errors import GenerationError
-from runtime.generation.output import png_bytes
+from runtime.images import png_bytes
 from runtime.pipeline import Pipeline
 from runtime.sampling.settings import NAMES, SETTINGS, RunSettings, help_text, taking
 from serve.errors import Cancelled, QueueFull

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import EvalError, reason
-from runtime.generation.output import RUN_FILE, read_png
+from runtime.generation.output import RUN_FILE
+from runtime.images import read_png
 
 
 @dataclass

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
 
 from runtime import files
 from runtime.errors import OutputError
+from runtime.images import make_grid, png_bytes, read_png
 
 RUN_FILE = "run.json"
 PARTS_DIR = ".parts"
@@ -83,20 +83,6 @@ def _atomic_stream(path: Path) -> Iterator[BinaryIO]:
             yield f
     except OSError as e:
         raise _io_error("write", path, e) from None
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of one (H, W, C) uint8 image (C = 1 is written as grayscale)."""
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def read_png(path: Path, channels: int) -> np.ndarray:
-    arr = np.asarray(Image.open(path))
-    return arr[:, :, None] if channels == 1 and arr.ndim == 2 else arr
 
 
 DERIVED = ("timesteps",)  # run.json keys that the other settings determine, recorded since they exist
@@ -248,15 +234,3 @@ class OutputDir:
                 if i < GRID_IMAGES:
                     shown.append(image)
         return shown
-
-
-def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 → one (rows·(H+pad)+pad, columns·(W+pad)+pad, C) image, row-major."""
-    n, h, w, c = images.shape
-    columns = max(1, min(columns, n))
-    rows = -(-n // columns)
-    grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.uint8)
-    for k, image in enumerate(images):
-        r, col = divmod(k, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return grid
