@@ -21,15 +21,15 @@ def test_bundled_model_contract():
     assert c.class_names[7] == "Sneaker" and c.null_class == 10 and c.ema
     assert (c.schedule.name, c.schedule.timesteps, c.variance) == ("linear", 1000, "beta")
     assert c.provenance.dataset == "fashion-mnist" and c.provenance.training_steps >= 4000
-    assert c.run_defaults == RunDefaults(sampler="dpmpp-2m", steps=15, guidance=2.0,  # README's recommendation
-                                         guidance_interval=(0, 400))
+    assert c.run_defaults == RunDefaults(sampler="dpmpp-2m", steps=10, spacing="logsnr",  # README's recommendation
+                                         guidance=2.0, guidance_interval=(0, 400))
 
 
 def test_a_plain_run_takes_the_models_recommendations_and_says_so(tmp_path):
     r = CliRunner().invoke(main, ["-n", "2", "--out", str(tmp_path / "s"), "--provider", "cpu", "--steps", "3"])
     assert r.exit_code == 0, r.output
-    assert ("settings recommended by the model: sampler, guidance, guidance_interval -> dpmpp-2m 3 steps, "
-            "guidance 2 on t in [0, 400]") in r.output
+    assert ("settings recommended by the model: sampler, guidance, guidance_interval, spacing -> dpmpp-2m 3 steps "
+            "(logsnr), guidance 2 on t in [0, 400]") in r.output
     run = json.loads((tmp_path / "s" / "run.json").read_text())
     assert (run["sampler"], run["steps"], run["guidance"], run["guidance_interval"]) == ("dpmpp-2m", 3, 2.0, [0, 400])
     r = CliRunner().invoke(main, ["-n", "2", "--out", str(tmp_path / "p"), "--provider", "cpu", "--steps", "3",
@@ -42,9 +42,10 @@ def test_a_plain_run_takes_the_models_recommendations_and_says_so(tmp_path):
 
 def test_the_api_takes_the_recommendations_too():
     model = runtime.load("fashion-mnist", "cpu")  # a bundled name, as on the command line
-    assert model.plan().describe() == "dpmpp-2m 15 steps, guidance 2 on t in [0, 400]"
+    assert model.plan().describe() == "dpmpp-2m 10 steps (logsnr), guidance 2 on t in [0, 400]"
     assert model.plan(model_defaults=False).describe() == "ddpm 1000 steps, guidance 1"
-    explicit = model.generate(2, sampler="dpmpp-2m", steps=3, guidance=2.0, guidance_interval=(0, 400), batch_size=2)
+    explicit = model.generate(2, sampler="dpmpp-2m", steps=3, spacing="logsnr", guidance=2.0,
+                              guidance_interval=(0, 400), batch_size=2)
     assert np.array_equal(model.generate(2, steps=3, batch_size=2), explicit)
 
 

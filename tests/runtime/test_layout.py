@@ -66,8 +66,9 @@ def test_runtime_is_split_by_concern():
 
 # Each part of the runtime stands above what it imports (``farm-studio look runtime`` draws them so): an import,
 # also one inside a function, goes to the same layer or one below, never back up.
-LAYERS = [("errors", "tolerances", "bundled"), ("sampling",), ("metadata",), ("backends",), ("classes", "files", "images"),
-          ("pipeline",), ("generation", "tuning"), ("ray", "evaluate"), ("generate_cli",)]
+LAYERS = [("errors", "tolerances", "bundled"), ("sampling",), ("metadata",), ("backends",),
+          ("classes", "files", "images"), ("pipeline",), ("generation", "tuning"), ("ray", "evaluate"),
+          ("generate_cli",)]
 
 
 def test_no_import_runs_back_up():
