@@ -55,14 +55,15 @@ class Job:
     does the same from asyncio. ``cancel()`` drops its images at the next step.
     """
 
-    def __init__(self, n: int, seed: int, start_index: int, plan: SamplingPlan, labels: np.ndarray | None) -> None:
+    def __init__(self, n: int, seed: int, start_index: int, plan: SamplingPlan, labels: np.ndarray | None,
+                 arrived: int = 0) -> None:
         self.n, self.seed, self.plan, self.labels = n, seed, plan, labels
         self.indices = list(range(start_index, start_index + n))
         self.results: list[ImageResult | None] = [None] * n
         self.remaining = n
         self.cancelled = False
         self.submitted = time.monotonic()
-        self.arrived = 0  # the scheduler's predictor calls when it was submitted (its age in ticks: aging)
+        self.arrived = arrived  # the scheduler's predictor calls when it was submitted (its age in ticks: aging)
         self._future: concurrent.futures.Future = concurrent.futures.Future()
 
     @property
@@ -129,8 +130,7 @@ class Scheduler:
             raise GenerationError("n must be positive, seed and start_index non-negative")
         plan = self.pipeline.plan(settings, **run_settings)
         indices = range(start_index, start_index + n)
-        job = Job(n, seed, start_index, plan, self.pipeline.labels(indices, classes))
-        job.arrived = self.predictor_calls
+        job = Job(n, seed, start_index, plan, self.pipeline.labels(indices, classes), arrived=self.predictor_calls)
         with self._cond:
             if self._stopping:
                 raise Cancelled("the server is stopping")

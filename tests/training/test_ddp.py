@@ -172,6 +172,20 @@ def test_ddp_on_two_cpu_processes_trains_identical_ranks_and_resumes(fashion_roo
     assert_only_rank_0_wrote(out, first, resumed)
 
 
+def slow_run_at_step_3(tmp_path: Path, fashion_root: Path, out: Path) -> Run:
+    """A DDP run of up to 1000 steps, slowed to 0.2 s a step from step 3 on, returned once it is there (killed and
+    failed if it never gets there), so a test can signal it mid-training."""
+    run = Run(tmp_path, "record", "--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--out", str(out),
+              *TINY, *DDP, "--max-steps", "1000", slow_from=3)
+    deadline = time.monotonic() + 120
+    while not (run.record / "at-step").exists():
+        if run.proc.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"the run never reached step 3\n{run.log()}")
+        time.sleep(0.01)
+    return run
+
+
 @pytest.mark.parametrize("sig, to", [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGTERM, 1)],
                          ids=["SIGTERM-rank0", "SIGINT-rank0", "SIGTERM-rank1"])
 def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(fashion_root: Path, tmp_path: Path, sig, to):
@@ -180,14 +194,8 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(fashion_root: P
     waits for the others for ever); rank 0 says so and exits 1, rank 1 exits 0 (to Lightning a rank it started
     that exits non-zero has crashed)."""
     out = tmp_path / "run"
-    run = Run(tmp_path, "record", "--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--out", str(out),
-              *TINY, *DDP, "--max-steps", "1000", slow_from=3)  # 0.2 s a step from step 3 on
+    run = slow_run_at_step_3(tmp_path, fashion_root, out)
     try:
-        deadline = time.monotonic() + 120
-        while not (run.record / "at-step").exists():
-            if run.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the run never reached step 3\n{run.log()}")
-            time.sleep(0.01)
         os.kill(run.rank(to)["pid"], sig)
         status = run.wait(timeout=30)
     finally:
@@ -210,22 +218,14 @@ def test_ctrl_c_twice_stops_every_rank_at_once_without_a_traceback(fashion_root:
     which ends, and the other, blocked in a gloo collective with it, must not print the broken connection as a
     traceback: it says in one line that another rank ended and it stopped without a checkpoint of this step."""
     out = tmp_path / "run"
-    run = Run(tmp_path, "record", "--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--out", str(out),
-              *TINY, *DDP, "--max-steps", "1000", slow_from=3)
+    run = slow_run_at_step_3(tmp_path, fashion_root, out)
     try:
-        deadline = time.monotonic() + 120
-        while not (run.record / "at-step").exists():
-            if run.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the run never reached step 3\n{run.log()}")
-            time.sleep(0.01)
-        def send():
-            if to == "group":
+        for second in (False, True):
+            time.sleep(gap if second else 0)
+            if to == "group":  # as a terminal's Ctrl-C
                 os.killpg(run.proc.pid, signal.SIGINT)
-            else:
+            else:  # kill -INT PID
                 os.kill(run.rank(int(to[-1]))["pid"], signal.SIGINT)
-        send()
-        time.sleep(gap)
-        send()
         status = run.proc.wait(timeout=30)
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{run.rank(r)['pid']}").exists() for r in (0, 1)):
