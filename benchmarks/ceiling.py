@@ -65,6 +65,22 @@ def cpu_matmul_gflops(threads: int, n: int = 2048, repeats: int = 7) -> dict:
             "all": {k: {"median": statistics.median(v), "max": max(v)} for k, v in libraries.items()}}
 
 
+def cpu_matmul_gflops_bf16(threads: int, n: int = 4096, repeats: int = 5) -> float:
+    """bf16 GEMM GFLOP/s (median) of ``torch.mm`` on n×n matrices with ``threads`` threads: the machine's bf16 rate
+    as torch's oneDNN reaches it (AMX or AVX-512 BF16 where the CPU has them)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
 def gpu_ceiling(repeats: int = 20) -> dict | None:
     """On a CUDA device: fp32 (TF32 off) GEMM GFLOP/s and device-to-device copy bandwidth (GB/s); None without one."""
     import torch

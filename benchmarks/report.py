@@ -45,6 +45,9 @@ def markdown(results: dict) -> str:
                           f"batch {r['batch_size']}, "
                           f"DDIM-{r['steps']} incl. PNG writing): {r['images_per_s']:.2f} img/s measured vs "
                           f"{r['extrapolated_images_per_s']:.2f} img/s extrapolated from the loop rate at that batch."]
+    if results.get("ratios"):
+        lines += ["", "Predictor rate over onnx-cpu's at the same batch size: " + "; ".join(
+            f"{r['backend']} batch {r['batch_size']} {r['ratio']:.2f}x" for r in results["ratios"]) + "."]
     if results.get("targets"):
         lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
         for t in results["targets"]:

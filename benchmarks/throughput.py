@@ -1,4 +1,5 @@
-"""``python -m benchmarks.throughput``: eager vs TorchScript vs ONNX Runtime throughput against this machine's ceiling.
+"""``python -m benchmarks.throughput``: eager vs TorchScript vs ONNX Runtime vs OpenVINO throughput against this
+machine's ceiling (each row's own precision: bf16 rows against the bf16 matmul rate).
 
 Same model, same machine, same run, same thread count; every backend runs in a process of its own
 (``benchmarks.worker``), one after another. Writes OUT/results.json, OUT/results.md and OUT/throughput.png.
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import click
 
-CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "pt2-cpu", "pt2-cpu-bf16", "compile")
+# onnx-PROVIDER[-PRECISION][-fused]: the ONNX file on a provider of the backend registry (benchmarks.worker)
+CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-cpu-fused", "onnx-openvino", "onnx-openvino-bf16", "pt2-cpu",
+                "pt2-cpu-bf16", "compile")
 GPU_BACKENDS = ("eager-cuda", "compile-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt", "pt2-cuda",
                 "pt2-cuda-bf16")
-DEFAULT_CPU = ("eager", "torchscript", "onnx-cpu")  # the pt2 rows compile first (about a minute each): ask for them
+DEFAULT_CPU = ("eager", "torchscript", "onnx-cpu", "onnx-openvino", "onnx-openvino-bf16")  # the pt2 rows compile
+# first (about a minute each): ask for them; the OpenVINO rows run where the extra (and, for bf16, the CPU) allows
 PT2_TARGETS = {"pt2-cpu": ("cpu", "fp32"), "pt2-cpu-bf16": ("cpu", "bf16"), "pt2-cuda": ("cuda", "fp32"),
                "pt2-cuda-bf16": ("cuda", "bf16")}
 
@@ -68,6 +72,19 @@ def prepare(checkpoint: Path | None, model_dir: Path, backends: list[str]) -> No
                                         dtype=dtype, log=lambda m: None))
 
 
+def unavailable(backend: str) -> str | None:
+    """Why an OpenVINO row cannot run here (the extra missing, no bf16 on this CPU), else None."""
+    if "openvino" not in backend:
+        return None
+    try:
+        import openvino
+    except ImportError:
+        return "needs the openvino extra"
+    from runtime.backends.openvino_model import cpu_bf16
+
+    return "OpenVINO computes no bf16 on this CPU" if "bf16" in backend and not cpu_bf16(openvino.Core()) else None
+
+
 def gpu_available() -> tuple[bool, str]:
     import torch
 
@@ -110,6 +127,14 @@ def targets(records: list[dict], ceiling_rate: float) -> list[dict]:
     return out
 
 
+def ratios(records: list[dict], base: str = "onnx-cpu") -> list[dict]:
+    """Each other row's predictor rate over ``base``'s at the same batch size (same run, same threads)."""
+    by = {(r["backend"], r["batch_size"]): r for r in records if not r.get("end_to_end")}
+    return [{"backend": k, "batch_size": b, "over": base,
+             "ratio": r["img_steps_per_s"] / by[(base, b)]["img_steps_per_s"]}
+            for (k, b), r in by.items() if k != base and (base, b) in by]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A ddpm-train checkpoint. Default: a model of the default training configuration.")
@@ -139,7 +164,8 @@ def main(checkpoint, backends, batch_sizes, threads, repeats, loop_steps, quick,
     if unknown:
         raise click.UsageError(f"unknown backend(s): {', '.join(unknown)}")
     skipped = [{"backend": b, "reason": gpu} for b in GPU_BACKENDS if not has_gpu]
-    wanted = [b for b in wanted if b in CPU_BACKENDS or has_gpu]
+    skipped += [{"backend": b, "reason": why} for b in wanted if (why := unavailable(b))]
+    wanted = [b for b in wanted if (b in CPU_BACKENDS or has_gpu) and not unavailable(b)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,6 +212,7 @@ def main(checkpoint, backends, batch_sizes, threads, repeats, loop_steps, quick,
     }
     results["versions_line"] = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     results["targets"] = targets(records, ceiling_rate)
+    results["ratios"] = ratios(records)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "throughput.png")

@@ -76,11 +76,23 @@ def torch_backend(name: str, model_dir: Path, threads: int):
     return call, native, sync
 
 
-def onnx_backend(name: str, model_dir: Path, threads: int):
-    from runtime.backends.onnx_model import OnnxModel
+def onnx_row(name: str) -> tuple[str, str | None, bool]:
+    """``onnx-PROVIDER[-PRECISION][-fused]`` → (provider, precision or None, fused): the exported ONNX file on any
+    provider of the backend registry (``runtime.backends.registry``)."""
+    from runtime.backends.precision import PRECISIONS
 
-    provider = {"onnx-cpu": "cpu", "onnx-cuda": "cuda", "onnx-cuda-fused": "cuda", "onnx-tensorrt": "tensorrt"}[name]
-    return OnnxModel(model_dir / "model.onnx", provider, threads=threads)
+    parts = name.split("-")[1:]
+    fused = parts[-1] == "fused"
+    parts = parts[:-1] if fused else parts
+    dtype = parts.pop() if len(parts) > 1 and parts[-1] in PRECISIONS else None
+    return "-".join(parts), dtype, fused
+
+
+def onnx_backend(name: str, model_dir: Path, threads: int):
+    import runtime
+
+    provider, dtype, _ = onnx_row(name)
+    return runtime.load(model_dir / "model.onnx", provider, dtype=dtype, threads=threads, log=lambda m: None).backend
 
 
 def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, repeats: int, loop_steps: int,
@@ -98,12 +110,18 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
         call, native, sync = model.predict_eps, (lambda a: a), None
     else:
         call, native, sync = torch_backend(name, model_dir, threads)
-    from benchmarks.ceiling import cpu_matmul_gflops
+    from benchmarks.ceiling import cpu_matmul_gflops, cpu_matmul_gflops_bf16
 
+    on_cpu = not is_onnx or model.device == "cpu"
+    bf16 = is_onnx and model.precision == "bf16"
     records = []
     for b in batch_sizes:
-        # This VM's speed drifts by ~10 % over minutes: the ceiling is measured right before each row.
-        ceiling = cpu_matmul_gflops(threads, repeats=5) if "cuda" not in name and "tensorrt" not in name else None
+        # This VM's speed drifts by ~10 % over minutes: the ceiling is measured right before each row, in the
+        # precision the row computes in.
+        ceiling = None
+        if on_cpu and "cuda" not in name:
+            ceiling = ({"gflops_median": cpu_matmul_gflops_bf16(threads), "library": "torch.mm bf16"} if bf16
+                       else cpu_matmul_gflops(threads, repeats=5))
         rng = np.random.default_rng(0)
         x = native(rng.standard_normal((b, c.channels, c.image_size, c.image_size)).astype(np.float32))
         t = native(rng.integers(0, c.schedule.timesteps, b).astype(np.int64))
@@ -128,8 +146,8 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
         loop_rates, shares = [], []
         for rep in range(repeats + 1):
             timed = Timed(call, sync)
-            if name == "onnx-cuda-fused":
-                g = runtime.load(model_dir / "model.onnx", "cuda", threads=threads)
+            if is_onnx and onnx_row(name)[2]:
+                g = runtime.Pipeline(model, log=lambda m: None)
                 start = time.perf_counter()
                 for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=True):
                     pass
@@ -153,10 +171,10 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
             if rep == 0:
                 continue  # warm-up
             loop_rates.append(b * loop_steps / elapsed)
-            if name != "onnx-cuda-fused":
+            if not (is_onnx and onnx_row(name)[2]):
                 shares.append(1.0 - timed.seconds / elapsed)
         records.append({
-            "backend": name, "batch_size": b, "threads": threads,
+            "backend": name, "batch_size": b, "threads": threads, "precision": model.precision if is_onnx else None,
             "img_steps_per_s": pred["median"], "predictor": pred,
             "loop": stats(loop_rates), "loop_steps": loop_steps,
             "sampler_share": stats(shares) if shares else None,

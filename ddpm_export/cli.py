@@ -9,9 +9,11 @@ from ddpm_export.errors import CheckpointError, ExportError, SourceError
 from ddpm_export.export import ExportOptions, export_checkpoint
 from ddpm_export.onnx_export import DEFAULT_OPSET
 from ddpm_export.run_defaults import parse_run_defaults
+from runtime.backends.precision import PRECISIONS
+from runtime.backends.registry import FORMATS as WRITTEN
 from runtime.errors import ContractError
 
-FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), "all": ("onnx", "torchscript")}
+FORMATS = {**{f: (f,) for f in WRITTEN}, "all": ("onnx", "torchscript")}  # --format: each format, or the classic two
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -33,7 +35,7 @@ FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), 
                    "(classifier-free guidance); it must be the last of num_class_embeds. Default: none, and "
                    "guidance is refused for the model.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32",
               help="Precision: fp16 also writes <stem>.fp16.onnx for GPU execution (GroupNorm, softmax and the "
                    "timestep embedding stay fp32; verified on the CUDA provider, reported as skipped where that "
                    "cannot run); for .pt2 the precision the network computes in (bf16 or fp16 autocast; inputs "
@@ -52,7 +54,7 @@ FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), 
                    "(keys: the run settings, as ddpm-generate's options with _ for -; guidance_interval=LO:HI). "
                    "They replace the source's own (a diffusers scheduler's clipping and spacing). Default: the "
                    "source's (none for a checkpoint: the runtime's defaults).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+@click.option("--device", type=click.Choice([p.name for p in WRITTEN["pt2"].providers]), default="cpu",
               help=".pt2: the device the package is compiled for (and verified on).")
 def main(source: str, fmt: str, out: str | None, weights: str | None, scheduler_config: str | None,
          null_class: int | None, opset: int, dtype: str, fp16: bool, verify: bool, optimize: bool,

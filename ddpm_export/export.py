@@ -3,7 +3,7 @@
 ``export_source`` exports any ``ddpm_export.source.ModelSource``; ``export_checkpoint`` opens a path first (a
 ``ddpm-train`` checkpoint or a diffusers folder: what ``ddpm-export`` calls) and ``export_module`` takes any PyTorch
 module with its contract. Every artifact is written under a temporary name, loaded back the way users load it
-(``runtime.load``, through the table of backends ``runtime.backends.backend.BACKENDS``) and checked against the
+(``runtime.load``, through the table of backends ``runtime.backends.registry.BACKENDS``) and checked against the
 eager network; it is renamed only after its verification passed, so a failed or interrupted export never leaves a
 file that looks valid.
 """
@@ -24,13 +24,15 @@ from ddpm_export.errors import ExportError
 from ddpm_export.fp16 import to_fp16
 from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_summary
 from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER
-from ddpm_export.pt2_export import Device, Precision, export_pt2
+from ddpm_export.pt2_export import Device, export_pt2
 from ddpm_export.source import ModelSource, open_source
 from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER
 from ddpm_export.torchscript_export import export_torchscript, save_torchscript
 from ddpm_export.verify import VerificationReport, torch_net, verify_backend
-from runtime.backends.backend import BACKENDS, Backend
-from runtime.backends.providers import PROVIDER_NAMES
+from runtime.backends.backend import Backend, Format
+from runtime.backends.precision import Precision
+from runtime.backends.providers import Provider
+from runtime.backends.registry import BACKENDS, FORMATS
 from runtime.backends.step_graph import MIN_OPSET
 from runtime.errors import ModelError, reason
 from runtime.files import atomic_path, atomic_write, check_writable
@@ -38,14 +40,10 @@ from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 from runtime.pipeline import load
 from runtime.tolerances import TOLERANCES
 
-Format = Literal["onnx", "torchscript", "pt2"]
-# which --dtype each format can be written in (ONNX fp16: a <stem>.fp16.onnx copy beside the fp32 model)
-DTYPES: dict[str, tuple[str, ...]] = {"onnx": ("fp32", "fp16"), "torchscript": ("fp32",),
-                                      "pt2": ("fp32", "bf16", "fp16")}
-# The per-call check must judge the export, not the provider's arithmetic mode: onnxruntime's CUDA provider
-# computes fp32 convolutions and matmuls in TF32 by default, so that check runs with TF32 off; the trajectory
-# check runs with the provider's defaults, as generation does.
-STRICT_FP32_OPTIONS = {"cuda": {"use_tf32": "0"}}
+# Which --dtype each format is written in: its kind's ``writes`` (ONNX fp16: a <stem>.fp16.onnx copy beside the fp32
+# model). The per-call check judges the export, not the provider's arithmetic mode: it runs with the provider's
+# ``strict`` options (onnxruntime's CUDA provider computes fp32 convolutions and matmuls in TF32 by default); the
+# trajectory check runs with the provider's defaults, as generation does.
 
 
 @dataclass
@@ -125,11 +123,11 @@ def check_options(o: ExportOptions) -> None:
     if o.opset < MIN_OPSET or o.opset > onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {o.opset} is not supported: use {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
                           f"(attention and GroupNorm need at least {MIN_OPSET})")
-    unknown = [f for f in o.formats if f not in DTYPES]
+    unknown = [f for f in o.formats if f not in FORMATS]
     if unknown:
-        raise ExportError(f"unknown format {unknown[0]!r} (expected one of {', '.join(DTYPES)})")
-    if o.precision not in {d for f in o.formats for d in DTYPES[f]}:
-        fits = [f for f in DTYPES if o.precision in DTYPES[f]]
+        raise ExportError(f"unknown format {unknown[0]!r} (expected one of {', '.join(FORMATS)})")
+    if o.precision not in {d for f in o.formats for d in FORMATS[f].writes}:
+        fits = [f for f in FORMATS if o.precision in FORMATS[f].writes]
         raise ExportError(f"--dtype {o.precision} applies to {' and '.join(fits)} (not {', '.join(o.formats)})")
 
 
@@ -160,7 +158,7 @@ def _output_paths(stem: Path | None, o: ExportOptions) -> dict[str, Path]:
     if o.out is not None and len(o.formats) == 1:
         return {o.formats[0]: Path(o.out)}
     base = Path(o.out).with_suffix("") if o.out is not None else stem
-    return {f: base.with_name(base.name + BACKENDS[f].suffix) for f in o.formats}
+    return {f: base.with_name(base.name + FORMATS[f].suffix) for f in o.formats}
 
 
 def _check_writable(path: Path) -> None:
@@ -203,38 +201,43 @@ def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, repo
     return Artifact(path, fmt, precision, exporter, size, status, report_path)
 
 
-def _load(tmp: Path, provider: str, report: VerificationReport, what: str, **session) -> Backend | None:
+def _load(tmp: Path, provider: str, report: VerificationReport, what: str, dtype: Precision | None = None,
+          **session) -> Backend | None:
     """The artifact loaded as users load it (``runtime.load``), or None with the reason recorded as skipped."""
     try:
-        return load(tmp, provider, log=lambda msg: None, **session).backend
+        return load(tmp, provider, dtype=dtype, log=lambda msg: None, **session).backend
     except ModelError as e:
         report.skipped.append({"backend": what, "reason": str(e)})
         return None
 
 
-def _onnx_backends(tmp: Path, providers: tuple[str, ...], report: VerificationReport) -> Iterator[Backend]:
-    """The ONNX artifact on each provider that starts; the others are recorded as skipped with the reason.
+def _onnx_backends(tmp: Path, report: VerificationReport, dtype: Precision = "fp32",
+                   only: tuple[str, ...] | None = None) -> Iterator[tuple[Provider, Backend]]:
+    """The ONNX artifact computing in ``dtype`` on each provider export checks it on (every ONNX kind's ``verify``,
+    or those of them named in ``only``), with its ``Provider``; those that do not start are recorded as skipped with
+    the reason, and a provider whose ``after`` did not start is not tried."""
+    failed = set()
+    for kind in BACKENDS:
+        names = [name for name in kind.verify if kind.format == "onnx" and (only is None or name in only)]
+        for p in map(kind.provider, names):
+            if p.after in failed:
+                report.skipped.append({"backend": f"onnx:{p.full_name}",
+                                       "reason": f"needs {p.after}, which did not start"})
+                continue
+            backend = _load(tmp, p.name, report, f"onnx:{p.full_name}", dtype)
+            if backend is None:
+                failed.add(p.name)
+            else:
+                yield p, backend
 
-    TensorRT is tried only where CUDA started.
-    """
-    cuda_failed = False
-    for provider in providers:
-        if provider == "tensorrt" and cuda_failed:
-            report.skipped.append({"backend": "onnx:TensorrtExecutionProvider",
-                                   "reason": "needs CUDA, which did not start"})
-            continue
-        backend = _load(tmp, provider, report, f"onnx:{PROVIDER_NAMES[provider]}")
-        cuda_failed |= backend is None and provider == "cuda"
-        if backend is not None:
-            yield backend
 
-
-def _verify_onnx_fp32(tmp: Path, m: Backend, reference, contract: SamplingContract, report: VerificationReport):
-    """The fp32 checks on one provider: per-call output with strict fp32 arithmetic, the trajectories as generation
-    runs them."""
-    short = next(k for k, v in PROVIDER_NAMES.items() if v == m.provider)
-    options = STRICT_FP32_OPTIONS.get(short)
-    strict = _load(tmp, short, report, f"onnx:{m.provider} (strict fp32)", provider_options=options) if options else m
+def _verify_onnx_fp32(tmp: Path, p: Provider, m: Backend, reference, contract: SamplingContract,
+                      report: VerificationReport):
+    """The fp32 checks on one provider: per-call output with strict fp32 arithmetic (its ``strict`` options), the
+    trajectories as generation runs them."""
+    options = p.strict or None
+    strict = (_load(tmp, p.name, report, f"onnx:{m.provider} (strict fp32)", "fp32", provider_options=options)
+              if options else m)
     if strict is None:
         return None
     return verify_backend(f"onnx:{m.provider}", reference, strict.predict_eps, contract,
@@ -254,9 +257,9 @@ def _export_onnx(source: ModelSource, contract: SamplingContract, reference, pat
         onnx.save_model(model, str(tmp))
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
-            for m in _onnx_backends(tmp, tuple(PROVIDER_NAMES), report):
+            for p, m in _onnx_backends(tmp, report):
                 o.log(f"verifying on {m.provider} ...")
-                if (result := _verify_onnx_fp32(tmp, m, reference, contract, report)) is not None:
+                if (result := _verify_onnx_fp32(tmp, p, m, reference, contract, report)) is not None:
                     report.results.append(result)
         artifacts.append(_finish(path, tmp, "onnx", "fp32", exporter, report,
                                  None if o.verify else "--no-verify", extra, source, o))
@@ -279,13 +282,14 @@ def _export_optimized(path: Path, reference, contract, exporter: str, extra: dic
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(tmp)
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        cpu = FORMATS["onnx"].provider("cpu").full_name
+        ort.InferenceSession(str(path), so, providers=[cpu])
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
-            for m in _onnx_backends(tmp, ("cpu",), report):
+            for _, m in _onnx_backends(tmp, report, only=("cpu",)):
                 report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m.predict_eps,
                                                      contract))
-        extra = {**extra, "optimized_for": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_EXTENDED"}
+        extra = {**extra, "optimized_for": cpu, "graph_optimization_level": "ORT_ENABLE_EXTENDED"}
         return _finish(out, tmp, "onnx", "fp32-optimized", exporter, report,
                        None if o.verify else "--no-verify", extra, source, o)
 
@@ -301,18 +305,18 @@ def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, export
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp16"]))
         reason = "--no-verify"
         if o.verify:
-            for m in _onnx_backends(tmp, ("cuda",), report):
+            for _, m in _onnx_backends(tmp, report, "fp16", only=("cuda",)):
                 o.log(f"verifying fp16 on {m.provider} ...")
                 report.results.append(verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract,
                                                      "fp16"))
             reason = None
             if not report.results:  # not the target provider: a CPU run can fail the export, never pass it
-                for m in _onnx_backends(tmp, ("cpu",), report):
+                for _, m in _onnx_backends(tmp, report, "fp16", only=("cpu",)):
                     o.log("CUDA is not available; checking fp16 on the CPU provider (informational) ...")
                     r = verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract, "fp16")
                     report.informational.append(r)
-                    reason = (f"fp16 targets CUDAExecutionProvider, which cannot run here "
-                              f"(on CPUExecutionProvider, not the target: trajectory max Δ "
+                    reason = (f"fp16 targets {FORMATS['onnx'].provider('cuda').full_name}, which cannot run here "
+                              f"(on {m.provider}, not the target: trajectory max Δ "
                               f"{r.trajectory.max_level_diff} uint8 levels)")
         return _finish(out, tmp, "onnx", "fp16", exporter, report, reason, extra, source, o)
 
@@ -333,7 +337,8 @@ def _export_torchscript(source: ModelSource, contract: SamplingContract, referen
     with atomic_path(path) as tmp:
         save_torchscript(module, contract, tmp)
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
-        if o.verify and (loaded := _load(tmp, "cpu", report, "torchscript:cpu")) is not None:
+        on = FORMATS["torchscript"].verify[0]
+        if o.verify and (loaded := _load(tmp, on, report, f"torchscript:{on}")) is not None:
             report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract))
         return _finish(path, tmp, "torchscript", "fp32", TS_EXPORTER, report, None if o.verify else "--no-verify",
                        {"tracer_warnings": warned, "contract": contract.to_dict()}, source, o)

@@ -20,6 +20,7 @@ import torch
 
 from ddpm_export.errors import ExportError
 from ddpm_export.onnx_export import example_inputs
+from runtime.backends.precision import Precision
 from runtime.backends.pt2_model import TARGET_FILE
 from runtime.errors import reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
@@ -27,8 +28,7 @@ from training.eval_mode import eval_mode
 
 EXPORTER = "torch._inductor.aot_compile (AOTInductor)"
 Device = Literal["cpu", "cuda"]
-Precision = Literal["fp32", "bf16", "fp16"]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each reduced precision
 MAX_BATCH = 65536
 
 
@@ -64,7 +64,7 @@ def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Pat
     args = tuple(a.to(device) for a in example_inputs(contract))
     names = ("x", "t", "y")[: len(args)]
     original = next(net.parameters()).device
-    module = net.to(device) if precision == "fp32" else Autocast(net.to(device), device, DTYPES[precision])
+    module = net.to(device) if precision == "fp32" else Autocast(net.to(device), device, TORCH_DTYPES[precision])
     max_batch = MAX_BATCH
     try:
         with eval_mode(module), torch.no_grad(), warnings.catch_warnings():

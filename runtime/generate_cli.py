@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from runtime.backends.providers import CHOICES
+from runtime.backends.precision import PRECISIONS
+from runtime.backends.registry import CHOICES, takes_option
 from runtime.bundled import resolve
 from runtime.errors import GenerationError, ModelError, OutputError
 from runtime.generation.run import RunOptions, generate_to_dir
@@ -83,7 +84,13 @@ def settings_options(command):
                    "where they are not given; --no-model-defaults uses the runtime's "
                    "(the paper's DDPM, all T steps, w = 1).")
 @click.option("--provider", type=click.Choice(CHOICES), default="auto",
-              help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
+              help="What runs the model: onnxruntime's cpu, cuda or tensorrt, or openvino (the openvino extra; CPU, "
+                   "bf16 where the CPU has it). auto takes the best onnxruntime provider that starts here (the "
+                   "device for .pt/.pt2 models) and says which ran; it never picks openvino.")
+@click.option("--dtype", type=click.Choice(PRECISIONS), default=None,
+              help="The precision to compute in. Default: the backend's (openvino: bf16 where the CPU has it, else "
+                   "fp32; the others: what the model file was exported in). Recorded in run.json and the manifest "
+                   "where it is not fp32.")
 @click.option("--shard", callback=_shard, default=None,
               help="I/N: make only shard I of N (contiguous index blocks). "
                    "Shards may share one --out at the same time.")
@@ -92,13 +99,14 @@ def settings_options(command):
 @click.option("--grid", is_flag=True, help="Also write DIR/grid.png (the first 100 images) when the run is complete.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run with other settings in --out.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime intra-op threads (default: all cores).")
+              help="Intra-op threads of the backend (onnxruntime, OpenVINO; default: all cores).")
 @click.option("--cpu-arena/--no-cpu-arena", default=True, help="onnxruntime's CPU memory arena (faster; holds memory).")
 @click.option("--cudnn-algo-search", type=click.Choice(["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]), default=None,
               help="CUDA provider: how cuDNN picks convolution algorithms (default: onnxruntime's, EXHAUSTIVE).")
 @click.option("--fused/--no-fused", default=None,
               help="Keep the sampler loop on the backend's device: each step one fused ONNX graph (update inside "
-                   "onnxruntime), or the torch loop for .pt/.pt2 models. Default: on GPUs.")
+                   "onnxruntime), or the torch loop for .pt/.pt2 models; OpenVINO's device is the host, so it runs "
+                   "the host loop (the step outside the predictor is under 1 % there). Default: on GPUs.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               callback=_ray_address,
               help="Run the shards as Ray tasks (the cluster extra): ADDRESS is auto (a running cluster), local (a new "
@@ -112,7 +120,7 @@ def settings_options(command):
               help="With --ray: GPUs each worker asks Ray for (fractions share one).")
 @click.option("--retries", type=click.IntRange(min=0), default=3,
               help="With --ray: times a task is run again after its worker died; it resumes its shard.")
-def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, fmt, grid, overwrite, threads,
+def main(model, n, out, batch_size, seed, cls, model_defaults, provider, dtype, shard, fmt, grid, overwrite, threads,
          cpu_arena, cudnn_algo_search, fused, ray_address, workers, cpus_per_worker, gpus_per_worker, retries,
          **settings) -> None:
     """Generate N images from an exported MODEL (.onnx; TorchScript .pt or AOTInductor .pt2, which need torch) into
@@ -137,7 +145,7 @@ def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, 
             raise click.UsageError(f"{', '.join(given)} applies to --ray runs only")
     try:
         gpu_options = {"cudnn_conv_algo_search": cudnn_algo_search} if cudnn_algo_search else None
-        if gpu_options and provider in ("cpu", "tensorrt"):
+        if gpu_options and not takes_option(provider, "cudnn_conv_algo_search"):
             raise click.UsageError("--cudnn-algo-search applies to the CUDA provider (--provider cuda or auto)")
         path, bundled = resolve(model)
         if bundled:
@@ -145,10 +153,11 @@ def main(model, n, out, batch_size, seed, cls, model_defaults, provider, shard, 
         options = RunOptions(n=n, out=out, batch_size=batch_size, seed=seed, settings=RunSettings(**settings),
                              classes=cls, model_defaults=model_defaults, shard=shard, formats=FORMATS[fmt], grid=grid,
                              overwrite=overwrite, fused=fused)
-        load_options = dict(provider=provider, threads=threads, cpu_arena=cpu_arena, provider_options=gpu_options)
+        load_options = dict(provider=provider, dtype=dtype, threads=threads, cpu_arena=cpu_arena,
+                            provider_options=gpu_options)
         if ray_address is None:
             g = load(path, **load_options)
-            result, ran_on = generate_to_dir(g, options), g.provider
+            result, ran_on = generate_to_dir(g, options), g.runs_on
         else:
             from runtime.ray.cluster import Worker
             from runtime.ray.shards import RayRun, generate_on_ray

@@ -33,7 +33,7 @@ CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
 CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the network outputs (diffusers' names)
 AFTER_CLASSES = "after_classes"  # null_class default: the label num_classes (ddpm-train's convention)
-DTYPES = ("float32", "float16", "int64")
+TENSOR_DTYPES = ("float32", "float16", "int64")  # what a contract's inputs and outputs may be
 
 
 @dataclass(frozen=True)
@@ -293,8 +293,8 @@ def _validate(c: SamplingContract) -> None:
     for key in ("inputs", "outputs"):
         for i, spec in enumerate(getattr(c, key)):
             _check(isinstance(spec.name, str) and spec.name != "", f"{key}[{i}].name", "expected a non-empty string")
-            _check(spec.dtype in DTYPES, f"{key}[{i}].dtype",
-                   f"unknown value {spec.dtype!r} (expected one of {', '.join(DTYPES)})")
+            _check(spec.dtype in TENSOR_DTYPES, f"{key}[{i}].dtype",
+                   f"unknown value {spec.dtype!r} (expected one of {', '.join(TENSOR_DTYPES)})")
             _check(isinstance(spec.shape, list) and all(_is_int(d) or isinstance(d, str) for d in spec.shape),
                    f"{key}[{i}].shape", "expected a list of integers and dimension names")
     names = [spec.name for spec in c.inputs]

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.backends.backend import Backend, load_backend
+from runtime.backends.backend import Backend, LoadOptions
+from runtime.backends.precision import Precision
+from runtime.backends.registry import load_backend
 from runtime.bundled import resolve
 from runtime.classes import Classes, class_index, labels
 from runtime.errors import GenerationError
@@ -26,16 +28,23 @@ from runtime.sampling.settings import RunSettings
 
 
 class Pipeline:
-    """A loaded model ready to sample: ``contract``, ``provider``, ``sha256``, ``plan`` and ``generate``."""
+    """A loaded model ready to sample: ``contract``, ``provider``, ``precision``, ``sha256``, ``plan`` and
+    ``generate``."""
 
     def __init__(self, backend: Backend, log: Callable[[str], None] | None = None) -> None:
         self.backend = backend
         self.path = backend.path
         self.contract = backend.contract
         self.provider: str = backend.provider
+        self.precision: Precision = backend.precision
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self._schedule = self.contract.schedule.build()
         self._sha256: str | None = None
+
+    @property
+    def runs_on(self) -> str:
+        """What ran the model as summaries say it: the provider, and the precision where it is not fp32."""
+        return self.provider if self.precision == "fp32" else f"{self.provider} ({self.precision})"
 
     @property
     def sha256(self) -> str:
@@ -104,19 +113,23 @@ class Pipeline:
             yield batch, y, tick.out
 
 
-def load(model: str | os.PathLike, provider: str = "auto", *, threads: int | None = None, cpu_arena: bool = True,
-         provider_options: dict | None = None, session_options=None,
-         log: Callable[[str], None] | None = None) -> Pipeline:
-    """Load an exported model (``.onnx``, or TorchScript ``.pt`` which needs torch) for generation.
+def load(model: str | os.PathLike, provider: str = "auto", *, dtype: Precision | None = None,
+         threads: int | None = None, cpu_arena: bool = True, provider_options: dict | None = None,
+         session_options=None, log: Callable[[str], None] | None = None) -> Pipeline:
+    """Load an exported model (``.onnx``; TorchScript ``.pt`` and ``.pt2``, which need torch) for generation.
 
     ``model`` is a file, or the name of a model bundled with the package (``fashion-mnist``).
-    ``provider``: auto (the best that actually starts: tensorrt, cuda, then cpu), cpu, cuda or tensorrt.
-    ``threads`` (onnxruntime intra-op threads) and ``cpu_arena`` (its CPU memory arena) set up the session;
-    ``provider_options`` go to the chosen GPU provider (e.g. ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``);
-    ``session_options`` (an ``onnxruntime.SessionOptions``) replaces all session settings.
+    ``provider``: auto (for ONNX the best onnxruntime provider that actually starts: tensorrt, cuda, then cpu),
+    cpu, cuda, tensorrt or openvino (the openvino extra; never chosen by auto): ``runtime.backends.registry``.
+    ``dtype``: the precision to compute in (fp32, fp16, bf16; None: the backend's choice: OpenVINO takes bf16 where
+    the CPU has it, the other backends what the file was exported in).
+    ``threads`` (intra-op threads) and ``cpu_arena`` (onnxruntime's CPU memory arena) set up the session;
+    ``provider_options`` go to the chosen provider (e.g. ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}`` for CUDA,
+    compile properties for OpenVINO); ``session_options`` (an ``onnxruntime.SessionOptions``) replaces all
+    onnxruntime session settings.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path, _ = resolve(os.fspath(model))
-    backend = load_backend(path, provider, threads=threads, cpu_arena=cpu_arena, provider_options=provider_options,
-                           session_options=session_options, log=log)
-    return Pipeline(backend, log)
+    options = LoadOptions(threads=threads, cpu_arena=cpu_arena, provider_options=provider_options,
+                          session_options=session_options, log=log)
+    return Pipeline(load_backend(path, provider, dtype=dtype, options=options), log)

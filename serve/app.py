@@ -93,6 +93,7 @@ class ImageRecord(BaseModel):
 class ImagesResponse(BaseModel):
     model_sha256: str
     provider: str
+    precision: str = Field(description="What the network computed in: fp32, fp16 or bf16.")
     settings: dict = Field(description="The run settings, as run.json records them.")
     images: list[ImageRecord]
 
@@ -198,7 +199,8 @@ def _request_model(max_images: int) -> type[BaseModel]:
 def _encode(pipeline: Pipeline, results: list[ImageResult], plan, fmt: str) -> Response:
     """A request's answer: JSON with base64 PNGs, or npz bytes, with the model, provider and settings."""
     names = pipeline.contract.class_names
-    meta = {"model_sha256": pipeline.sha256, "provider": pipeline.provider, "settings": plan.run_settings(),
+    meta = {"model_sha256": pipeline.sha256, "provider": pipeline.provider, "precision": pipeline.precision,
+            "settings": plan.run_settings(),
             "images": [{"index": r.index, "seed": r.seed, "class": r.label,
                         "class_name": names[r.label] if r.label is not None and names else None} for r in results]}
     if fmt == "npz":
@@ -283,9 +285,10 @@ def _other_routes(app: FastAPI, pipeline: Pipeline, state: _State, metrics: Metr
 
     @app.get("/v1/model", dependencies=guarded, responses=problems(*locked))
     async def model() -> dict:
-        """The model's sampling contract, its provider and SHA-256, the run settings it recommends (what a request
-        that gives none runs with) and this server's per-request image limit."""
-        return {"contract": pipeline.contract.to_dict(), "provider": pipeline.provider,
+        """The model's sampling contract, its provider, the precision it computes in (fp32, fp16 or bf16) and its
+        SHA-256, the run settings it recommends (what a request that gives none runs with) and this server's
+        per-request image limit."""
+        return {"contract": pipeline.contract.to_dict(), "provider": pipeline.provider, "precision": pipeline.precision,
                 "model_sha256": pipeline.sha256, "recommended_settings": pipeline.plan().run_settings(),
                 "max_images": max_images}
 

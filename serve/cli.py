@@ -12,7 +12,8 @@ import socket
 
 import click
 
-from runtime.backends.providers import CHOICES
+from runtime.backends.precision import PRECISIONS
+from runtime.backends.registry import CHOICES
 from runtime.bundled import resolve
 from runtime.errors import ModelError
 
@@ -89,12 +90,17 @@ def read_api_key(path: str | None) -> str | None:
               help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs an API key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port (0: any free port).")
 @click.option("--provider", type=click.Choice(CHOICES), default="auto",
-              help="onnxruntime execution provider; auto takes the best that starts here and says which ran.")
+              help="What runs the model: onnxruntime's cpu, cuda or tensorrt, or openvino (the openvino extra; CPU, "
+                   "bf16 where the CPU has it). auto takes the best onnxruntime provider that starts here and says "
+                   "which ran; it never picks openvino.")
+@click.option("--dtype", type=click.Choice(PRECISIONS), default=None,
+              help="The precision to compute in. Default: the backend's (openvino: bf16 where the CPU has it, else "
+                   "fp32; the others: what the model file was exported in). /v1/model and every answer say it.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime intra-op threads (default: all cores).")
+              help="Intra-op threads of the backend (default: all cores).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,
               help="Images per predictor call, over all requests (a guided image makes two rows). Default: 8 on the "
-                   "CPU provider (onnxruntime's best batch on a small CPU; see docs/benchmarks.md), 256 elsewhere.")
+                   "CPU (onnxruntime's best batch on a small CPU; see docs/benchmarks.md), 256 on a GPU.")
 @click.option("--max-images", type=click.IntRange(min=1), default=64, help="Most images one request may ask for.")
 @click.option("--queue-limit", type=click.IntRange(min=1), default=1024,
               help="Most images queued or in flight; beyond it requests get 429 with Retry-After.")
@@ -107,7 +113,7 @@ def read_api_key(path: str | None) -> str | None:
                    "'X-API-Key: KEY'; every endpoint but /healthz needs it.")
 @click.option("--no-batching", is_flag=True,
               help="One request at a time through the offline pipeline (the naive server, for comparison).")
-def main(model, host, port, provider, threads, max_batch, max_images, queue_limit, deadline, grace, api_key_file,
+def main(model, host, port, provider, dtype, threads, max_batch, max_images, queue_limit, deadline, grace, api_key_file,
          no_batching) -> None:
     """Serve images from an exported MODEL over HTTP (POST /v1/images, GET /v1/model, /healthz, /metrics).
 
@@ -134,13 +140,13 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
         path, bundled = resolve(model)
         if bundled:
             click.echo(f"using the bundled model {bundled} ({path})", err=True)
-        pipeline = load(path, provider, threads=threads)
+        pipeline = load(path, provider, dtype=dtype, threads=threads)
         sha256 = pipeline.sha256
     except ModelError as e:
         sock.close()
         raise click.ClickException(str(e)) from None
     if max_batch is None:
-        max_batch = CPU_MAX_BATCH if pipeline.provider == "CPUExecutionProvider" else GPU_MAX_BATCH
+        max_batch = CPU_MAX_BATCH if pipeline.backend.device == "cpu" else GPU_MAX_BATCH
     scheduler = Scheduler(pipeline, max_batch=max_batch, queue_limit=queue_limit, batching=not no_batching)
     app = create_app(scheduler, pipeline, api_key=api_key, max_images=max_images, deadline_s=deadline, grace_s=grace)
 
@@ -159,7 +165,7 @@ def main(model, host, port, provider, threads, max_batch, max_images, queue_limi
 
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=grace, log_config=log_config(),
                             lifespan="on")
-    click.echo(f"serving {path.name} (sha256 {sha256[:12]}, provider {pipeline.provider}, "
+    click.echo(f"serving {path.name} (sha256 {sha256[:12]}, provider {pipeline.runs_on}, "
                f"{'continuous batching up to ' + str(max_batch) if not no_batching else 'no batching'}, "
                f"{'no API key' if api_key is None else 'API key required'})", err=True)
     # uvicorn re-raises the signal that stopped it once it is done; a drained server then exits 0, not killed by it

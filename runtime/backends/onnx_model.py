@@ -1,4 +1,5 @@
-"""The onnxruntime backend: an exported noise predictor in a session, its contract, and its fused step loop."""
+"""The onnxruntime backend: an exported noise predictor in a session, its contract, its fused step loop, and its
+descriptor (``KIND``: the providers tensorrt, cuda and cpu)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.providers import PROVIDER_NAMES, full_name
-from runtime.errors import ContractError, ModelError, reason
-from runtime.metadata import CONTRACT_KEY, SamplingContract
+from runtime.backends.backend import Backend, BackendKind, LoadOptions
+from runtime.backends.onnx_file import check_graph, contract_of, feed, is_onnx
+from runtime.backends.precision import Precision
+from runtime.backends.providers import Provider, gpu_visible
+from runtime.errors import ModelError, reason
+
+PROVIDERS = (
+    Provider("cpu", "CPUExecutionProvider"),
+    Provider("cuda", "CUDAExecutionProvider", device="cuda", strict={"use_tf32": "0"},
+             takes=("cudnn_conv_algo_search",)),
+    Provider("tensorrt", "TensorrtExecutionProvider", device="cuda", after="cuda"),
+)
+_CPU, _CUDA = PROVIDERS[:2]
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
-def _contract_of(session, path) -> SamplingContract:
-    meta = session.get_modelmeta().custom_metadata_map
-    if CONTRACT_KEY not in meta:
-        raise ModelError(f"{path} carries no sampling contract ('{CONTRACT_KEY}' metadata); export it with ddpm-export")
-    try:
-        return SamplingContract.from_json(meta[CONTRACT_KEY])
-    except ContractError as e:
-        raise ModelError(f"{path}: {e}") from None
+def _provider(name: str) -> Provider:
+    for p in PROVIDERS:
+        if name in (p.name, p.full_name):
+            return p
+    return Provider(name, name, device="cuda")  # another onnxruntime provider, by its full name: off the CPU
 
 
 def _session(path, providers: list, options, quiet: bool = False):
@@ -40,24 +49,9 @@ def _session(path, providers: list, options, quiet: bool = False):
         raise ModelError(f"cannot load {path} with {providers[0]}: {reason(e)}") from None
 
 
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
-
-
-def _check_graph(session, contract: SamplingContract, path) -> None:
-    """Everything the contract claims about the graph's inputs and outputs (names, dtypes, fixed dimensions)."""
-    for kind, specs, values in (("inputs", contract.inputs, session.get_inputs()),
-                                ("outputs", contract.outputs, session.get_outputs())):
-        graph = {v.name: v for v in values}
-        if sorted(graph) != sorted(s.name for s in specs):
-            raise ModelError(f"{path}: its contract names {kind} {[s.name for s in specs]} but the graph has "
-                             f"{sorted(graph)}")
-        for spec in specs:
-            v = graph[spec.name]
-            fixed = [(want, got) for want, got in zip(spec.shape, v.shape)
-                     if isinstance(want, int) and isinstance(got, int)]
-            if _ORT_TYPES[spec.dtype] != v.type or len(spec.shape) != len(v.shape) or any(w != g for w, g in fixed):
-                raise ModelError(f"{path}: its contract says {spec.name} is {spec.dtype} {spec.shape} but the graph "
-                                 f"takes {v.type} {v.shape} (image_size, channels or dtype disagree)")
+def _ports(values) -> list:
+    return [(v.name, _DTYPES.get(v.type, v.type), [d if isinstance(d, int) else None for d in v.shape])
+            for v in values]
 
 
 class OnnxModel:
@@ -75,9 +69,9 @@ class OnnxModel:
                  quiet: bool = False) -> None:
         import onnxruntime as ort
 
-        name = full_name(provider)
-        first = (name, dict(provider_options)) if provider_options else name
-        self.providers = [first] if name == PROVIDER_NAMES["cpu"] else [first, PROVIDER_NAMES["cpu"]]
+        p = _provider(provider)
+        first = (p.full_name, dict(provider_options)) if provider_options else p.full_name
+        self.providers = [first] if p == _CPU else [first, _CPU.full_name]
         if session_options is None:
             session_options = ort.SessionOptions()
             if threads:
@@ -85,45 +79,55 @@ class OnnxModel:
             session_options.enable_cpu_mem_arena = cpu_arena
         self.session_options = session_options
         self.path = Path(path)
-        if quiet and name != PROVIDER_NAMES["cpu"]:  # a provider that cannot start logs a multi-line error
+        if quiet and p != _CPU:  # a provider that cannot start logs a multi-line error
             ort.set_default_logger_severity(4)
         try:
             self.session = _session(path, self.providers, session_options, quiet)
         finally:
             ort.set_default_logger_severity(2)
-        if self.session.get_providers()[0] != name:
-            raise ModelError(f"{name} did not start for {path} "
+        if self.session.get_providers()[0] != p.full_name:
+            raise ModelError(f"{p.full_name} did not start for {path} "
                              f"(onnxruntime fell back to {self.session.get_providers()[0]})")
-        self.provider = name
-        self.contract = _contract_of(self.session, path)
-        _check_graph(self.session, self.contract, path)
+        self.provider, self.device = p.full_name, p.device
+        self.contract = contract_of(self.session.get_modelmeta().custom_metadata_map, path)
+        check_graph(self.contract, _ports(self.session.get_inputs()), _ports(self.session.get_outputs()), path)
         self._input_names = [i.name for i in self.session.get_inputs()]
         self._step_sessions: dict[tuple[bool, int], object] = {}
         self._step_lock = threading.Lock()
+        self._precision: Precision | None = None
+
+    @property
+    def precision(self) -> Precision:
+        """fp16 for a file whose weights are float16 (``ddpm-export --dtype fp16``'s copy), else fp32; read from the
+        file once, when first asked."""
+        if self._precision is None:
+            import onnx
+
+            weights = onnx.load(str(self.path), load_external_data=False).graph.initializer
+            half = any(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+            self._precision = "fp16" if half else "fp32"
+        return self._precision
 
     @property
     def prefers_device_loop(self) -> bool:
         """GPU providers run the fused step loop by default (x stays on the device)."""
-        return self.provider != PROVIDER_NAMES["cpu"]
+        return self.device != "cpu"
 
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 for conditional models -> ε (B, C, H, W) float32."""
-        feed = {"x": np.ascontiguousarray(x, dtype=np.float32), "t": np.ascontiguousarray(t, dtype=np.int64)}
-        if y is not None:
-            feed["y"] = np.ascontiguousarray(y, dtype=np.int64)
-        if set(feed) != set(self._input_names):
-            raise ValueError(f"{self.path} takes inputs {self._input_names}, got {sorted(feed)}")
-        return self.session.run(None, feed)[0]
+        inputs = feed(x, t, y, self._input_names, self.path)
+        return self.session.run(None, inputs)[0]
 
     def device_engine(self):
         """The batch engine with the fused step (``runtime.backends.fused``): one step graph call per step, x and the
-        history kept on the device on a GPU provider. Each step graph (plain or guided, by history width) is built
-        from the model file once, when first needed, with the same providers and session settings as the model."""
+        history kept on the provider's device off the CPU. Each step graph (plain or guided, by history width) is
+        built from the model file once, when first needed, with the same providers and session settings as the
+        model."""
         from runtime.backends.fused import FusedStep, fused_ops
         from runtime.sampling.engine import Engine
 
         on_device = self.prefers_device_loop
-        return Engine(None, fused_ops("cuda" if on_device else None), null_class=self.contract.null_class,
+        return Engine(None, fused_ops(self.device if on_device else None), null_class=self.contract.null_class,
                       fused=FusedStep(self._step_session, on_device))
 
     def _step_session(self, guided: bool, history: int):
@@ -139,3 +143,36 @@ class OnnxModel:
                 step = build_step_graph(onnx.load(str(self.path)), null_class=null, history=history)
                 self._step_sessions[guided, history] = StepSession(step, self.providers, self.session_options)
             return self._step_sessions[guided, history]
+
+
+def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) -> Backend:
+    """``provider`` by name, or ``auto``: the first of ``KIND.auto`` that starts, where a GPU is visible
+    (``gpu_visible``) saying which did not. GPU providers are probed quietly (onnxruntime logs a failure in several
+    lines); one asked for by name that does not start is one ``ModelError``."""
+    failures = []
+    session = dict(threads=o.threads, cpu_arena=o.cpu_arena, session_options=o.session_options)
+    for name in KIND.auto if provider == "auto" else (provider,):
+        p = _provider(name)
+        options = o.provider_options if name == provider or (provider == "auto" and p == _CUDA) else None
+        try:
+            model = OnnxModel(path, name, provider_options=options, quiet=p.on_gpu, **session)
+        except ModelError as e:
+            if p == _CPU or provider != "auto":
+                if p.on_gpu and not gpu_visible():  # the quiet probe dropped onnxruntime's reason
+                    raise ModelError(f"{e}; no NVIDIA GPU is visible here") from None
+                raise
+            failures.append(p.full_name)  # auto: any failure off the CPU means "try the next one"
+            continue
+        if failures and gpu_visible():  # without a GPU, that they did not start is no news
+            o.log(f"provider auto: {', '.join(failures)} did not start here; using {model.provider}")
+        if dtype not in (None, model.precision):
+            raise ModelError(f"--dtype {dtype}: {path} computes in {model.precision} on onnxruntime (export it with "
+                             f"ddpm-export --dtype {dtype} for that precision)")
+        return model
+    raise AssertionError("unreachable: the CPU provider always starts")
+
+
+KIND = BackendKind(
+    name="onnxruntime", format="onnx", suffix=".onnx", recognise=is_onnx, providers=PROVIDERS,
+    auto=("tensorrt", "cuda", "cpu"), precisions=("fp32", "fp16"), writes=("fp32", "fp16"),
+    verify=("cpu", "cuda", "tensorrt"), host="cpu", load=_load)

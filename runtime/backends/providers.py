@@ -1,24 +1,33 @@
-"""The one table of onnxruntime execution providers: short names, full names, and the order ``auto`` tries."""
+"""What a provider is (one ``--provider`` value of a backend, and the device its arrays live on), and whether this
+machine shows a GPU."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
-
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-CHOICES = ("auto", *PROVIDER_NAMES)  # what --provider and runtime.load(provider=...) accept
-AUTO_ORDER = ("tensorrt", "cuda", "cpu")  # auto: the first that starts wins
-GPU_PROVIDERS = ("cuda", "tensorrt")
+from dataclasses import dataclass, field
 
 
-def full_name(provider: str) -> str:
-    """``cpu`` → ``CPUExecutionProvider``; a full onnxruntime name is returned as it is."""
-    return PROVIDER_NAMES.get(provider, provider)
+@dataclass(frozen=True)
+class Provider:
+    """One way a backend runs a model: ``name`` is what ``--provider`` and ``runtime.load(provider=...)`` say,
+    ``full_name`` what the backend reports (e.g. onnxruntime's ``CPUExecutionProvider``), ``device`` where the
+    backend's arrays live ("cpu" or "cuda": how data moves). ``after`` names a provider of the same backend that must
+    have started for this one to be tried (TensorRT needs CUDA); ``strict`` are the options under which export checks
+    each call in strict fp32 arithmetic (CUDA: no TF32); ``takes``: the options of its own a command line may set
+    (``--cudnn-algo-search``)."""
+
+    name: str
+    full_name: str
+    device: str = "cpu"
+    after: str | None = None
+    strict: dict = field(default_factory=dict)
+    takes: tuple[str, ...] = ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
 
 
 def gpu_visible() -> bool:

@@ -10,7 +10,9 @@ import os
 import zipfile
 from pathlib import Path
 
-from runtime.backends.torch_backend import TorchBackend, require_torch
+from runtime.backends.backend import Backend, BackendKind, LoadOptions
+from runtime.backends.precision import Precision
+from runtime.backends.torch_backend import TorchBackend, require_torch, torch_providers
 from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 
@@ -85,3 +87,17 @@ def _extra_files(path: Path) -> tuple[str, dict]:
         if isinstance(e, ModelError):
             raise
         raise ModelError(f"cannot load {path} as a .pt2 package: {reason(e)}") from None
+
+
+def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) -> Backend:
+    model = Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
+    if dtype not in (None, model.precision):
+        raise ModelError(f"--dtype {dtype}: {path} was compiled to compute in {model.precision} (export it with "
+                         f"ddpm-export --format pt2 --dtype {dtype} for that precision)")
+    return model
+
+
+KIND = BackendKind(
+    name="pt2", format="pt2", suffix=".pt2", recognise=is_pt2, providers=torch_providers("pt2"),
+    auto=("cuda", "cpu"), precisions=("fp32", "bf16", "fp16"), writes=("fp32", "bf16", "fp16"), verify=("auto",),
+    host="auto", load=_load, extra="train")

@@ -7,7 +7,24 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.backends.providers import Provider
 from runtime.errors import ModelError
+
+
+def torch_providers(prefix: str) -> tuple[Provider, ...]:
+    """A torch backend's providers: ``cpu`` and ``cuda`` (reported as ``PREFIX:cpu`` …)."""
+    return Provider("cpu", f"{prefix}:cpu"), Provider("cuda", f"{prefix}:cuda", device="cuda")
+
+
+def torch_device(provider: str) -> str:
+    """The torch device for ``--provider``: cuda where asked for (or auto and available), else cpu."""
+    if provider == "cpu":
+        return "cpu"
+    if require_torch().cuda.is_available():
+        return "cuda"
+    if provider != "auto":
+        raise ModelError(f"provider {provider}: torch sees no CUDA device")
+    return "cpu"
 
 
 def require_torch():

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
-from runtime.backends.torch_backend import TorchBackend, require_torch
+from runtime.backends.backend import Backend, BackendKind, LoadOptions
+from runtime.backends.precision import Precision
+from runtime.backends.torch_backend import TorchBackend, require_torch, torch_device, torch_providers
 from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 
@@ -34,7 +37,7 @@ class TorchScriptModel(TorchBackend):
             self.contract = SamplingContract.from_json(extra[CONTRACT_FILE])
         except ContractError as e:
             raise ModelError(f"{path}: {e}") from None
-        self.provider = f"torchscript:{device}"
+        self.provider, self.precision = f"torchscript:{device}", "fp32"
 
     def net(self, x, t, y=None):
         """The module on torch tensors of its device."""
@@ -49,3 +52,25 @@ def _load_failure(path, e: Exception) -> str:
         return (f"refusing to load {path}: it looks like a TorchScript archive but holds pickled Python code "
                 f"({found.group(1)}), which is never run")
     return f"cannot load {path} as TorchScript: {reason(e)}"
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (torch.jit.save) is a zip with ``*/constants.pkl`` and ``*/code/`` and, unlike a .pt2
+    package, no ``archive_format`` entry."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return (any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+            and not any(n == "archive_format" or n.endswith("/archive_format") for n in names))
+
+
+def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) -> Backend:
+    return TorchScriptModel(path, torch_device(provider))
+
+
+KIND = BackendKind(
+    name="torchscript", format="torchscript", suffix=".pt", recognise=is_torchscript,
+    providers=torch_providers("torchscript"), auto=("cuda", "cpu"), precisions=("fp32",), writes=("fp32",),
+    verify=("cpu",), host="cpu", load=_load, extra="train")

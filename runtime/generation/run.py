@@ -77,7 +77,14 @@ def run_file(g: Pipeline, o: RunOptions, plan: SamplingPlan) -> dict:
         "model_sha256": g.sha256, "n": o.n, "seed": o.seed, **plan.run_settings(),
         "classes": None if o.classes is None else g.class_index(o.classes),  # "7", "Sneaker", "sneaker": one setting
         "image_shape": [g.contract.image_size, g.contract.image_size, g.contract.channels],
+        **precision_field(g),
     }
+
+
+def precision_field(g: Pipeline) -> dict:
+    """``{"precision": ...}`` where the network computes in other than fp32 (bf16 and fp16 change the images); fp32,
+    as in every folder from before precisions were recorded, is the absence of the field."""
+    return {} if g.precision == "fp32" else {"precision": g.precision}
 
 
 def check_run(g: Pipeline, o: RunOptions) -> SamplingPlan:
@@ -176,7 +183,7 @@ def generate_to_dir(g: Pipeline, o: RunOptions, *, report: Callable[[float], Non
                 records = [{
                     "index": i, "seed": o.seed, "class": None if y is None else int(y[k]),
                     "class_name": None if y is None or not names else names[int(y[k])],
-                    **plan.manifest_fields(), "provider": g.provider, "model_sha256": g.sha256,
+                    **plan.manifest_fields(), "provider": g.provider, **precision_field(g), "model_sha256": g.sha256,
                 } for k, i in enumerate(idx)]
                 out.write_images(idx, images, records, manifest)
                 finished, steps_done = finished + len(idx), 0

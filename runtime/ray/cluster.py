@@ -34,13 +34,15 @@ CONNECT_TIMEOUT_S = 5.0
 _ADDRESS = re.compile(r"(?P<client>ray://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
 
 
-def driver_pipeline(model: Path, log: Callable[[str], None]):
-    """The model as a driver loads it to check a run's settings before any worker starts: on the CPU with one
-    thread (a .pt2 package where it was compiled for)."""
-    from runtime.backends.backend import model_format
+def driver_pipeline(model: Path, log: Callable[[str], None], provider: str = "auto", dtype: str | None = None):
+    """The model as a driver loads it to check a run's settings before any worker starts, with one thread: with the
+    workers' backend and precision, on the CPU (a provider off the CPU is replaced by the backend's ``host``)."""
+    from runtime.backends.registry import kind_for, model_format
     from runtime.pipeline import load
 
-    return load(model, "auto" if model_format(model) == "pt2" else "cpu", threads=1, log=log)
+    kind = kind_for(model_format(model), provider)
+    on_host = provider if provider != "auto" and not kind.provider(provider).on_gpu else kind.host
+    return load(model, on_host, dtype=dtype, threads=1, log=log)
 
 
 def require_ray(what: str = "--ray"):

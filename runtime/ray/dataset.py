@@ -48,15 +48,16 @@ class ImageMaker:
 
 def images(model: str | os.PathLike, n: int, *, seed: int = 0, classes: Classes = None, batch_size: int = 64,
            concurrency: int | tuple[int, int] = 1, num_cpus: float | None = None, num_gpus: float | None = None,
-           provider: str = "auto", threads: int | None = None, model_defaults: bool = True, address: str = "",
-           **run_settings):
+           provider: str = "auto", dtype: str | None = None, threads: int | None = None, model_defaults: bool = True,
+           address: str = "", **run_settings):
     """A ``ray.data.Dataset`` of images 0 … n−1 of the run (``seed``, ``classes``, run settings as for
     ``runtime.load(model).generate``: ``sampler=``, ``steps=``, ``guidance=``, …).
 
     The images are made lazily, when the dataset is consumed, by ``concurrency`` actors (an int, or (min, max) for
-    an autoscaling pool), each with ``num_cpus``/``num_gpus`` and its own model session (``provider``; ``threads``
-    defaults to the actor's CPUs). ``batch_size`` images per predictor call. The model file must be at the same
-    path on every node. The settings and classes are checked here, so a bad one fails at once.
+    an autoscaling pool), each with ``num_cpus``/``num_gpus`` and its own model session (``provider`` and ``dtype``
+    as for ``runtime.load``; ``threads`` defaults to the actor's CPUs). ``batch_size`` images per predictor call. The
+    model file must be at the same path on every node. The settings and classes are checked here, so a bad one fails
+    at once.
 
     A process already connected to Ray (its own ``ray.init``) keeps its connection; otherwise this joins the cluster
     at ``address`` as ``ddpm-generate --ray ADDRESS`` does (``""``: a running one, else a new local one; a recorded
@@ -68,11 +69,11 @@ def images(model: str | os.PathLike, n: int, *, seed: int = 0, classes: Classes 
     path, _ = resolve(os.fspath(model))
     path = path.resolve()
     settings = RunSettings(**run_settings)
-    checker = driver_pipeline(path, lambda msg: print(msg, file=sys.stderr))
+    checker = driver_pipeline(path, lambda msg: print(msg, file=sys.stderr), provider, dtype)
     checker.plan(settings, model_defaults=model_defaults)
     checker.labels([0], classes)
     join(address, lambda msg: print(msg, file=sys.stderr), "runtime.ray.images")
-    load_options = {"provider": provider, "threads": threads or max(1, int(num_cpus or 1))}
+    load_options = {"provider": provider, "dtype": dtype, "threads": threads or max(1, int(num_cpus or 1))}
     rows = max(batch_size, -(-n // MAX_BLOCKS))
     source = ray.data.from_numpy([np.arange(i, min(i + rows, n), dtype=np.int64) for i in range(0, n, rows)])
     low, high = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)

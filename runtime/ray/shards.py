@@ -96,7 +96,7 @@ def generate_shard(model: str, load_options: dict, o: RunOptions, progress) -> d
 
     result = generate_to_dir(g, o, report=report, finalize=False)
     return {"made": result.made, "entered": entered, "load_s": loaded - entered, "generate_s": result.seconds,
-            "provider": g.provider}
+            "provider": g.runs_on}
 
 
 def _workers(ray, run: RayRun, n: int) -> int:
@@ -186,7 +186,7 @@ def generate_on_ray(model: Path, o: RunOptions, run: RayRun, load_options: dict,
             seen.add(message)
             tqdm.write(message, file=sys.stderr)
 
-    g = driver_pipeline(model, once)
+    g = driver_pipeline(model, once, load_options.get("provider", "auto"), load_options.get("dtype"))
     plan = check_run(g, o)
     load_options = {**load_options, "threads": load_options.get("threads") or run.worker.threads}
     connecting = time.perf_counter()
@@ -224,7 +224,7 @@ def generate_on_ray(model: Path, o: RunOptions, run: RayRun, load_options: dict,
             f"generation {_median(r['generate_s'] for r in results)}; all tasks {seconds:.2f} s; final files "
             f"{time.perf_counter() - finishing:.2f} s")
     where = f"on Ray: {len(refs)} task{'s' if len(refs) != 1 else ''} of {run.worker.describe()}, {retried} retried"
-    providers = ", ".join(sorted({r["provider"] for r in results})) or g.provider
+    providers = ", ".join(sorted({r["provider"] for r in results})) or g.runs_on
     return RunResult(o.n - already, already, plan, seconds, finalized, where=where), providers
 
 

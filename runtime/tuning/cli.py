@@ -49,7 +49,7 @@ def main(model: str, counts: list[int], sampler: str | None, out: str | None, im
     from tqdm import tqdm
 
     import runtime
-    from runtime.backends.backend import model_format
+    from runtime.backends.registry import model_format
     from runtime.bundled import resolve
     from runtime.files import atomic_path, sha256_file
     from runtime.metadata import CONTRACT_KEY

@@ -6,18 +6,20 @@ import json
 
 from click.testing import CliRunner
 
-from benchmarks.throughput import main
+from benchmarks.throughput import main, unavailable
 
 
 def test_benchmark_smoke(uncond_ckpt, tmp_path):
     out = tmp_path / "bench"
-    r = CliRunner().invoke(main, ["--checkpoint", str(uncond_ckpt), "--backends", "eager,torchscript,onnx-cpu",
+    backends = ("eager", "torchscript", "onnx-cpu", *(() if unavailable("onnx-openvino") else ("onnx-openvino",)))
+    r = CliRunner().invoke(main, ["--checkpoint", str(uncond_ckpt), "--backends", ",".join(backends),
                                   "--batch-sizes", "1,2", "--threads", "1", "--loop-steps", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     results = json.loads((out / "results.json").read_text())
     rows = [x for x in results["records"] if not x.get("end_to_end")]
-    assert {(x["backend"], x["batch_size"]) for x in rows} == {(b, n) for b in ("eager", "torchscript", "onnx-cpu")
-                                                                for n in (1, 2)}
+    assert {(x["backend"], x["batch_size"]) for x in rows} == {(b, n) for b in backends for n in (1, 2)}
+    assert {(x["backend"], x["batch_size"]) for x in results["ratios"]} == {(b, n) for b in backends for n in (1, 2)
+                                                                           if b != "onnx-cpu"}
     for x in rows:
         assert x["img_steps_per_s"] > 0 and x["gflops_per_s"] > 0 and 0 < x["efficiency"]
         assert x["predictor"]["n"] >= 5 and x["predictor"]["min"] <= x["predictor"]["median"] <= x["predictor"]["max"]

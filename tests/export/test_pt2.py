@@ -14,8 +14,8 @@ from click.testing import CliRunner
 import runtime
 from ddpm_export.checkpoint import load_checkpoint
 from ddpm_export.cli import main
-from runtime.backends.backend import model_format
 from runtime.backends.pt2_model import TARGET_FILE
+from runtime.backends.registry import model_format
 from runtime.errors import ModelError
 from runtime.sampling.samplers import SAMPLERS
 from runtime.tolerances import TOLERANCES

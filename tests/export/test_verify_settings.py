@@ -9,7 +9,10 @@ import numpy as np
 
 import ddpm_export.export as export_module
 from ddpm_export.verify import VerificationReport
+from runtime.backends.registry import FORMATS
 from runtime.metadata import SamplingContract
+
+ORT = FORMATS["onnx"]  # onnxruntime's kind: its providers say which options the strict check uses
 
 
 class FakeModel:
@@ -18,7 +21,7 @@ class FakeModel:
     opened: list = []
 
     def __init__(self, path, provider, *, provider_options=None, quiet=False, scale=1.0):
-        self.provider = export_module.PROVIDER_NAMES[provider]
+        self.provider = ORT.provider(provider).full_name
         self.options = provider_options
         self.scale = scale
         FakeModel.opened.append(self)
@@ -27,7 +30,7 @@ class FakeModel:
         return self.scale * x
 
 
-def fake_load(path, provider, *, log=None, provider_options=None):
+def fake_load(path, provider, *, dtype=None, log=None, provider_options=None):
     """``runtime.load`` as export calls it, returning a pipeline around a ``FakeModel``."""
     return SimpleNamespace(backend=FakeModel(path, provider, provider_options=provider_options))
 
@@ -38,7 +41,7 @@ def test_cuda_eps_check_runs_without_tf32_and_the_trajectory_with_defaults(monke
     reference = lambda x, t, y: x  # noqa: E731 - the eager model in this test
     generation = FakeModel(tmp_path / "m.onnx", "cuda", scale=1.0 + 5e-3)  # "TF32": per call beyond the fp32 bound
     FakeModel.opened.clear()
-    result = export_module._verify_onnx_fp32(tmp_path / "m.onnx", generation, reference, contract,
+    result = export_module._verify_onnx_fp32(tmp_path / "m.onnx", ORT.provider("cuda"), generation, reference, contract,
                                              VerificationReport({}))
     (strict,) = FakeModel.opened
     assert strict.options == {"use_tf32": "0"}  # the per-call candidate was opened with TF32 off
@@ -51,7 +54,7 @@ def test_cpu_checks_run_on_the_one_session(monkeypatch, tmp_path):
     monkeypatch.setattr(export_module, "load", fake_load)
     FakeModel.opened.clear()
     cpu = FakeModel(tmp_path / "m.onnx", "cpu", scale=1.0 + 5e-3)
-    result = export_module._verify_onnx_fp32(tmp_path / "m.onnx", cpu, lambda x, t, y: x,
+    result = export_module._verify_onnx_fp32(tmp_path / "m.onnx", ORT.provider("cpu"), cpu, lambda x, t, y: x,
                                              SamplingContract(image_size=4, channels=1), VerificationReport({}))
     assert FakeModel.opened == [cpu]  # no second session
     assert result.settings == {"eps": "provider defaults", "trajectory": "provider defaults"}

@@ -74,9 +74,9 @@ def test_classes_by_name_and_index(cond_onnx):
 @pytest.mark.parametrize("gpu", [False, True])
 def test_provider_auto_reports_what_ran(uncond_onnx, monkeypatch, gpu):
     """GPU providers that did not start are news only where a GPU is visible (``gpu_visible``, patched here)."""
-    import runtime.backends.backend
+    import runtime.backends.onnx_model
 
-    monkeypatch.setattr(runtime.backends.backend, "gpu_visible", lambda: gpu, raising=False)
+    monkeypatch.setattr(runtime.backends.onnx_model, "gpu_visible", lambda: gpu)
     messages = []
     g = runtime.load(uncond_onnx, "auto", log=messages.append)
     assert g.provider in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")

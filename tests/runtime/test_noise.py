@@ -124,7 +124,7 @@ def test_threads_end_after_use_after_errors_and_when_dropped():
 class NumpyBackend:
     """A torch-free stand-in backend: ε = 0.1·x, or NaN from ``nan_below`` down (a model that fails mid-run)."""
 
-    provider, prefers_device_loop = "numpy", False
+    provider, precision, device, prefers_device_loop = "numpy", "fp32", "cpu", False
 
     def __init__(self, nan_below: int = -1) -> None:
         self.path = Path("numpy-backend")

@@ -188,6 +188,52 @@ def test_a_ray_run_writes_what_one_process_writes(cluster, cond_onnx, tmp_path):
     assert_same_run(tmp_path / "ray", one_process(tmp_path / "other", *other))
 
 
+OPENVINO_DATASET = """
+import json, sys
+import numpy as np
+import ray
+import runtime
+import runtime.ray
+
+model, dtype = sys.argv[1:3]
+ray.init(address=sys.argv[3])
+ds = runtime.ray.images(model, 4, seed=2, sampler="ddim", steps=5, batch_size=2, provider="openvino", dtype=dtype)
+rows = sorted(ds.take_all(), key=lambda row: row["index"])
+want = runtime.load(model, "openvino", dtype=dtype).generate(4, seed=2, sampler="ddim", steps=5)
+print(json.dumps([bool(np.array_equal(r["image"], want[k])) for k, r in enumerate(rows)]))
+"""
+
+
+def test_openvino_workers_run_in_the_precision_asked_for(cluster, cond_onnx, tmp_path):
+    """``--ray --provider openvino`` and ``runtime.ray.images(provider="openvino")``: the workers' images are a
+    one-process OpenVINO run's, and the run records their precision."""
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    import openvino
+
+    from runtime.backends.openvino_model import cpu_bf16
+
+    dtype = "bf16" if cpu_bf16(openvino.Core()) else "fp32"
+    address, env = cluster
+    args = [cond_onnx, "-n", 6, "--batch-size", 2, "--sampler", "ddim", "--steps", 5, "--provider", "openvino",
+            "--dtype", dtype]
+    r = generate(env, *args, "--out", tmp_path / "ray", "--ray", address, "--workers", 2)
+    assert r.returncode == 0 and "openvino:CPU" in r.stdout, r.stderr
+    assert_same_run(tmp_path / "ray", one_process(tmp_path, *args))
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert run.get("precision", "fp32") == dtype
+    script = tmp_path / "dataset.py"
+    script.write_text(OPENVINO_DATASET)
+    p = subprocess.Popen([sys.executable, str(script), str(cond_onnx), dtype, address],
+                         env={**env, "RAY_AUTH_MODE": "token"}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    finally:
+        kill_group(p)
+    assert p.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == [True] * 4
+
+
 def shard_worker_pids() -> list[int]:
     """PIDs of the processes running a shard task (Ray names them after the task: ray::ddpm-shard-I-of-K)."""
     pids = []

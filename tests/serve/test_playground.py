@@ -34,11 +34,11 @@ from tests.serve.helpers import assert_images_close, wait_until  # noqa: E402
 
 
 @contextmanager
-def server(model: Path, api_key: str | None = None):
+def server(model: Path, api_key: str | None = None, provider: str = "cpu"):
     """A real uvicorn server in a thread on a port bound here; yields its base URL."""
     import uvicorn
 
-    pipeline = runtime.load(model, "cpu", threads=1, log=lambda m: None)
+    pipeline = runtime.load(model, provider, threads=1, log=lambda m: None)
     app = create_app(Scheduler(pipeline), pipeline, api_key=api_key, max_images=16, deadline_s=60, grace_s=5)
     listener = socket.create_server(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -105,6 +105,20 @@ def test_the_page_generates_images_of_one_class_and_shows_errors(long_cond_onnx,
         assert page.eval_on_selector_all("#grid img", "els => els.length") == 4  # the last images stay
         assert page.script_errors == []
         assert all(url.startswith(base) or url.startswith("data:") for url in page.urls), page.urls
+
+
+def test_the_page_on_openvino_shows_the_provider_and_precision(long_cond_onnx):
+    pytest.importorskip("openvino", reason="needs the openvino extra")
+    precision = runtime.load(long_cond_onnx, "openvino", log=lambda m: None).precision
+    with server(long_cond_onnx, provider="openvino") as base, browser_page(base) as page:
+        page.wait_for_selector("#card dl")
+        assert f"openvino:CPU · {precision}" in page.inner_text("#card")
+        page.select_option("#sampler", "ddim")
+        page.fill("#steps", "5")
+        page.fill("#n", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#grid img').length === 2")
+        assert page.script_errors == []
 
 
 def test_the_page_asks_for_the_key_when_the_server_needs_one(long_cond_onnx):

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import runtime
-from runtime.backends.backend import model_format
+from runtime.backends.registry import model_format
 from tests.cli_checks import one_error_line
 
 
