@@ -45,14 +45,7 @@ def cpu_matmul_gflops(threads: int, n: int = 2048, repeats: int = 7) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.mm(a, b)
-    torch_rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        torch_rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
+    torch_rates = _torch_mm_gflops(torch.randn(n, n), repeats)
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     out = subprocess.run([sys.executable, "-c", NUMPY_GEMM, str(n), str(repeats)], capture_output=True, text=True,
@@ -71,14 +64,22 @@ def cpu_matmul_gflops_bf16(threads: int, n: int = 4096, repeats: int = 5) -> flo
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
-    torch.mm(a, b)
+    return statistics.median(_torch_mm_gflops(torch.randn(n, n).bfloat16(), repeats))
+
+
+def _torch_mm_gflops(a, repeats: int) -> list[float]:
+    """GFLOP/s of ``torch.mm(a, a)`` (a: n×n), each of ``repeats`` timed calls after two warm-up calls."""
+    import torch
+
+    n = a.shape[0]
+    for _ in range(2):
+        torch.mm(a, a)
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, a)
         rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+    return rates
 
 
 def gpu_ceiling(repeats: int = 20) -> dict | None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import click
 
 # onnx-PROVIDER[-PRECISION][-fused]: the ONNX file on a provider of the backend registry (benchmarks.worker)
-CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-cpu-fused", "onnx-openvino", "onnx-openvino-bf16", "pt2-cpu",
-                "pt2-cpu-bf16", "compile")
+CPU_BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-cpu-fused", "onnx-openvino-fp32", "onnx-openvino-bf16",
+                "pt2-cpu", "pt2-cpu-bf16", "compile")
 GPU_BACKENDS = ("eager-cuda", "compile-cuda", "onnx-cuda", "onnx-cuda-fused", "onnx-tensorrt", "pt2-cuda",
                 "pt2-cuda-bf16")
-DEFAULT_CPU = ("eager", "torchscript", "onnx-cpu", "onnx-openvino", "onnx-openvino-bf16")  # the pt2 rows compile
+DEFAULT_CPU = ("eager", "torchscript", "onnx-cpu", "onnx-openvino-fp32", "onnx-openvino-bf16")  # the pt2 rows compile
 # first (about a minute each): ask for them; the OpenVINO rows run where the extra (and, for bf16, the CPU) allows
 PT2_TARGETS = {"pt2-cpu": ("cpu", "fp32"), "pt2-cpu-bf16": ("cpu", "bf16"), "pt2-cuda": ("cuda", "fp32"),
                "pt2-cuda-bf16": ("cuda", "bf16")}

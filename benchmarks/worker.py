@@ -103,7 +103,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
 
     contract_model = runtime.load(model_dir / "model.onnx", "cpu", threads=threads)
     c = contract_model.contract
-    plan = contract_model.plan(sampler="ddpm", steps=loop_steps)
+    plan = contract_model.plan(sampler="ddpm", steps=loop_steps, model_defaults=False)  # as the predictor: w = 1
     is_onnx = name.startswith("onnx")
     if is_onnx:
         model = onnx_backend(name, model_dir, threads)

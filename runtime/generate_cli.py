@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from runtime.backends.precision import PRECISIONS
-from runtime.backends.registry import CHOICES, takes_option
+from runtime.backend_options import backend_options
+from runtime.backends.registry import takes_option
 from runtime.bundled import resolve
 from runtime.errors import GenerationError, ModelError, OutputError
 from runtime.generation.run import RunOptions, generate_to_dir
@@ -83,14 +83,7 @@ def settings_options(command):
               help="Take the run settings the model recommends (its contract's run_defaults) "
                    "where they are not given; --no-model-defaults uses the runtime's "
                    "(the paper's DDPM, all T steps, w = 1).")
-@click.option("--provider", type=click.Choice(CHOICES), default="auto",
-              help="What runs the model: onnxruntime's cpu, cuda or tensorrt, or openvino (the openvino extra; CPU, "
-                   "bf16 where the CPU has it). auto takes the best onnxruntime provider that starts here (the "
-                   "device for .pt/.pt2 models) and says which ran; it never picks openvino.")
-@click.option("--dtype", type=click.Choice(PRECISIONS), default=None,
-              help="The precision to compute in. Default: the backend's (openvino: bf16 where the CPU has it, else "
-                   "fp32; the others: what the model file was exported in). Recorded in run.json and the manifest "
-                   "where it is not fp32.")
+@backend_options("Recorded in run.json and the manifest where it is not fp32.")
 @click.option("--shard", callback=_shard, default=None,
               help="I/N: make only shard I of N (contiguous index blocks). "
                    "Shards may share one --out at the same time.")

@@ -36,10 +36,14 @@ class Pipeline:
         self.path = backend.path
         self.contract = backend.contract
         self.provider: str = backend.provider
-        self.precision: Precision = backend.precision
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self._schedule = self.contract.schedule.build()
         self._sha256: str | None = None
+
+    @property
+    def precision(self) -> Precision:
+        """What the network computes in: fp32, fp16 or bf16 (the backend's ``precision``)."""
+        return self.backend.precision
 
     @property
     def runs_on(self) -> str:

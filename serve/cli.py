@@ -12,8 +12,7 @@ import socket
 
 import click
 
-from runtime.backends.precision import PRECISIONS
-from runtime.backends.registry import CHOICES
+from runtime.backend_options import backend_options
 from runtime.bundled import resolve
 from runtime.errors import ModelError
 
@@ -89,13 +88,7 @@ def read_api_key(path: str | None) -> str | None:
 @click.option("--host", default="127.0.0.1",
               help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs an API key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, help="TCP port (0: any free port).")
-@click.option("--provider", type=click.Choice(CHOICES), default="auto",
-              help="What runs the model: onnxruntime's cpu, cuda or tensorrt, or openvino (the openvino extra; CPU, "
-                   "bf16 where the CPU has it). auto takes the best onnxruntime provider that starts here and says "
-                   "which ran; it never picks openvino.")
-@click.option("--dtype", type=click.Choice(PRECISIONS), default=None,
-              help="The precision to compute in. Default: the backend's (openvino: bf16 where the CPU has it, else "
-                   "fp32; the others: what the model file was exported in). /v1/model and every answer say it.")
+@backend_options("/v1/model and every answer say it.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of the backend (default: all cores).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None,

@@ -11,7 +11,8 @@ from benchmarks.throughput import main, unavailable
 
 def test_benchmark_smoke(uncond_ckpt, tmp_path):
     out = tmp_path / "bench"
-    backends = ("eager", "torchscript", "onnx-cpu", *(() if unavailable("onnx-openvino") else ("onnx-openvino",)))
+    backends = ("eager", "torchscript", "onnx-cpu",
+                *(() if unavailable("onnx-openvino-fp32") else ("onnx-openvino-fp32",)))
     r = CliRunner().invoke(main, ["--checkpoint", str(uncond_ckpt), "--backends", ",".join(backends),
                                   "--batch-sizes", "1,2", "--threads", "1", "--loop-steps", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -28,7 +28,8 @@ except ImportError:
     BF16_HERE = False
 
 needs_openvino = pytest.mark.skipif(openvino is None, reason="needs the openvino extra: pip install -e '.[openvino]'")
-needs_bf16 = pytest.mark.skipif(not BF16_HERE, reason="OpenVINO computes no bf16 on this CPU (no AMX, no AVX-512 BF16)")
+needs_bf16 = pytest.mark.skipif(not BF16_HERE, reason="needs the openvino extra" if openvino is None else
+                                "OpenVINO computes no bf16 on this CPU (no AMX, no AVX-512 BF16)")
 FP32 = TOLERANCES["fp32"]
 QUIET = dict(log=lambda m: None)
 

@@ -147,6 +147,20 @@ def generate(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def run_script(path: Path, text: str, *args, env: dict, timeout: float = 300) -> tuple[str, str]:
+    """Write ``text`` to ``path`` and run it with ``args`` (its own session: a timeout kills it and its children);
+    returns (stdout, stderr) of a run that exited 0."""
+    path.write_text(text)
+    p = subprocess.Popen([sys.executable, str(path), *map(str, args)], env=env, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill_group(p)
+    assert p.returncode == 0, err[-3000:]
+    return out, err
+
+
 def one_process(tmp_path: Path, *args) -> Path:
     out = tmp_path / "one-process"
     r = CliRunner().invoke(main, [str(a) for a in (*args, "--out", out)])
@@ -221,16 +235,8 @@ def test_openvino_workers_run_in_the_precision_asked_for(cluster, cond_onnx, tmp
     assert_same_run(tmp_path / "ray", one_process(tmp_path, *args))
     run = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert run.get("precision", "fp32") == dtype
-    script = tmp_path / "dataset.py"
-    script.write_text(OPENVINO_DATASET)
-    p = subprocess.Popen([sys.executable, str(script), str(cond_onnx), dtype, address],
-                         env={**env, "RAY_AUTH_MODE": "token"}, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    finally:
-        kill_group(p)
-    assert p.returncode == 0, err[-3000:]
+    out, _ = run_script(tmp_path / "dataset.py", OPENVINO_DATASET, cond_onnx, dtype, address,
+                        env={**env, "RAY_AUTH_MODE": "token"})
     assert json.loads(out.strip().splitlines()[-1]) == [True] * 4
 
 
@@ -452,16 +458,8 @@ print(json.dumps(result))
 
 def test_the_ray_data_source_gives_row_k_equal_to_image_k(cluster, cond_onnx, uncond_onnx, tmp_path):
     address, env = cluster
-    script = tmp_path / "dataset.py"
-    script.write_text(DATASET)
-    p = subprocess.Popen([sys.executable, str(script), str(cond_onnx), str(uncond_onnx), str(tmp_path / "parquet"),
-                          address], env={**env, "RAY_AUTH_MODE": "token"}, text=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    finally:
-        kill_group(p)
-    assert p.returncode == 0, err[-3000:]
+    out, _ = run_script(tmp_path / "dataset.py", DATASET, cond_onnx, uncond_onnx, tmp_path / "parquet", address,
+                        env={**env, "RAY_AUTH_MODE": "token"})
     result = json.loads(out.strip().splitlines()[-1])
     assert result["indices"] == list(range(10)) and result["seeds"] == [3]
     assert result["classes"] == [k % 3 for k in range(10)]  # classes cycle over the indices
@@ -516,15 +514,7 @@ def test_a_recorded_cluster_that_is_gone_counts_as_none(uncond_onnx, tmp_path):
         assert "4 images in" in r.stdout and "on Ray: 2 tasks of 1 CPU" in r.stdout, r.stdout
         assert_same_run(tmp_path / "o", one_process(tmp_path, *args[:-2]))
 
-        script = tmp_path / "images.py"
-        script.write_text(IMAGES_NO_ADDRESS)
-        p = subprocess.Popen([sys.executable, str(script), str(uncond_onnx)], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            out, err = p.communicate(timeout=180)
-        finally:
-            kill_group(p)
-        assert p.returncode == 0, err[-3000:]
+        out, err = run_script(tmp_path / "images.py", IMAGES_NO_ADDRESS, uncond_onnx, env=env, timeout=180)
         assert "is gone; starting a local one" in err
         assert json.loads(out.strip().splitlines()[-1]) == [True] * 3
 
