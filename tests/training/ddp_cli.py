@@ -13,9 +13,11 @@ rank 1 by running this same command line again (with ``LOCAL_RANK=1``), so every
 - ``RECORD/rank{R}.batches``: the sum of each training batch's images, one line a step (the ranks' shards differ);
 - ``RECORD/rank{R}.exit``: the process's exit status, written as it exits.
 
-``SLOW_FROM`` > 0 makes every training step from that global step on sleep 0.2 s and touch ``RECORD/at-step``,
-so a test can signal the run mid-training; 0 leaves training as it is. Test code only: nothing in ``training/``
-knows about it. One node, so the global rank is ``LOCAL_RANK``.
+``SLOW_FROM`` > 0 makes every training step from that global step on touch ``RECORD/at-step`` and then sleep
+``SLOW_STEP_S``, so a test can signal the run mid-training (a second signal 0.3 s after the first still lands inside
+that step: with 0.2 s a step the whole stop could end first, and the second signal met the interpreter's exit);
+0 leaves training as it is. Test code only: nothing in ``training/`` knows about it. One node, so the global rank
+is ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class RecordingTrainer(pl.Trainer):
 
 pl.Trainer = RecordingTrainer  # training.train builds ``pl.Trainer(...)`` at call time
 
+SLOW_STEP_S = 1.0
+
 if slow_from:
     import training.model as m
 
@@ -90,7 +94,7 @@ if slow_from:
     def training_step(self, batch, batch_idx):
         if self.global_step >= slow_from:
             (record / "at-step").touch()
-            time.sleep(0.2)
+            time.sleep(SLOW_STEP_S)
         return real_step(self, batch, batch_idx)
 
     m.DiffusionModel.training_step = training_step

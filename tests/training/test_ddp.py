@@ -173,8 +173,8 @@ def test_ddp_on_two_cpu_processes_trains_identical_ranks_and_resumes(fashion_roo
 
 
 def slow_run_at_step_3(tmp_path: Path, fashion_root: Path, out: Path) -> Run:
-    """A DDP run of up to 1000 steps, slowed to 0.2 s a step from step 3 on, returned once it is there (killed and
-    failed if it never gets there), so a test can signal it mid-training."""
+    """A DDP run of up to 1000 steps, slowed to 1 s a step from step 3 on (``ddp_cli.SLOW_STEP_S``), returned once
+    it is there (killed and failed if it never gets there), so a test can signal it mid-training."""
     run = Run(tmp_path, "record", "--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--out", str(out),
               *TINY, *DDP, "--max-steps", "1000", slow_from=3)
     deadline = time.monotonic() + 120
