@@ -105,6 +105,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
     c = contract_model.contract
     plan = contract_model.plan(sampler="ddpm", steps=loop_steps, model_defaults=False)  # as the predictor: w = 1
     is_onnx = name.startswith("onnx")
+    fused = is_onnx and onnx_row(name)[2]
     if is_onnx:
         model = onnx_backend(name, model_dir, threads)
         call, native, sync = model.predict_eps, (lambda a: a), None
@@ -146,7 +147,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
         loop_rates, shares = [], []
         for rep in range(repeats + 1):
             timed = Timed(call, sync)
-            if is_onnx and onnx_row(name)[2]:
+            if fused:
                 g = runtime.Pipeline(model, log=lambda m: None)
                 start = time.perf_counter()
                 for _ in g.generate_batches(indices, plan, seed=rep, batch_size=b, labels=labels, fused=True):
@@ -171,7 +172,7 @@ def measure(name: str, model_dir: Path, batch_sizes: list[int], threads: int, re
             if rep == 0:
                 continue  # warm-up
             loop_rates.append(b * loop_steps / elapsed)
-            if not (is_onnx and onnx_row(name)[2]):
+            if not fused:
                 shares.append(1.0 - timed.seconds / elapsed)
         records.append({
             "backend": name, "batch_size": b, "threads": threads, "precision": model.precision if is_onnx else None,

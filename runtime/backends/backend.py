@@ -62,7 +62,7 @@ class BackendKind:
     order (the first that starts wins; empty: auto never picks this backend). ``precisions``: what ``--dtype`` may ask
     of it. ``writes``: the precisions ``ddpm-export`` writes this format in (empty where another backend's kind
     writes the format). ``verify``: the providers export checks a new file on. ``host``: the provider that loads it on
-    this machine's CPU, to check a run before it starts elsewhere (a Ray driver). ``extra``: the package extra it needs.
+    this machine's CPU, to check a run before it starts elsewhere (a Ray driver).
     ``load(path, provider, dtype, options)`` returns the backend (``dtype`` None: the backend's own choice).
     """
 
@@ -77,7 +77,6 @@ class BackendKind:
     verify: tuple[str, ...]
     host: str
     load: Callable[[Path, str, Precision | None, LoadOptions], Backend]
-    extra: str | None = None
 
     def provider(self, name: str) -> Provider:
         """The provider of this backend called ``name`` (short or full name)."""

@@ -115,4 +115,4 @@ def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) ->
 
 KIND = BackendKind(
     name="openvino", format="onnx", suffix=".onnx", recognise=is_onnx, providers=(PROVIDER,), auto=(),
-    precisions=tuple(HINTS), writes=(), verify=("openvino",), host="openvino", load=_load, extra="openvino")
+    precisions=tuple(HINTS), writes=(), verify=("openvino",), host="openvino", load=_load)

@@ -90,14 +90,10 @@ def _extra_files(path: Path) -> tuple[str, dict]:
 
 
 def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) -> Backend:
-    model = Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
-    if dtype not in (None, model.precision):
-        raise ModelError(f"--dtype {dtype}: {path} was compiled to compute in {model.precision} (export it with "
-                         f"ddpm-export --format pt2 --dtype {dtype} for that precision)")
-    return model
+    return Pt2Model(path, None if provider == "auto" else provider)  # a package runs where it was compiled for
 
 
 KIND = BackendKind(
     name="pt2", format="pt2", suffix=".pt2", recognise=is_pt2, providers=torch_providers("pt2"),
     auto=("cuda", "cpu"), precisions=("fp32", "bf16", "fp16"), writes=("fp32", "bf16", "fp16"), verify=("auto",),
-    host="auto", load=_load, extra="train")
+    host="auto", load=_load)

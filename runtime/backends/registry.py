@@ -57,10 +57,11 @@ def kind_for(fmt: Format, provider: str) -> BackendKind:
     kinds = [k for k in BACKENDS if k.format == fmt]
     if provider == "auto":
         return kinds[0]
-    for kind in kinds:
-        if any(provider == p.name for p in kind.providers):
+    runs = [k for k in BACKENDS if provider in {p.name for p in k.providers}]
+    for kind in runs:
+        if kind.format == fmt:
             return kind
-    runs = [k.suffix for k in BACKENDS if any(provider == p.name for p in k.providers)]
+    runs = list(dict.fromkeys(k.suffix for k in runs))
     if not runs:
         raise ModelError(f"unknown provider {provider!r} (expected {', '.join(CHOICES)})")
     choices = ", ".join(dict.fromkeys(p.name for k in kinds for p in k.providers))
@@ -77,11 +78,13 @@ def load_backend(path: str | os.PathLike, provider: str = "auto", *, dtype: Prec
         raise ModelError(f"{path} is a directory, not a model file (export a model folder with ddpm-export first)")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
-    if provider not in CHOICES:
-        raise ModelError(f"unknown provider {provider!r} (expected {', '.join(CHOICES)})")
     kind = kind_for(model_format(path), provider)
     check_precision(kind, dtype)
-    return kind.load(path, provider, dtype, options)
+    backend = kind.load(path, provider, dtype, options)
+    if dtype not in (None, backend.precision):  # a backend that runs what its file was exported in
+        raise ModelError(f"--dtype {dtype}: {path} computes in {backend.precision} on {kind.name} (export it with "
+                         f"ddpm-export --format {kind.format} --dtype {dtype} for that precision)")
+    return backend
 
 
 def check_precision(kind: BackendKind, dtype: Precision | None) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runtime.backends.backend import Backend, BackendKind, LoadOptions
 from runtime.backends.precision import Precision
+from runtime.backends.pt2_model import is_pt2
 from runtime.backends.torch_backend import TorchBackend, require_torch, torch_device, torch_providers
 from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
@@ -62,8 +63,7 @@ def is_torchscript(path: Path) -> bool:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
-    return (any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-            and not any(n == "archive_format" or n.endswith("/archive_format") for n in names))
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names) and not is_pt2(path)
 
 
 def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) -> Backend:
@@ -73,4 +73,4 @@ def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) ->
 KIND = BackendKind(
     name="torchscript", format="torchscript", suffix=".pt", recognise=is_torchscript,
     providers=torch_providers("torchscript"), auto=("cuda", "cpu"), precisions=("fp32",), writes=("fp32",),
-    verify=("cpu",), host="cpu", load=_load, extra="train")
+    verify=("cpu",), host="cpu", load=_load)

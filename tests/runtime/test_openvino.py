@@ -161,12 +161,12 @@ def test_the_server_says_the_precision(uncond_onnx):
 
 
 def test_every_provider_belongs_to_a_backend_that_states_its_facts():
-    """The registry is the one place: each ``--provider`` choice is one backend's provider, with its device."""
-    from runtime.backends.registry import BACKENDS, CHOICES
+    """Each backend's facts are consistent: precisions from the one vocabulary, a device per provider, and auto,
+    export and the Ray driver naming only providers of that backend."""
+    from runtime.backends.registry import BACKENDS
 
     for kind in BACKENDS:
         names = {p.name for p in kind.providers}
         assert set(kind.precisions) <= {"fp32", "fp16", "bf16"} and set(kind.writes) <= set(kind.precisions)
         assert all(p.device in ("cpu", "cuda") for p in kind.providers)
         assert set(kind.auto) <= names and set(kind.verify) <= names | {"auto"} and kind.host in names | {"auto"}
-    assert set(CHOICES) == {"auto", *(p.name for k in BACKENDS for p in k.providers)}
