@@ -13,10 +13,12 @@ rank 1 by running this same command line again (with ``LOCAL_RANK=1``), so every
 - ``RECORD/rank{R}.batches``: the sum of each training batch's images, one line a step (the ranks' shards differ);
 - ``RECORD/rank{R}.exit``: the process's exit status, written as it exits.
 
-``SLOW_FROM`` > 0 makes every training step from that global step on touch ``RECORD/at-step`` and then sleep
-``SLOW_STEP_S``, so a test can signal the run mid-training (a second signal 0.3 s after the first still lands inside
-that step: with 0.2 s a step the whole stop could end first, and the second signal met the interpreter's exit);
-0 leaves training as it is. Test code only: nothing in ``training/`` knows about it. One node, so the global rank
+``SLOW_FROM`` (``STEP`` or ``STEP:RANKS``, e.g. ``3:1``) > 0 makes every training step from that global step on
+touch ``RECORD/at-step`` and then sleep ``SLOW_STEP_S`` on the ranks listed (every rank when none are), so a test can
+signal the run mid-training (a second signal 0.3 s after the first still lands inside that step: with 0.2 s a step
+the whole stop could end first, and the second signal met the interpreter's exit); 0 leaves training as it is. A
+rank left unslowed waits for the slow one in the step's gradient all-reduce, so it sees a peer that ends at once the
+moment it ends. Test code only: nothing in ``training/`` knows about it. One node, so the global rank
 is ``LOCAL_RANK``.
 """
 
@@ -28,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-record, slow_from, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+record, (slow_from, _, slow_ranks), args = Path(sys.argv[1]), sys.argv[2].partition(":"), sys.argv[3:]
 rank = int(os.environ.get("LOCAL_RANK", "0"))  # unset in the first process, set by Lightning for the others
+slow_from = int(slow_from) if not slow_ranks or str(rank) in slow_ranks.split(",") else 0
 writes = open(record / f"rank{rank}.writes", "w", buffering=1)  # opened before the hook: not recorded itself
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 

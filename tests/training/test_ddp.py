@@ -43,7 +43,7 @@ class Run:
     """One ``ddpm-train`` DDP run in its own session (so the test can end both ranks, whatever happens), with the
     ranks' records, stdout and stderr in ``tmp_path/name/`` (files, never pipes: progress output cannot block)."""
 
-    def __init__(self, tmp_path: Path, name: str, *args: str, slow_from: int = 0) -> None:
+    def __init__(self, tmp_path: Path, name: str, *args: str, slow_from: int | str = 0) -> None:
         self.record = tmp_path / name
         self.record.mkdir()
         self.stdout, self.stderr = self.record / "stdout.txt", self.record / "stderr.txt"
@@ -172,11 +172,11 @@ def test_ddp_on_two_cpu_processes_trains_identical_ranks_and_resumes(fashion_roo
     assert_only_rank_0_wrote(out, first, resumed)
 
 
-def slow_run_at_step_3(tmp_path: Path, fashion_root: Path, out: Path) -> Run:
-    """A DDP run of up to 1000 steps, slowed to 1 s a step from step 3 on (``ddp_cli.SLOW_STEP_S``), returned once
-    it is there (killed and failed if it never gets there), so a test can signal it mid-training."""
+def slow_run_at_step_3(tmp_path: Path, fashion_root: Path, out: Path, ranks: tuple[int, ...] = (0, 1)) -> Run:
+    """A DDP run of up to 1000 steps, slowed to 1 s a step from step 3 on (``ddp_cli.SLOW_STEP_S``) on ``ranks``,
+    returned once it is there (killed and failed if it never gets there), so a test can signal it mid-training."""
     run = Run(tmp_path, "record", "--dataset", "fashion-mnist", "--data-root", str(fashion_root), "--out", str(out),
-              *TINY, *DDP, "--max-steps", "1000", slow_from=3)
+              *TINY, *DDP, "--max-steps", "1000", slow_from=f"3:{','.join(map(str, ranks))}")
     deadline = time.monotonic() + 120
     while not (run.record / "at-step").exists():
         if run.proc.poll() is not None or time.monotonic() > deadline:
@@ -216,9 +216,13 @@ def test_ctrl_c_twice_stops_every_rank_at_once_without_a_traceback(fashion_root:
     """A second signal stops at once. Ctrl-C in a terminal signals every process of the foreground group (both
     ranks get SIGINT twice, and each ends as the signal ends a process); ``kill -INT PID`` twice reaches one rank,
     which ends, and the other, blocked in a gloo collective with it, must not print the broken connection as a
-    traceback: it says in one line that another rank ended and it stopped without a checkpoint of this step."""
+    traceback: it says in one line that another rank ended and it stopped without a checkpoint of this step.
+
+    Only the signalled ranks are slowed: the other waits in the step's all-reduce and sees its peer end at once. Were
+    it mid-step too, Lightning's watcher in rank 0 (it polls the rank it started every 5 s and SIGKILLs every rank
+    once that one exits non-zero) could end rank 0 before rank 0 reached a collective and said so."""
     out = tmp_path / "run"
-    run = slow_run_at_step_3(tmp_path, fashion_root, out)
+    run = slow_run_at_step_3(tmp_path, fashion_root, out, (0, 1) if to == "group" else (int(to[-1]),))
     try:
         for second in (False, True):
             time.sleep(gap if second else 0)
