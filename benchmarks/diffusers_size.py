@@ -345,6 +345,11 @@ def main(out: Path, church: bool, worker: str | None) -> None:
                "cifar10": _section(out / "cifar10.json", lambda: cifar10(models, log))}
     if church:
         results["church"] = _section(out / "church.json", lambda: church_model(models, log))
+    write_results(out, results, markdown)
+
+
+def write_results(out: Path, results: dict, markdown) -> None:
+    """OUT/results.json and OUT/results.md (``markdown(results)``, also printed)."""
     atomic_write(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     atomic_write(out / "results.md", markdown(results).encode())
     print(markdown(results))

@@ -62,9 +62,11 @@ def main(source: str, fmt: str, out: str | None, weights: str | None, scheduler_
     """Export a model to ONNX, TorchScript or an AOTInductor .pt2 package, verified against the original.
 
     SOURCE is a ddpm-train checkpoint (.ckpt), or a diffusers folder: a DDPM pipeline (model_index.json, unet/,
-    scheduler/) or a bare UNet2DModel (config.json and diffusion_pytorch_model.safetensors or .bin, with
-    --scheduler-config or a scheduler_config.json beside it). Each model file carries its sampling contract
-    (schedule, T, prediction type, image shape, classes, recommended settings), so runtimes need nothing else.
+    scheduler/), a latent one (DiTPipeline: transformer/, vae/; LDMPipeline: unet/, vqvae/; or unet/ and vae/) or a
+    bare UNet2DModel (config.json and diffusion_pytorch_model.safetensors or .bin, with --scheduler-config or a
+    scheduler_config.json beside it). Each model file carries its sampling contract (schedule, T, prediction type,
+    image shape, classes, recommended settings), so runtimes need nothing else; a latent model's ONNX file has its
+    decoder beside it (<stem>.decoder.onnx, bound by its SHA-256), a .pt2 holds both.
     Unless --no-verify, the export is compared with the eager model on every available backend, and a JSON
     report is written next to each artifact as <artifact>.report.json.
     """

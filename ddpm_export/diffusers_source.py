@@ -1,11 +1,13 @@
-"""The diffusers source: a pixel-space DDPM as Hugging Face diffusers saves it, read into a ``ModelSource``.
+"""The diffusers source: a DDPM as Hugging Face diffusers saves it, read into a ``ModelSource``.
 
-A folder is either a pipeline (``model_index.json`` naming ``unet`` → ``unet/`` and ``scheduler`` →
-``scheduler/scheduler_config.json``) or a bare ``UNet2DModel`` (``config.json`` and
+A folder is either a pipeline (``model_index.json``) or a bare ``UNet2DModel`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or ``.bin``, with ``--scheduler-config FILE`` or a ``scheduler_config.json``
-beside it). google/ddpm-cifar10-32 also keeps pre-0.1 files at its root (``config.json`` of class ``UNetModel``,
+beside it). A pipeline has a denoiser, ``unet/`` (a ``UNet2DModel``) or ``transformer/`` (a ``DiTTransformer2DModel``),
+and ``scheduler/scheduler_config.json``; a latent pipeline also an autoencoder whose decoder turns the final latent
+into the image: ``vae/`` (an ``AutoencoderKL``: DiTPipeline, or a UNet2DModel on latents) or ``vqvae/`` (a ``VQModel``:
+LDMPipeline). google/ddpm-cifar10-32 also keeps pre-0.1 files at its root (``config.json`` of class ``UNetModel``,
 ``scheduler_config.json`` of ``GaussianDDPMScheduler``): ``model_index.json`` is followed, and a folder that holds
-only those legacy files is refused with that said.
+only those legacy files is refused with that said. Text-conditioned pipelines are refused.
 
 The scheduler config (``DDPMScheduler`` or ``DDIMScheduler``; keys it omits take that class's defaults) becomes the
 contract: ``beta_schedule`` (linear, scaled_linear, squaredcos_cap_v2 = our cosine, sigmoid) or ``trained_betas``
@@ -13,7 +15,9 @@ contract: ``beta_schedule`` (linear, scaled_linear, squaredcos_cap_v2 = our cosi
 as the model's recommended run settings ``clip_sample``/``clip_sample_range`` and ``timestep_spacing``/
 ``steps_offset`` (a DDIM config also recommends DDIM's 50 steps, DDIMPipeline's default). What the runtime cannot
 reproduce is refused, never approximated: dynamic thresholding, zero-terminal-SNR rescaling, DDIM's
-``set_alpha_to_one = false``, learned variances, non-square or non-1/3-channel images.
+``set_alpha_to_one = false``, a UNet2DModel's learned variance, non-square or non-1/3-channel images. A DiT's learned
+variance (its output's second half) is carried as channels the samplers ignore: they use ε with fixed variances (a
+``learned``/``learned_range`` variance_type reads as fixed_small, β̃).
 
 Weights load with ``torch.load(weights_only=True)`` (diffusers' own loader, after our check of a ``.bin``: one that
 carries pickled code is refused as our checkpoints are) and must match the config exactly.
@@ -25,6 +29,7 @@ import dataclasses
 import inspect
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -33,10 +38,14 @@ import torch
 from ddpm_export.errors import SourceError
 from ddpm_export.source import ModelSource
 from runtime.errors import ContractError, reason
-from runtime.metadata import PREDICTION_TYPES, Provenance, RunDefaults, SamplingContract, ScheduleSpec
+from runtime.metadata import PREDICTION_TYPES, Provenance, RunDefaults, SamplingContract, ScheduleSpec, latent_stages
 from runtime.sampling.schedule import SPACINGS, default_params
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+DENOISERS = {"unet": "UNet2DModel", "transformer": "DiTTransformer2DModel"}  # a pipeline's denoiser: its key, class
+AUTOENCODERS = {"vae": "AutoencoderKL", "vqvae": "VQModel"}  # a latent pipeline's autoencoder: its key, usual class
+TEXT = ("text_encoder", "tokenizer")  # keys (and prefixes of keys) of a text-conditioned pipeline
+LEARNED_VARIANCES = ("learned", "learned_range")
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
 VARIANCE_TYPES = {"fixed_small": "beta_tilde", "fixed_large": "beta"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -55,51 +64,117 @@ class DiffusersUNet(torch.nn.Module):
         return self.unet(x, t, class_labels=y, return_dict=False)[0]
 
 
+class DiffusersDiT(torch.nn.Module):
+    """A ``DiTTransformer2DModel`` as our network: ``forward(x, t, y)`` → its output (ε, then its learned variance)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.transformer(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+
+class DiffusersDecoder(torch.nn.Module):
+    """An autoencoder's decoder as our decoder stage: ``forward(z)`` → the image in [-1, 1] (a ``VQModel``
+    quantizes z first, as LDMPipeline's decode does)."""
+
+    def __init__(self, autoencoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(z, return_dict=False)[0]
+
+
+NETWORKS = {"UNet2DModel": DiffusersUNet, "DiTTransformer2DModel": DiffusersDiT}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a diffusers folder keeps its parts: the denoiser's folder and class, the autoencoder's folder (None: a
+    pixel-space model) and the scheduler config."""
+
+    denoiser: Path
+    denoiser_class: str
+    autoencoder: Path | None
+    scheduler: Path
+
+
 def diffusers_source(folder: str | Path, *, scheduler_config: str | Path | None = None,
                      null_class: int | None = None) -> ModelSource:
     """The model in a diffusers ``folder`` (see the module docstring); ``SourceError`` names the file and the
     problem."""
     folder = Path(folder)
-    unet_dir, scheduler_file = locate(folder, scheduler_config)
-    unet_config = read_config(unet_dir / "config.json", ("UNet2DModel",))
-    scheduler = read_config(scheduler_file, SCHEDULERS)
-    contract = diffusers_contract(unet_config, scheduler, null_class=null_class, where=unet_dir / "config.json",
-                                  scheduler_file=scheduler_file)
-    net = DiffusersUNet(load_unet(unet_dir)).eval()
-    kind = f"diffusers UNet2DModel + {scheduler['_class_name']}"
+    layout = locate(folder, scheduler_config)
+    where = layout.denoiser / "config.json"
+    facts = denoiser_facts(read_config(where, (layout.denoiser_class,)), where)
+    scheduler = read_config(layout.scheduler, SCHEDULERS)
+    decoder = stage = None
+    if layout.autoencoder is not None:
+        decoder, stage = load_decoder(layout.autoencoder, facts, where)
+    contract = diffusers_contract(facts, scheduler, null_class=null_class, where=where,
+                                  scheduler_file=layout.scheduler, decoder=stage)
+    net = NETWORKS[layout.denoiser_class](load_weights(layout.denoiser, layout.denoiser_class)).eval()
+    parts = [layout.denoiser_class] + ([] if stage is None else [stage["class"]]) + [scheduler["_class_name"]]
+    kind = f"diffusers {' + '.join(parts)}"
     contract = _with_provenance(contract, f"{kind} (diffusers {diffusers.__version__})")
     c = contract
     classes = f"{c.num_classes} classes, null class {c.null_class}" if c.conditional else "unconditional"
+    shape = f"{c.channels}x{c.image_size}x{c.image_size}"
+    if stage is not None:
+        shape = f"latent {'x'.join(map(str, c.latent_shape))} -> image {shape}"
+    details = {"source": kind, "folder": str(folder), layout.denoiser.name: str(layout.denoiser),
+               "scheduler_config": str(layout.scheduler), "diffusers_version": diffusers.__version__}
+    if layout.autoencoder is not None:
+        details[layout.autoencoder.name] = str(layout.autoencoder)
     return ModelSource(
         net, contract, folder.resolve(),
-        f"{folder}: {kind}, {c.channels}x{c.image_size}x{c.image_size}, {classes}, predicts {c.prediction}, "
-        f"{c.schedule.name} schedule, T = {c.schedule.timesteps}",
-        {"source": kind, "folder": str(folder), "unet": str(unet_dir), "scheduler_config": str(scheduler_file),
-         "diffusers_version": diffusers.__version__})
+        f"{folder}: {kind}, {shape}, {classes}, predicts {c.prediction}, {c.schedule.name} schedule, "
+        f"T = {c.schedule.timesteps}", details, decoder)
 
 
-def locate(folder: Path, scheduler_config: str | Path | None) -> tuple[Path, Path]:
-    """(the UNet2DModel folder, the scheduler config file) of ``folder``."""
+def _text_conditioned(index: Path, entries: dict) -> SourceError:
+    return SourceError(f"{index}: a text-conditioned pipeline ({entries.get('_class_name')}); text-conditioned models "
+                       "are not supported (unconditional and class-conditional DDPMs are: a UNet2DModel or a "
+                       "DiTTransformer2DModel, latent ones with an AutoencoderKL or VQModel)")
+
+
+def locate(folder: Path, scheduler_config: str | Path | None) -> Layout:
+    """Where ``folder`` keeps its denoiser, autoencoder and scheduler config (see ``Layout``)."""
     index = folder / "model_index.json"
+    autoencoder = None
     if index.is_file():
         entries = read_json(index)
-        unet, sched = entries.get("unet"), entries.get("scheduler")
-        if not isinstance(unet, list) or len(unet) != 2:
-            raise SourceError(f"{index}: names no unet (a pixel-space DDPM pipeline has a unet and a scheduler)")
-        if any(k in entries for k in ("vae", "vqvae", "text_encoder")):
-            raise SourceError(f"{index}: a latent or text-conditioned pipeline ({entries.get('_class_name')}); "
-                              "only pixel-space DDPM pipelines (a UNet2DModel on the images) are supported")
-        if unet[1] != "UNet2DModel":
-            raise SourceError(f"{index}: its unet is a {unet[1]}; only UNet2DModel (pixel space, unconditional or "
-                              "class-conditional) is supported")
-        unet_dir = folder / "unet"
+        named = {k: v[1] for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[1]}
+        if any(k.startswith(TEXT) for k in named) or any("Condition" in v for v in named.values()):
+            raise _text_conditioned(index, entries)
+        key = next((k for k in DENOISERS if k in named), None)
+        if key is None:
+            raise SourceError(f"{index}: names no unet or transformer (a DDPM pipeline has a denoiser and a "
+                              "scheduler)")
+        if named[key] != DENOISERS[key]:
+            raise SourceError(f"{index}: its {key} is a {named[key]}; only {DENOISERS[key]} is supported as its "
+                              f"{key} ({' or '.join(DENOISERS.values())}, unconditional or class-conditional)")
+        unet_dir, sched = folder / key, entries.get("scheduler")
         if scheduler_config is None:
             if not isinstance(sched, list):
                 raise SourceError(f"{index}: names no scheduler; pass --scheduler-config FILE")
             scheduler_config = folder / "scheduler" / "scheduler_config.json"
         if not (unet_dir / "config.json").is_file():
-            raise SourceError(f"{folder}: model_index.json names a unet, but {unet_dir / 'config.json'} does not exist")
-    elif (folder / "config.json").is_file():
+            raise SourceError(f"{folder}: model_index.json names a {key}, but {unet_dir / 'config.json'} does not "
+                              "exist")
+        found = [k for k in AUTOENCODERS if k in named]
+        if found:
+            autoencoder = folder / found[0]
+            if not (autoencoder / "config.json").is_file():
+                raise SourceError(f"{folder}: model_index.json names a {found[0]} ({named[found[0]]}), the autoencoder "
+                                  f"whose decoder makes the images, but {autoencoder / 'config.json'} does not exist")
+        elif key == "transformer":
+            raise SourceError(f"{index}: a {named[key]} pipeline without an autoencoder (vae): a DiT denoises latents, "
+                              "and the vae's decoder makes the images")
+        return Layout(unet_dir, DENOISERS[key], autoencoder, _scheduler_file(scheduler_config))
+    if (folder / "config.json").is_file():
         unet_dir = folder
         config = read_json(folder / "config.json")
         if config.get("_class_name") in LEGACY:
@@ -112,13 +187,16 @@ def locate(folder: Path, scheduler_config: str | Path | None) -> tuple[Path, Pat
             if not scheduler_config.is_file():
                 raise SourceError(f"{folder}: a bare UNet2DModel folder needs its scheduler: pass --scheduler-config "
                                   "FILE or put scheduler_config.json beside config.json")
-    else:
-        raise SourceError(f"{folder} is not a diffusers model folder: it has neither model_index.json (a pipeline) "
-                          "nor config.json (a UNet2DModel)")
-    scheduler_config = Path(scheduler_config)
-    if not scheduler_config.is_file():
-        raise SourceError(f"scheduler config {scheduler_config} does not exist")
-    return unet_dir, scheduler_config
+        return Layout(unet_dir, "UNet2DModel", None, _scheduler_file(scheduler_config))
+    raise SourceError(f"{folder} is not a diffusers model folder: it has neither model_index.json (a pipeline) "
+                      "nor config.json (a UNet2DModel)")
+
+
+def _scheduler_file(scheduler_config: str | Path) -> Path:
+    path = Path(scheduler_config)
+    if not path.is_file():
+        raise SourceError(f"scheduler config {path} does not exist")
+    return path
 
 
 def read_json(path: Path) -> dict:
@@ -146,32 +224,83 @@ def read_config(path: Path, classes: tuple[str, ...]) -> dict:
     return {**defaults, **data}
 
 
-def diffusers_contract(unet: dict, scheduler: dict, *, null_class: int | None = None, where: Path,
-                       scheduler_file: Path) -> SamplingContract:
-    """The sampling contract of a ``UNet2DModel`` config and a DDPM/DDIM scheduler config (both with defaults)."""
+def denoiser_facts(config: dict, where: Path) -> dict:
+    """What the contract needs of a denoiser's config (a ``UNet2DModel``'s or a ``DiTTransformer2DModel``'s, with
+    defaults): ``size``, ``channels``, ``out_channels``, ``labels`` (its class embeddings: 0 unconditional) and
+    ``null_class`` (a DiT's: the label after its classes, which DiTPipeline passes for "no class"; None: given by
+    ``--null-class``)."""
+    def refuse(problem: str) -> SourceError:
+        return SourceError(f"{where}: {problem}")
+
+    size = config["sample_size"]
+    if size is None:
+        raise refuse("no sample_size: the size the model was trained at is needed")
+    if isinstance(size, list | tuple):
+        if len(size) != 2 or size[0] != size[1]:
+            raise refuse(f"sample_size {size}: only square images are supported")
+        size = size[0]
+    channels = config["in_channels"]
+    out = config["out_channels"] or channels
+    if config["_class_name"] == "DiTTransformer2DModel":
+        if out not in (channels, 2 * channels):
+            raise refuse(f"out_channels {out}: expected in_channels {channels} (ε) or twice that (ε and a learned "
+                         "variance)")
+        if not config["num_embeds_ada_norm"] or config["norm_type"] != "ada_norm_zero":
+            raise refuse("a DiT without class labels (num_embeds_ada_norm, norm_type ada_norm_zero) is not supported")
+        labels = int(config["num_embeds_ada_norm"])
+        return {"size": int(size), "channels": channels, "out_channels": out, "labels": labels, "null_class": labels}
+    if out != channels:
+        learned = out == 2 * channels
+        raise refuse(f"out_channels {out} != in_channels {channels}"
+                     + (" (a learned variance, which is not supported)" if learned else ""))
+    if config.get("class_embed_type") is not None:
+        raise refuse(f"class_embed_type {config['class_embed_type']!r}: only labels through num_class_embeds are "
+                     "supported")
+    return {"size": int(size), "channels": channels, "out_channels": out,
+            "labels": int(config.get("num_class_embeds") or 0), "null_class": None}
+
+
+def load_decoder(folder: Path, facts: dict, denoiser_config: Path) -> tuple[torch.nn.Module, dict]:
+    """The autoencoder in ``folder`` as a decoder stage, and what the contract needs of it: ``class``,
+    ``scaling_factor``, ``shift``, ``channels`` and ``size`` (of the image it makes from the denoiser's latent, found
+    by decoding one)."""
+    config_file = folder / "config.json"
+    name = read_json(config_file).get("_class_name")
+    if name not in AUTOENCODERS.values():
+        raise SourceError(f"{config_file}: a {name or 'config without _class_name'} autoencoder, which is not "
+                          f"supported (supported: {', '.join(AUTOENCODERS.values())})")
+    config = read_config(config_file, (name,))
+    latent = config.get("vq_embed_dim") or config["latent_channels"] if name == "VQModel" else config["latent_channels"]
+    if latent != facts["channels"]:
+        raise SourceError(f"{config_file}: its decoder takes latents of {latent} channels, but the denoiser "
+                          f"({denoiser_config}) works on {facts['channels']}")
+    decoder = DiffusersDecoder(load_weights(folder, name)).eval()
+    with torch.no_grad():
+        image = decoder(torch.zeros(1, latent, facts["size"], facts["size"])).shape
+    if image[1] not in (1, 3) or image[2] != image[3]:
+        raise SourceError(f"{config_file}: its decoder makes images of shape {list(image[1:])}; square images of 1 or "
+                          "3 channels are supported")
+    return decoder, {"class": name, "scaling_factor": float(config["scaling_factor"]),
+                     "shift": float(config.get("shift_factor") or 0.0), "channels": image[1], "size": image[2]}
+
+
+def diffusers_contract(facts: dict, scheduler: dict, *, null_class: int | None = None, where: Path,
+                       scheduler_file: Path, decoder: dict | None = None) -> SamplingContract:
+    """The sampling contract of a denoiser (``denoiser_facts``), a DDPM/DDIM scheduler config (with defaults) and,
+    for a latent model, its decoder (``load_decoder``'s facts)."""
     def refuse(file: Path, problem: str) -> SourceError:
         return SourceError(f"{file}: {problem}")
 
-    size = unet["sample_size"]
-    if size is None:
-        raise refuse(where, "no sample_size: the image size the model was trained at is needed")
-    if isinstance(size, list | tuple):
-        if len(size) != 2 or size[0] != size[1]:
-            raise refuse(where, f"sample_size {size}: only square images are supported")
-        size = size[0]
-    channels = unet["in_channels"]
-    if unet["out_channels"] != channels:
-        learned = unet["out_channels"] == 2 * channels
-        raise refuse(where, f"out_channels {unet['out_channels']} != in_channels {channels}"
-                            + (" (a learned variance, which is not supported)" if learned else ""))
-    if channels not in (1, 3):
+    size, channels = facts["size"], facts["channels"]
+    if decoder is None and channels not in (1, 3):
         raise refuse(where, f"in_channels {channels}: images of 1 or 3 channels are supported")
-    embeds = unet.get("num_class_embeds")
-    if unet.get("class_embed_type") is not None:
-        raise refuse(where, f"class_embed_type {unet['class_embed_type']!r}: only labels through num_class_embeds "
-                            "are supported")
-    num_classes = int(embeds or 0)
-    if null_class is not None:
+    num_classes = facts["labels"]
+    if facts["null_class"] is not None:
+        if null_class is not None:
+            raise SourceError(f"--null-class: this denoiser's null label is {facts['null_class']}, the label after "
+                              "its classes (the one its pipeline passes for 'no class')")
+        null_class = facts["null_class"]
+    elif null_class is not None:
         if not num_classes:
             raise SourceError("--null-class: the model is unconditional (its config has no num_class_embeds)")
         if null_class != num_classes - 1:
@@ -189,6 +318,8 @@ def diffusers_contract(unet: dict, scheduler: dict, *, null_class: int | None = 
         raise refuse(scheduler_file, f"unknown prediction_type {s['prediction_type']!r} (expected one of "
                                      f"{', '.join(PREDICTION_TYPES)})")
     variance = s.get("variance_type", "fixed_small")
+    if variance in LEARNED_VARIANCES and facts["out_channels"] == 2 * channels and decoder is not None:
+        variance = "fixed_small"  # a DiT's learned variance: the samplers use ε with fixed variances
     if variance not in VARIANCE_TYPES:
         raise refuse(scheduler_file, f"variance_type {variance!r} is not supported (expected "
                                      f"{' or '.join(VARIANCE_TYPES)})")
@@ -213,11 +344,17 @@ def diffusers_contract(unet: dict, scheduler: dict, *, null_class: int | None = 
         clip_denoised=bool(s["clip_sample"]),
         clip_range=float(s["clip_sample_range"]) if s["clip_sample"] and s["clip_sample_range"] != 1 else None,
         spacing=spacing, steps_offset=offset if spacing == "leading" and offset else None)
+    stages, image = [], (channels, size)
+    if decoder is not None:
+        stages = latent_stages(channels, size, channels=decoder["channels"], image_size=decoder["size"],
+                               num_classes=num_classes, out_channels=facts["out_channels"],
+                               scaling_factor=decoder["scaling_factor"], shift=decoder["shift"])
+        image = (decoder["channels"], decoder["size"])
     try:
-        return SamplingContract(image_size=int(size), channels=channels, schedule=schedule,
+        return SamplingContract(image_size=int(image[1]), channels=image[0], schedule=schedule,
                                 prediction=s["prediction_type"],
                                 variance=VARIANCE_TYPES[variance], num_classes=num_classes,
-                                null_class=null_class, run_defaults=recommended)
+                                null_class=null_class, run_defaults=recommended, stages=stages)
     except ContractError as e:
         field = str(e)
         file = scheduler_file if any(k in field for k in ("schedule", "run_defaults")) else where
@@ -225,8 +362,9 @@ def diffusers_contract(unet: dict, scheduler: dict, *, null_class: int | None = 
                            "range") from None
 
 
-def load_unet(unet_dir: Path) -> torch.nn.Module:
-    """The ``UNet2DModel`` in ``unet_dir``: weights read as data (``weights_only``) that match the config exactly."""
+def load_weights(unet_dir: Path, name: str) -> torch.nn.Module:
+    """The diffusers model of class ``name`` in ``unet_dir``: weights read as data (``weights_only``) that match the
+    config exactly."""
     present = [unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).is_file()]
     if not present:
         raise SourceError(f"{unet_dir}: no weights ({' or '.join(WEIGHT_FILES)})")
@@ -240,7 +378,7 @@ def load_unet(unet_dir: Path) -> torch.nn.Module:
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder: never the network
     try:
-        unet, info = diffusers.UNet2DModel.from_pretrained(str(unet_dir), output_loading_info=True,
+        unet, info = getattr(diffusers, name).from_pretrained(str(unet_dir), output_loading_info=True,
                                                            low_cpu_mem_usage=False, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds; one line names the first problem
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

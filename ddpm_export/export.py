@@ -11,6 +11,7 @@ file that looks valid.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -22,23 +23,25 @@ import onnx
 
 from ddpm_export.errors import ExportError
 from ddpm_export.fp16 import to_fp16
-from ddpm_export.onnx_export import DEFAULT_OPSET, export_onnx, input_output_summary
+from ddpm_export.onnx_export import DEFAULT_OPSET, export_decoder_onnx, export_onnx, input_output_summary
 from ddpm_export.pt2_export import EXPORTER as PT2_EXPORTER
 from ddpm_export.pt2_export import Device, export_pt2
 from ddpm_export.source import ModelSource, open_source
 from ddpm_export.torchscript_export import EXPORTER as TS_EXPORTER
 from ddpm_export.torchscript_export import export_torchscript, save_torchscript
-from ddpm_export.verify import VerificationReport, torch_net, verify_backend
+from ddpm_export.verify import VerificationReport, torch_decoder, torch_net, verify_backend
 from runtime.backends.backend import Backend, Format
 from runtime.backends.precision import Precision
 from runtime.backends.providers import Provider
 from runtime.backends.registry import BACKENDS, FORMATS
 from runtime.backends.step_graph import MIN_OPSET
 from runtime.errors import ModelError, reason
-from runtime.files import atomic_path, atomic_write, check_writable
+from runtime.files import atomic_path, atomic_paths, atomic_write, check_writable
 from runtime.metadata import CONTRACT_KEY, RunDefaults, SamplingContract
 from runtime.pipeline import load
 from runtime.tolerances import TOLERANCES
+
+DECODER_SUFFIX = ".decoder.onnx"  # a latent model's decoder: <stem>.decoder.onnx beside <stem>.onnx
 
 # Which --dtype each format is written in: its kind's ``writes`` (ONNX fp16: a <stem>.fp16.onnx copy beside the fp32
 # model). The per-call check judges the export, not the provider's arithmetic mode: it runs with the provider's
@@ -79,9 +82,11 @@ class Artifact:
     size_bytes: int
     verification: str  # "passed", or "skipped: <why>"
     report_path: Path
+    stages: list[Path] = field(default_factory=list)  # stage files beside it that belong to it (a decoder)
 
     def summary(self) -> str:
-        return (f"wrote {self.path} ({self.format}, {self.precision}, {self.size_bytes / 1e6:.2f} MB, "
+        beside = "".join(f" and {p}" for p in self.stages)
+        return (f"wrote {self.path}{beside} ({self.format}, {self.precision}, {self.size_bytes / 1e6:.2f} MB, "
                 f"exporter {self.exporter}); verification: {self.verification}; report: {self.report_path}")
 
 
@@ -94,10 +99,12 @@ def export_checkpoint(o: ExportOptions) -> list[Artifact]:
 
 
 def export_module(module, contract: SamplingContract, out: str | Path, *, formats: tuple[Format, ...] = ("onnx",),
-                  **options) -> list[Artifact]:
+                  decoder=None, **options) -> list[Artifact]:
     """Export any PyTorch ``module`` — ``forward(x, t[, y])`` returning, per row at its own timestep, what
     ``contract.prediction`` names — with ``contract`` to ``out`` (a file for one format, a path stem for several).
 
+    A latent model also passes its ``decoder`` (``forward(z)`` → the image in [-1, 1], z the latent as the contract's
+    decoder stage scales it), with a contract whose ``stages`` say so (``runtime.metadata.latent_stages``).
     ``options`` are ``ExportOptions`` fields (``verify``, ``dtype``, ``opset``, ``run_defaults``, ``log`` …).
     """
     import torch
@@ -110,9 +117,11 @@ def export_module(module, contract: SamplingContract, out: str | Path, *, format
                                      torch_version=p.torch_version or torch.__version__,
                                      source=p.source or f"PyTorch module {type(module).__qualname__}")
     contract = dataclasses.replace(contract, provenance=provenance)
-    source = ModelSource(module, contract, None, f"{type(module).__qualname__}: {contract.channels}x"
-                         f"{contract.image_size}x{contract.image_size}, {contract.prediction} prediction",
-                         {"source": provenance.source})
+    shape = f"{contract.channels}x{contract.image_size}x{contract.image_size}"
+    if contract.decoder is not None:
+        shape = f"latent {'x'.join(map(str, contract.latent_shape))} -> image {shape} ({type(decoder).__qualname__})"
+    source = ModelSource(module, contract, None, f"{type(module).__qualname__}: {shape}, {contract.prediction} "
+                         "prediction", {"source": provenance.source}, decoder)
     o = ExportOptions(None, tuple(formats), out, **options)
     check_options(o)
     return export_source(source, o)
@@ -142,8 +151,15 @@ def export_source(source: ModelSource, o: ExportOptions) -> list[Artifact]:
     if o.run_defaults is not None:  # given settings replace the source's recommendations
         base = contract.run_defaults or RunDefaults()
         contract = dataclasses.replace(contract, run_defaults=dataclasses.replace(base, **o.run_defaults.given()))
+    if source.decoder is not None and contract.decoder is None:
+        raise ExportError("a decoder module needs a contract with a decoder stage (runtime.metadata.latent_stages)")
+    if source.decoder is None and contract.decoder is not None:
+        raise ExportError("the contract has a decoder stage: pass its decoder module too (decoder=)")
+    if contract.decoder is not None and "torchscript" in o.formats:
+        raise ExportError("a latent model (a decoder after the denoiser) is written as ONNX (the model and its "
+                          "decoder beside it) or .pt2 (both in one package), not TorchScript")
     o.log(source.description)
-    reference = torch_net(source.network)
+    reference = torch_net(source.network, contract=contract)
     artifacts = []
     if "onnx" in o.formats:
         artifacts += _export_onnx(source, contract, reference, paths["onnx"], o)
@@ -180,7 +196,8 @@ def _write_report(path: Path, data: dict) -> Path:
 
 
 def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, report: VerificationReport,
-            skip_reason: str | None, extra: dict, source: ModelSource, o: ExportOptions) -> Artifact:
+            skip_reason: str | None, extra: dict, source: ModelSource, o: ExportOptions,
+            stages: list[Path] = ()) -> Artifact:
     """Always write the report; raise if the verification failed, so that ``atomic_path`` drops the artifact."""
     if report.failed:
         status = "failed"
@@ -198,7 +215,7 @@ def _finish(path: Path, tmp: Path, fmt: str, precision: str, exporter: str, repo
                           f"(details in {report_path})")
     for r in report.results + report.informational:
         o.log(f"  {r.summary()}")
-    return Artifact(path, fmt, precision, exporter, size, status, report_path)
+    return Artifact(path, fmt, precision, exporter, size, status, report_path, list(stages))
 
 
 def _load(tmp: Path, provider: str, report: VerificationReport, what: str, dtype: Precision | None = None,
@@ -231,38 +248,65 @@ def _onnx_backends(tmp: Path, report: VerificationReport, dtype: Precision = "fp
                 yield p, backend
 
 
+def _decoders(decoder, m: Backend) -> tuple | None:
+    """A latent model's decoders for the checks: the eager ``decoder`` module and the loaded backend's (None: a pixel
+    model)."""
+    return None if decoder is None else (torch_decoder(decoder), m.decode)
+
+
 def _verify_onnx_fp32(tmp: Path, p: Provider, m: Backend, reference, contract: SamplingContract,
-                      report: VerificationReport):
+                      report: VerificationReport, decoder=None):
     """The fp32 checks on one provider: per-call output with strict fp32 arithmetic (its ``strict`` options), the
-    trajectories as generation runs them."""
+    trajectories as generation runs them; a latent model's ``decoder`` (the eager module) through both."""
     options = p.strict or None
     strict = (_load(tmp, p.name, report, f"onnx:{m.provider} (strict fp32)", "fp32", provider_options=options)
               if options else m)
     if strict is None:
         return None
     return verify_backend(f"onnx:{m.provider}", reference, strict.predict_eps, contract,
-                          trajectory_candidate=m.predict_eps,
+                          trajectory_candidate=m.predict_eps, decoders=_decoders(decoder, strict),
                           settings={"eps": options or "provider defaults", "trajectory": "provider defaults"})
+
+
+def _with_decoder_file(contract: SamplingContract, file: str | None, sha256: str | None) -> SamplingContract:
+    """The contract with its decoder stage in ``file`` (beside the model file; its ``sha256``), or in the model
+    file itself (None)."""
+    if contract.decoder is None:
+        return contract
+    stage = dataclasses.replace(contract.decoder, file=file, sha256=sha256)
+    return dataclasses.replace(contract, stages=[contract.denoiser, stage])
 
 
 def _export_onnx(source: ModelSource, contract: SamplingContract, reference, path: Path,
                  o: ExportOptions) -> list[Artifact]:
+    stage_paths, stage_bytes, stages = [], b"", {}
+    if source.decoder is not None:  # its own file beside the model, named and bound by sha256 in the contract
+        stage_paths = [path.with_name(path.stem + DECODER_SUFFIX)]
+        _check_writable(stage_paths[0])
+        o.log(f"exporting the decoder to ONNX (opset {o.opset}) -> {stage_paths[0]} ...")
+        stage_bytes = export_decoder_onnx(source.decoder, contract, opset=o.opset).SerializeToString()
+        digest = hashlib.sha256(stage_bytes).hexdigest()
+        contract = _with_decoder_file(contract, stage_paths[0].name, digest)
+        stages = {"decoder": {"path": str(stage_paths[0]), "sha256": digest, "size_bytes": len(stage_bytes)}}
     o.log(f"exporting ONNX (opset {o.opset}) ...")
     model = export_onnx(source.network, contract, opset=o.opset)
     exported = SamplingContract.from_json({p.key: p.value for p in model.metadata_props}[CONTRACT_KEY])
     exporter = exported.provenance.exporter
-    extra = {"opset": o.opset, **input_output_summary(model), "contract": exported.to_dict()}
+    extra = {"opset": o.opset, **input_output_summary(model), "contract": exported.to_dict(),
+             **({"stages": stages} if stages else {})}
     artifacts = []
-    with atomic_path(path) as tmp:
+    with atomic_paths(path, *stage_paths) as (tmp, *stage_tmps):
         onnx.save_model(model, str(tmp))
+        for stage_tmp in stage_tmps:
+            stage_tmp.write_bytes(stage_bytes)
         report = VerificationReport(dataclasses.asdict(TOLERANCES["fp32"]))
         if o.verify:
             for p, m in _onnx_backends(tmp, report):
                 o.log(f"verifying on {m.provider} ...")
-                if (result := _verify_onnx_fp32(tmp, p, m, reference, contract, report)) is not None:
+                if (result := _verify_onnx_fp32(tmp, p, m, reference, contract, report, source.decoder)) is not None:
                     report.results.append(result)
         artifacts.append(_finish(path, tmp, "onnx", "fp32", exporter, report,
-                                 None if o.verify else "--no-verify", extra, source, o))
+                                 None if o.verify else "--no-verify", extra, source, o, stage_paths))
     if o.optimize:
         artifacts.append(_export_optimized(path, reference, contract, exporter, extra, source, o))
     if o.precision == "fp16":
@@ -288,7 +332,7 @@ def _export_optimized(path: Path, reference, contract, exporter: str, extra: dic
         if o.verify:
             for _, m in _onnx_backends(tmp, report, only=("cpu",)):
                 report.results.append(verify_backend(f"onnx-optimized:{m.provider}", reference, m.predict_eps,
-                                                     contract))
+                                                     contract, decoders=_decoders(source.decoder, m)))
         extra = {**extra, "optimized_for": cpu, "graph_optimization_level": "ORT_ENABLE_EXTENDED"}
         return _finish(out, tmp, "onnx", "fp32-optimized", exporter, report,
                        None if o.verify else "--no-verify", extra, source, o)
@@ -308,12 +352,13 @@ def _export_fp16(model: onnx.ModelProto, path: Path, reference, contract, export
             for _, m in _onnx_backends(tmp, report, "fp16", only=("cuda",)):
                 o.log(f"verifying fp16 on {m.provider} ...")
                 report.results.append(verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract,
-                                                     "fp16"))
+                                                     "fp16", decoders=_decoders(source.decoder, m)))
             reason = None
             if not report.results:  # not the target provider: a CPU run can fail the export, never pass it
                 for _, m in _onnx_backends(tmp, report, "fp16", only=("cpu",)):
                     o.log("CUDA is not available; checking fp16 on the CPU provider (informational) ...")
-                    r = verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract, "fp16")
+                    r = verify_backend(f"onnx-fp16:{m.provider}", reference, m.predict_eps, contract, "fp16",
+                                       decoders=_decoders(source.decoder, m))
                     report.informational.append(r)
                     reason = (f"fp16 targets {FORMATS['onnx'].provider('cuda').full_name}, which cannot run here "
                               f"(on {m.provider}, not the target: trajectory max Δ "
@@ -348,12 +393,14 @@ def _export_pt2(source: ModelSource, contract: SamplingContract, reference, path
     """torch.export + AOTInductor for ``o.device`` at ``o.dtype``; verified on that device by loading the file."""
     o.log(f"exporting .pt2 (torch.export + AOTInductor for {o.device}, {o.precision}; compiling takes a while) ...")
     contract = _exported_by(contract, PT2_EXPORTER)
+    contract = _with_decoder_file(contract, None, None)  # both stages in the one package
     with atomic_path(path) as tmp:
-        export_pt2(source.network, contract, tmp, device=o.device, precision=o.precision)
+        export_pt2(source.network, contract, tmp, device=o.device, precision=o.precision, decoder=source.decoder)
         report = VerificationReport(dataclasses.asdict(TOLERANCES[o.precision]))
         if o.verify and (loaded := _load(tmp, o.device, report, f"pt2:{o.device}")) is not None:
             o.log(f"verifying on {loaded.provider} ...")  # on the device it targets
-            report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract, o.precision))
+            report.results.append(verify_backend(loaded.provider, reference, loaded.predict_eps, contract, o.precision,
+                                                 decoders=_decoders(source.decoder, loaded)))
         extra = {"device": o.device, "contract": contract.to_dict()}
         return _finish(path, tmp, "pt2", o.precision, PT2_EXPORTER, report, None if o.verify else "--no-verify",
                        extra, source, o)

@@ -9,6 +9,7 @@ interface is that of every other export. The compiled code is specific to the de
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import re
@@ -21,7 +22,7 @@ import torch
 from ddpm_export.errors import ExportError
 from ddpm_export.onnx_export import example_inputs
 from runtime.backends.precision import Precision
-from runtime.backends.pt2_model import TARGET_FILE
+from runtime.backends.pt2_model import DECODER, TARGET_FILE
 from runtime.errors import reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 from training.eval_mode import eval_mode
@@ -51,21 +52,40 @@ def _export(module, args, names, max_batch: int):
 
 
 def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Path, *, device: Device = "cpu",
-               precision: Precision = "fp32") -> None:
+               precision: Precision = "fp32", decoder: torch.nn.Module | None = None) -> None:
     """Compile ``net`` (x, t[, y] → its output, batch 1 … 65536, or the largest range its code allows: the runtime
-    runs larger batches in chunks) for ``device`` at ``precision`` and write the package.
+    runs larger batches in chunks) for ``device`` at ``precision`` and write the package; a latent model's
+    ``decoder`` (z → image) is compiled into the same package as its second model (``DECODER``), in fp32 whatever
+    ``precision`` is (autoencoder decoders overflow in reduced precision: diffusers upcasts them too), with the
+    same batch range.
 
-    ``net`` is compiled in eval mode and left in its mode, on its device. Raises ``ExportError`` (one line).
+    The modules are compiled in eval mode and left in their modes, on their devices. Raises ``ExportError`` (one
+    line).
     """
     from torch.export.pt2_archive._package import package_pt2
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: torch sees no CUDA device here")
     args = tuple(a.to(device) for a in example_inputs(contract))
-    names = ("x", "t", "y")[: len(args)]
+    module = net if precision == "fp32" else Autocast(net, device, TORCH_DTYPES[precision])
+    files, max_batch = _compile(net, module, args, device, MAX_BATCH)
+    if decoder is not None:
+        z = (torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1)).to(device),)
+        decoder_files, max_batch = _compile(decoder, decoder, z, device, max_batch)
+        files = {"model": files, DECODER: decoder_files}
+    target = {"device": device, "precision": precision, "max_batch": max_batch, "torch_version": torch.__version__}
+    buffer = io.BytesIO()  # package_pt2 wants a buffer or a name ending in .pt2; ``path`` may be a temporary name
+    package_pt2(buffer, aoti_files=files,
+                extra_files={CONTRACT_FILE: contract.to_json(), TARGET_FILE: json.dumps(target, sort_keys=True)})
+    Path(path).write_bytes(buffer.getvalue())
+
+
+def _compile(net: torch.nn.Module, module: torch.nn.Module, args: tuple, device: str, max_batch: int):
+    """(AOTInductor's files for ``module`` (``net``, or ``net`` wrapped) on ``args``, batch dynamic up to
+    ``max_batch`` or the largest range its code allows; that range)."""
+    names = list(inspect.signature(module.forward).parameters)[:len(args)]
     original = next(net.parameters()).device
-    module = net.to(device) if precision == "fp32" else Autocast(net.to(device), device, TORCH_DTYPES[precision])
-    max_batch = MAX_BATCH
+    net.to(device)
     try:
         with eval_mode(module), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -82,8 +102,4 @@ def export_pt2(net: torch.nn.Module, contract: SamplingContract, path: str | Pat
         raise ExportError(f"pt2 export failed: {type(e).__name__}: {reason(e)}") from None
     finally:
         net.to(original)
-    target = {"device": device, "precision": precision, "max_batch": max_batch, "torch_version": torch.__version__}
-    buffer = io.BytesIO()  # package_pt2 wants a buffer or a name ending in .pt2; ``path`` may be a temporary name
-    package_pt2(buffer, aoti_files=files,
-                extra_files={CONTRACT_FILE: contract.to_json(), TARGET_FILE: json.dumps(target, sort_keys=True)})
-    Path(path).write_bytes(buffer.getvalue())
+    return files, max_batch

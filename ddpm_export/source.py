@@ -21,7 +21,8 @@ class ModelSource:
     ``contract.prediction`` names (ε, v or x̂₀) for every row at its own timestep.
 
     ``stem``: where artifacts go by default (``<stem>.onnx`` …); ``description``: one line for the log;
-    ``details``: what the reports record about the source (its path, kind, weights …).
+    ``details``: what the reports record about the source (its path, kind, weights …). ``decoder``: a latent model's
+    decoder stage, ``decoder(z)`` → the image (z the latent as ``contract.decoder`` scales it), or None.
     """
 
     network: Any  # torch.nn.Module
@@ -29,6 +30,7 @@ class ModelSource:
     stem: Path | None
     description: str
     details: dict[str, Any] = field(default_factory=dict)
+    decoder: Any = None  # torch.nn.Module
 
 
 def open_source(path: str | Path, *, weights: str | None = None, scheduler_config: str | Path | None = None,

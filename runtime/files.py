@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +85,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """``atomic_path`` for files that belong together in one folder (a model and the stage files it names): yield
+    temporary paths of the same names in one temporary folder beside them, so that one can be loaded there as it
+    will be in place; when the block ends without an error they replace ``paths``, the first one last. On any
+    exception none of ``paths`` changes."""
+    paths = [Path(p) for p in paths]
+    if len({p.parent for p in paths}) != 1:
+        raise ValueError(f"atomic_paths: {[str(p) for p in paths]} are not in one folder")
+    folder = temporary_sibling(paths[0])
+    folder.mkdir()
+    try:
+        tmps = [folder / p.name for p in paths]
+        yield tmps
+        for tmp, path in reversed(list(zip(tmps, paths))):
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

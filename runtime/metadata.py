@@ -7,16 +7,21 @@ the field. Schema 2 added ``run_defaults`` (the run settings a model recommends:
 schema 3 lets it hold every run setting (``runtime.sampling.settings.RunSettings``); schema 4 (models from elsewhere)
 adds ``prediction`` (epsilon, v_prediction or sample; it replaces ``prediction_type``, which could only be epsilon),
 an explicit ``null_class`` (or none: no guidance), the scaled_linear, sigmoid and explicit β schedules (``betas``),
-``provenance.source`` and, as run settings, ``clip_range``, ``spacing`` and ``steps_offset``. Older contracts read as
-the current schema: schema 1 as having no recommendations, schema 2's recommendations with the later settings not given,
-schemas 1-3 as predicting ε with the null class after the classes (the ddpm-train convention).
+``provenance.source`` and, as run settings, ``clip_range``, ``spacing`` and ``steps_offset``. Schema 5 added
+``tuned_timesteps`` and ``tuning`` (ddpm-tune). Schema 6 (latent models) separates the latent from the image:
+``stages`` lists the networks in the order they run, the denoiser (its inputs and outputs, which were the top-level
+``inputs``/``outputs`` before; on a latent model its x is the latent) and, for a latent model, a decoder (its file and
+sha256, its input scaling and its output's pixel range); ``image_size``/``channels`` are always the image the user
+gets. Older contracts read as the current schema: schema 1 as having no recommendations, schema 2's recommendations
+with the later settings not given, schemas 1-3 as predicting ε with the null class after the classes (the ddpm-train
+convention), schemas 1-5 as one denoiser on the image.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -25,15 +30,17 @@ from runtime.errors import ContractError
 from runtime.sampling.schedule import MAX_TIMESTEPS, SCHEDULE_NAMES, NoiseSchedule, default_params, make_betas
 from runtime.sampling.settings import VARIANCES, RunSettings
 
-SCHEMA_VERSION = 5  # 5: tuned_timesteps and tuning (ddpm-tune)
+SCHEMA_VERSION = 6  # 5: tuned_timesteps and tuning (ddpm-tune); 6: stages (latent models: a decoder after the loop)
 SCHEMA_2_RUN_DEFAULTS = ("sampler", "steps", "eta", "guidance")  # what run_defaults held before schema 3
 SCHEMA_3_RUN_DEFAULTS = (*SCHEMA_2_RUN_DEFAULTS, "guidance_interval", "clip_denoised", "variance")  # before 4
 SCHEMA_4_RUN_DEFAULTS = (*SCHEMA_3_RUN_DEFAULTS, "clip_range", "spacing", "steps_offset")  # before 5
 CONTRACT_KEY = "ddpm_contract"  # ONNX metadata_props key
+STAGE_KEY = "ddpm_stage"  # ONNX metadata_props key of a stage in a file of its own: the stage's name
 CONTRACT_FILE = "ddpm_contract.json"  # TorchScript extra-file name
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the network outputs (diffusers' names)
 AFTER_CLASSES = "after_classes"  # null_class default: the label num_classes (ddpm-train's convention)
 TENSOR_DTYPES = ("float32", "float16", "int64")  # what a contract's inputs and outputs may be
+STAGES = ("denoiser", "decoder")  # the networks a model may have, in the order they run
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,29 @@ class Provenance:
     source: str | None = None  # what it was exported from, e.g. "diffusers UNet2DModel + DDPMScheduler (0.42.1)"
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One network of a model, in ``STAGES`` order: the ``denoiser`` (always; inside the model file) and, for a latent
+    model, the ``decoder`` that turns each finished latent into the image, once.
+
+    ``file``/``sha256``: a stage in a file of its own beside the model file (its name there, and its SHA-256, which
+    binds it to this contract); None for one inside the model file. ``inputs``/``outputs``: its graph's tensors.
+    The denoiser's x is the latent (the image, for a pixel-space model); ``prediction_channels``: where it outputs
+    more channels than x has (DiT's learned variance), the first this many are the prediction (the samplers use
+    those, with fixed variances, and ignore the rest); None: all of them. The decoder's input is
+    ``latent / scaling_factor + shift`` and its output an image in ``pixel_range``."""
+
+    name: Literal["denoiser", "decoder"]
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    file: str | None = None
+    sha256: str | None = None
+    prediction_channels: int | None = None
+    scaling_factor: float | None = None
+    shift: float | None = None
+    pixel_range: tuple[float, float] | None = None
+
+
 RunDefaults = RunSettings  # the run settings a model recommends: the same type a run gives (None: no recommendation)
 
 
@@ -84,7 +114,8 @@ class SamplingContract:
     Images are (B, channels, image_size, image_size) float32 in ``pixel_range``; class-conditional
     models take labels 0 … num_classes−1 and, for classifier-free guidance, ``null_class`` (the unconditional
     label: ``num_classes``, as ddpm-train reserves it, by default; ``None``: the model has none, and guidance is
-    refused). The network's output is ``prediction``: ε, v or x̂₀.
+    refused). The denoiser's output is ``prediction``: ε, v or x̂₀. ``stages``: the networks (``Stage``): the
+    denoiser (by default on the image, with inputs x, t[, y] and output eps), then a decoder for a latent model.
     """
 
     image_size: int
@@ -97,8 +128,7 @@ class SamplingContract:
     null_class: int | None = AFTER_CLASSES  # type: ignore[assignment]  # resolved in __post_init__
     class_names: list[str] = field(default_factory=list)
     ema: bool = False
-    inputs: list[TensorSpec] = field(default_factory=list)
-    outputs: list[TensorSpec] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
     provenance: Provenance = field(default_factory=Provenance)
     run_defaults: RunDefaults | None = None
     tuned_timesteps: dict[str, list[int]] = field(default_factory=dict)  # "K": the K timesteps ddpm-tune chose
@@ -109,11 +139,43 @@ class SamplingContract:
         if self.null_class == AFTER_CLASSES:
             object.__setattr__(self, "null_class",
                                self.num_classes if _is_int(self.num_classes) and self.num_classes > 0 else None)
-        if not self.inputs:
-            object.__setattr__(self, "inputs", default_inputs(self.channels, self.image_size, self.num_classes))
-        if not self.outputs:
-            object.__setattr__(self, "outputs", default_outputs(self.channels, self.image_size))
+        if not self.stages:
+            object.__setattr__(self, "stages", [Stage("denoiser")])
+        first = self.stages[0] if isinstance(self.stages, list) else None
+        if isinstance(first, Stage) and len(self.stages) == 1 and not (first.inputs and first.outputs):
+            object.__setattr__(self, "stages", [replace(  # a pixel-space denoiser: x, t[, y] on the image, eps out
+                first, inputs=first.inputs or default_inputs(self.channels, self.image_size, self.num_classes),
+                outputs=first.outputs or default_outputs(self.channels, self.image_size))])
         _validate(self)
+
+    @property
+    def denoiser(self) -> Stage:
+        return self.stages[0]
+
+    @property
+    def decoder(self) -> Stage | None:
+        """The decoder of a latent model; None for a pixel-space model."""
+        return self.stages[1] if len(self.stages) > 1 else None
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The denoiser's inputs (x, t[, y])."""
+        return self.denoiser.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The denoiser's outputs."""
+        return self.denoiser.outputs
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser works on: the latent (the image, for a pixel-space model)."""
+        return tuple(self.inputs[0].shape[1:])  # type: ignore[return-value]
+
+    @property
+    def prediction_channels(self) -> int | None:
+        """How many leading output channels of the denoiser are the prediction (None: all)."""
+        return self.denoiser.prediction_channels
 
     @property
     def conditional(self) -> bool:
@@ -132,6 +194,9 @@ class SamplingContract:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pixel_range"] = list(self.pixel_range)
+        for stage in d["stages"]:
+            if stage["pixel_range"] is not None:
+                stage["pixel_range"] = list(stage["pixel_range"])
         return d
 
     def to_json(self, indent: int | None = None) -> str:
@@ -166,16 +231,34 @@ class SamplingContract:
             data = _as_schema_4(data)
         if version < 5:  # no tuned timesteps before ddpm-tune
             data = {"tuned_timesteps": {}, "tuning": None, **data}
+        if version < 6:  # one denoiser on the image: its inputs and outputs were the contract's
+            data = dict(data)
+            denoiser = {f.name: None for f in fields(Stage)} | {"name": "denoiser"}
+            for key in ("inputs", "outputs"):
+                if key not in data:
+                    raise ContractError(f"contract field '{key}': missing")
+                denoiser[key] = data.pop(key)
+            data["stages"] = [denoiser]
         data = {**data, "schema_version": SCHEMA_VERSION}  # read as the current schema
         kw = _fields(cls, data, "")
         kw["schedule"] = ScheduleSpec(**_fields(ScheduleSpec, kw["schedule"], "schedule."))
         kw["provenance"] = Provenance(**_fields(Provenance, kw["provenance"], "provenance."))
         if kw["run_defaults"] is not None:
             kw["run_defaults"] = RunDefaults(**_fields(RunDefaults, kw["run_defaults"], "run_defaults."))
-        for key in ("inputs", "outputs"):
-            if not isinstance(kw[key], list):
-                raise ContractError(f"contract field '{key}': expected a list")
-            kw[key] = [TensorSpec(**_fields(TensorSpec, s, f"{key}[{i}].")) for i, s in enumerate(kw[key])]
+        if not isinstance(kw["stages"], list) or not kw["stages"]:
+            raise ContractError("contract field 'stages': expected a non-empty list")
+        stages = []
+        for n, raw in enumerate(kw["stages"]):
+            st = _fields(Stage, raw, f"stages[{n}].")
+            for key in ("inputs", "outputs"):
+                if not isinstance(st[key], list):
+                    raise ContractError(f"contract field 'stages[{n}].{key}': expected a list")
+                st[key] = [TensorSpec(**_fields(TensorSpec, s, f"stages[{n}].{key}[{i}]."))
+                           for i, s in enumerate(st[key])]
+            if isinstance(st["pixel_range"], list):
+                st["pixel_range"] = tuple(st["pixel_range"])
+            stages.append(Stage(**st))
+        kw["stages"] = stages
         if not isinstance(kw["pixel_range"], list | tuple):
             raise ContractError("contract field 'pixel_range': expected [low, high]")
         kw["pixel_range"] = tuple(kw["pixel_range"])
@@ -218,6 +301,21 @@ def default_inputs(channels: int, image_size: int, num_classes: int) -> list[Ten
 
 def default_outputs(channels: int, image_size: int) -> list[TensorSpec]:
     return [TensorSpec("eps", "float32", ["batch", channels, image_size, image_size])]
+
+
+def latent_stages(latent_channels: int, latent_size: int, *, channels: int, image_size: int, num_classes: int = 0,
+                  out_channels: int | None = None, scaling_factor: float = 1.0, shift: float = 0.0) -> list[Stage]:
+    """The stages of a latent model: a denoiser on (latent_channels, latent_size, latent_size) latents (x, t[, y];
+    output eps of ``out_channels``, default the latent's, the first latent_channels of them the prediction), then a
+    decoder ``z`` → ``image`` (channels, image_size, image_size) in [-1, 1] of ``z = latent / scaling_factor +
+    shift``. ``ddpm-export`` fills in the decoder's file and sha256."""
+    out = out_channels or latent_channels
+    return [Stage("denoiser", default_inputs(latent_channels, latent_size, num_classes),
+                  default_outputs(out, latent_size), prediction_channels=latent_channels if out != latent_channels
+                  else None),
+            Stage("decoder", [TensorSpec("z", "float32", ["batch", latent_channels, latent_size, latent_size])],
+                  [TensorSpec("image", "float32", ["batch", channels, image_size, image_size])],
+                  scaling_factor=float(scaling_factor), shift=float(shift), pixel_range=(-1.0, 1.0))]
 
 
 def _fields(cls: type, data: Any, prefix: str) -> dict[str, Any]:
@@ -290,21 +388,7 @@ def _validate(c: SamplingContract) -> None:
         raise ContractError(f"contract field 'schedule.{'betas' if explicit else 'params'}': {e}") from None
     _check(bool(np.all((betas > 0) & (betas <= 1))), "schedule.params",
            f"the {s.name} schedule with {s.params} gives betas outside (0, 1]")
-    for key in ("inputs", "outputs"):
-        for i, spec in enumerate(getattr(c, key)):
-            _check(isinstance(spec.name, str) and spec.name != "", f"{key}[{i}].name", "expected a non-empty string")
-            _check(spec.dtype in TENSOR_DTYPES, f"{key}[{i}].dtype",
-                   f"unknown value {spec.dtype!r} (expected one of {', '.join(TENSOR_DTYPES)})")
-            _check(isinstance(spec.shape, list) and all(_is_int(d) or isinstance(d, str) for d in spec.shape),
-                   f"{key}[{i}].shape", "expected a list of integers and dimension names")
-    names = [spec.name for spec in c.inputs]
-    _check(names[:2] == ["x", "t"] and (("y" in names) == c.conditional), "inputs",
-           f"expected x, t{', y' if c.conditional else ''}, got {', '.join(names)}")
-    image = [c.channels, c.image_size, c.image_size]
-    for key, spec in (("inputs[0]", c.inputs[0]), ("outputs[0]", c.outputs[0] if c.outputs else None)):
-        _check(spec is not None and len(spec.shape) == 4 and spec.shape[1:] == image, f"{key}.shape",
-               f"expected [batch, {c.channels}, {c.image_size}, {c.image_size}] (channels, image_size), "
-               f"got {None if spec is None else spec.shape}")
+    _validate_stages(c)
     r = c.run_defaults
     if r is not None:
         _check(isinstance(r, RunDefaults), "run_defaults", "expected an object")
@@ -327,3 +411,69 @@ def _validate(c: SamplingContract) -> None:
         if f.name != "training_steps":
             v = getattr(p, f.name)
             _check(v is None or isinstance(v, str), f"provenance.{f.name}", f"expected a string, got {v!r}")
+
+
+def _validate_stages(c: SamplingContract) -> None:
+    """The stages: the denoiser, then optionally a decoder; their tensors, the latent between them, the image."""
+    _check(isinstance(c.stages, list) and all(isinstance(st, Stage) for st in c.stages)
+           and [st.name for st in c.stages] in (["denoiser"], ["denoiser", "decoder"]), "stages",
+           f"expected the denoiser, then optionally a decoder, got {[getattr(st, 'name', st) for st in c.stages]}")
+    for n, st in enumerate(c.stages):
+        for key in ("inputs", "outputs"):
+            where = f"stages[{n}].{key}"
+            _check(isinstance(getattr(st, key), list) and len(getattr(st, key)) > 0, where,
+                   "expected a list of tensors")
+            for i, spec in enumerate(getattr(st, key)):
+                _check(isinstance(spec.name, str) and spec.name != "", f"{where}[{i}].name",
+                       "expected a non-empty string")
+                _check(spec.dtype in TENSOR_DTYPES, f"{where}[{i}].dtype",
+                       f"unknown value {spec.dtype!r} (expected one of {', '.join(TENSOR_DTYPES)})")
+                _check(isinstance(spec.shape, list) and all(_is_int(d) or isinstance(d, str) for d in spec.shape),
+                       f"{where}[{i}].shape", "expected a list of integers and dimension names")
+    den, dec = c.stages[0], c.decoder
+    _check(den.file is None and den.sha256 is None, "stages[0].file", "the denoiser is the model file itself")
+    _check(den.scaling_factor is None and den.shift is None and den.pixel_range is None, "stages[0]",
+           "scaling_factor, shift and pixel_range are a decoder's")
+    names = [spec.name for spec in den.inputs]
+    _check(names[:2] == ["x", "t"] and (("y" in names) == c.conditional), "stages[0].inputs",
+           f"expected x, t{', y' if c.conditional else ''}, got {', '.join(names)}")
+    x, out = den.inputs[0].shape, den.outputs[0].shape
+    _check(len(x) == 4 and all(_is_int(d) and d > 0 for d in x[1:]) and x[2] == x[3], "stages[0].inputs[0].shape",
+           f"expected [batch, channels, size, size], got {x}")
+    latent = list(x[1:])
+    image = [c.channels, c.image_size, c.image_size]
+    _check(dec is not None or latent == image, "stages[0].inputs[0].shape",
+           f"expected [batch, {c.channels}, {c.image_size}, {c.image_size}] (channels, image_size; a model "
+           f"without a decoder works on the image), got {x}")
+    p = den.prediction_channels
+    _check(p is None or (_is_int(p) and p == latent[0]), "stages[0].prediction_channels",
+           f"expected none or the latent's {latent[0]} channels, got {p!r}")
+    wide = latent[0] if p is None else "more"
+    _check(len(out) == 4 and out[2:] == latent[1:] and _is_int(out[1])
+           and (out[1] == latent[0] if p is None else out[1] > latent[0]), "stages[0].outputs[0].shape",
+           f"expected [batch, {wide} channels, {latent[1]}, {latent[2]}] (prediction_channels says how many are the "
+           f"prediction), got {out}")
+    if dec is None:
+        return
+    _check((dec.file is None) == (dec.sha256 is None), "stages[1].sha256",
+           "a decoder in a file of its own needs the file's sha256 (and one inside the model file neither)")
+    _check(dec.file is None or (isinstance(dec.file, str) and dec.file not in ("", ".", "..")
+                                and "/" not in dec.file and "\\" not in dec.file),
+           "stages[1].file", f"expected a file name beside the model file, got {dec.file!r}")
+    _check(dec.sha256 is None or (isinstance(dec.sha256, str) and len(dec.sha256) == 64
+                                  and all(ch in "0123456789abcdef" for ch in dec.sha256)),
+           "stages[1].sha256", f"expected 64 hex digits, got {dec.sha256!r}")
+    _check(dec.prediction_channels is None, "stages[1].prediction_channels", "only the denoiser predicts")
+    _check(isinstance(dec.scaling_factor, int | float) and not isinstance(dec.scaling_factor, bool)
+           and math.isfinite(dec.scaling_factor) and dec.scaling_factor > 0, "stages[1].scaling_factor",
+           f"expected a positive number, got {dec.scaling_factor!r}")
+    _check(isinstance(dec.shift, int | float) and not isinstance(dec.shift, bool) and math.isfinite(dec.shift),
+           "stages[1].shift", f"expected a number, got {dec.shift!r}")
+    _check(dec.pixel_range is not None and len(dec.pixel_range) == 2 and tuple(dec.pixel_range) == (-1.0, 1.0),
+           "stages[1].pixel_range", f"only [-1, 1] is supported, got {dec.pixel_range!r}")
+    _check(len(dec.inputs) == 1 and dec.inputs[0].shape[1:] == latent and len(dec.inputs[0].shape) == 4,
+           "stages[1].inputs", f"expected one input [batch, {', '.join(map(str, latent))}] (the denoiser's latent), "
+                               f"got {[s.shape for s in dec.inputs]}")
+    _check(len(dec.outputs) == 1 and dec.outputs[0].shape[1:] == image and len(dec.outputs[0].shape) == 4,
+           "stages[1].outputs", f"expected one output [batch, {', '.join(map(str, image))}] (channels, image_size), "
+                                f"got {[s.shape for s in dec.outputs]}")

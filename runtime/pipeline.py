@@ -14,14 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from runtime.backends.backend import Backend, LoadOptions
+from runtime.backends.backend import Backend, LoadOptions, host_engine
 from runtime.backends.precision import Precision
 from runtime.backends.registry import load_backend
 from runtime.bundled import resolve
 from runtime.classes import Classes, class_index, labels
 from runtime.errors import GenerationError
 from runtime.files import sha256_file
-from runtime.sampling.engine import Engine
 from runtime.sampling.noise import NoiseStreams
 from runtime.sampling.plan import SamplingPlan, make_plan
 from runtime.sampling.settings import RunSettings
@@ -64,6 +63,11 @@ class Pipeline:
         ``model_defaults`` is False), then the runtime's defaults."""
         return make_plan(self.contract, settings, model_defaults=model_defaults, schedule=self._schedule, **given)
 
+    def progress_steps(self, plan: SamplingPlan) -> int:
+        """How many times ``generate_batches`` calls ``progress`` for a batch: the sampler steps, and the decode of a
+        latent model."""
+        return len(plan.coefs.timesteps) + (self.contract.decoder is not None)
+
     def labels(self, indices: Sequence[int], classes: Classes) -> np.ndarray | None:
         """(B,) int64 labels of the images ``indices`` (see ``runtime.classes.labels``)."""
         return labels(self.contract, indices, classes)
@@ -88,7 +92,8 @@ class Pipeline:
                          fused: bool | None = None) -> Iterator[tuple[list[int], np.ndarray | None, np.ndarray]]:
         """Yield (indices, labels, uint8 images (B, H, W, C)) batch by batch for the given image indices.
 
-        ``progress(k)`` is called after each sampler step with the batch's size. The batch engine
+        ``progress(k)`` is called after each sampler step with the batch's size, and once more after a latent
+        model's decode (``progress_steps`` calls a batch in all). The batch engine
         (``runtime.sampling.engine``) advances each batch; ``fused`` gives it the backend's device form (the fused
         ONNX step, or torch tensors on the device; default: where the backend prefers it, i.e. on GPUs).
         """
@@ -97,9 +102,9 @@ class Pipeline:
         if seed < 0:
             raise GenerationError(f"seed must be non-negative, got {seed}")
         c, backend = self.contract, self.backend
-        shape = (c.channels, c.image_size, c.image_size)
+        shape = c.latent_shape
         on_device = backend.prefers_device_loop if fused is None else fused
-        engine = backend.device_engine() if on_device else Engine(backend.predict_eps, null_class=c.null_class)
+        engine = backend.device_engine() if on_device else host_engine(backend)
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start:start + batch_size])
             y = None if labels is None else labels[start:start + batch_size]
@@ -112,6 +117,8 @@ class Pipeline:
                         raise GenerationError(f"{tick.failed[0][1]}; no images were written for this batch")
                     if progress is not None:
                         progress(len(batch))
+                        if tick.out is not None and c.decoder is not None:
+                            progress(len(batch))  # the decode, in the tick that finished the batch
                     if tick.out is not None:
                         break
             yield batch, y, tick.out

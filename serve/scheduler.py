@@ -27,9 +27,9 @@ from typing import Callable
 
 import numpy as np
 
+from runtime.backends.backend import host_engine
 from runtime.errors import GenerationError
 from runtime.pipeline import Pipeline
-from runtime.sampling.engine import Engine
 from runtime.sampling.noise import NoiseStreams
 from runtime.sampling.plan import SamplingPlan
 from runtime.sampling.settings import RunSettings
@@ -109,10 +109,10 @@ class Scheduler:
             raise ValueError("max_batch and queue_limit must be positive")
         self.pipeline, self.max_batch, self.queue_limit, self.batching = pipeline, max_batch, queue_limit, batching
         c = pipeline.contract
-        self.shape = (c.channels, c.image_size, c.image_size)
+        self.shape = c.latent_shape
         self._waiting: collections.deque[Job] = collections.deque()  # submitted, not yet turned into images
         # the live images of admitted requests (``Image.owner``: the request), advanced by one predictor call a tick
-        self.engine = Engine(pipeline.backend.predict_eps, null_class=c.null_class)
+        self.engine = host_engine(pipeline.backend)
         self._flight: list = []  # the images of the current (or last) predictor call that are still live
         self._alone_flight = 0  # batching=False: the images of the batch being denoised
         self._cond = threading.Condition()

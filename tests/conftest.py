@@ -127,6 +127,15 @@ def cond_onnx(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def latent_onnx(tmp_path_factory) -> Path:
+    """A toy (torch-free) class-conditional latent model: a predictor on 2×4×4 latents (ε, then as many variance
+    channels), 3 classes, T = 100, and its decoder to 3×8×8 images beside it (``latent.decoder.onnx``)."""
+    from tests.toy_onnx import make_toy_latent
+
+    return make_toy_latent(tmp_path_factory.mktemp("toy") / "latent.onnx", num_classes=3)
+
+
+@pytest.fixture(scope="session")
 def slow_onnx(tmp_path_factory) -> Path:
     """A toy unconditional predictor with T = 1000 at 32×32, so a DDPM run lasts long enough to interrupt."""
     from tests.toy_onnx import make_toy_predictor

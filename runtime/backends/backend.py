@@ -35,8 +35,30 @@ class Backend(Protocol):
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 | None -> ε (B, C, H, W) float32."""
 
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """A latent model's decoder on host arrays: z (B, C, h, w) float32, already scaled (``latent /
+        scaling_factor + shift``) -> images (B, channels, H, W) float32 in [-1, 1]."""
+
     def device_engine(self):
         """A batch engine (``runtime.sampling.engine.Engine``) whose arrays live on the backend's device."""
+
+
+def predicted(out, contract: SamplingContract):
+    """The prediction channels of the denoiser's output (numpy or torch): all of them unless the contract says
+    fewer (DiT's learned variance follows its ε)."""
+    p = contract.prediction_channels
+    return out if p is None else out[:, :p]
+
+
+def host_engine(backend: Backend):
+    """The batch engine on host arrays around ``backend.predict_eps``, finishing through the model's decoder where it
+    has one (``runtime.sampling.finish.finisher``)."""
+    from runtime.sampling.engine import Engine
+    from runtime.sampling.finish import finisher
+
+    c = backend.contract
+    return Engine(backend.predict_eps, null_class=c.null_class,
+                  finish=finisher(c, backend.decode if c.decoder is not None else None))
 
 
 @dataclass(frozen=True)

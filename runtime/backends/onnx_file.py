@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ContractError, ModelError
-from runtime.metadata import CONTRACT_KEY, SamplingContract
+from runtime.metadata import CONTRACT_KEY, STAGE_KEY, SamplingContract, Stage
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -23,6 +23,9 @@ def is_onnx(path: Path) -> bool:
 
 def contract_of(meta: dict[str, str], path) -> SamplingContract:
     """The contract in an ONNX file's metadata (``CONTRACT_KEY``), as the engine read it."""
+    if STAGE_KEY in meta and CONTRACT_KEY not in meta:
+        raise ModelError(f"{path} is the {meta[STAGE_KEY]} stage of a latent model, not a model: load the model file "
+                         "it sits beside")
     if CONTRACT_KEY not in meta:
         raise ModelError(f"{path} carries no sampling contract ('{CONTRACT_KEY}' metadata); export it with ddpm-export")
     try:
@@ -34,10 +37,10 @@ def contract_of(meta: dict[str, str], path) -> SamplingContract:
 Port = tuple[str, str, Sequence[int | None]]  # (name, contract dtype: float32 | float16 | int64, dims: None if free)
 
 
-def check_graph(contract: SamplingContract, inputs: Sequence[Port], outputs: Sequence[Port], path) -> None:
-    """Everything the contract claims about the graph's inputs and outputs (names, dtypes, fixed dimensions), given
-    as the engine reads them."""
-    for kind, specs, ports in (("inputs", contract.inputs, inputs), ("outputs", contract.outputs, outputs)):
+def check_graph(stage: Stage, inputs: Sequence[Port], outputs: Sequence[Port], path) -> None:
+    """Everything the contract claims about a stage's graph inputs and outputs (names, dtypes, fixed dimensions),
+    given as the engine reads them."""
+    for kind, specs, ports in (("inputs", stage.inputs, inputs), ("outputs", stage.outputs, outputs)):
         graph = {name: (dtype, dims) for name, dtype, dims in ports}
         if sorted(graph) != sorted(s.name for s in specs):
             raise ModelError(f"{path}: its contract names {kind} {[s.name for s in specs]} but the graph has "

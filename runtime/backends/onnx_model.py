@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.backend import Backend, BackendKind, LoadOptions
+from runtime.backends.backend import Backend, BackendKind, LoadOptions, predicted
 from runtime.backends.onnx_file import check_graph, contract_of, feed, is_onnx
 from runtime.backends.precision import Precision
 from runtime.backends.providers import Provider, gpu_visible
+from runtime.backends.stage_file import stage_file
 from runtime.errors import ModelError, reason
 
 PROVIDERS = (
@@ -85,16 +86,30 @@ class OnnxModel:
             self.session = _session(path, self.providers, session_options, quiet)
         finally:
             ort.set_default_logger_severity(2)
-        if self.session.get_providers()[0] != p.full_name:
-            raise ModelError(f"{p.full_name} did not start for {path} "
-                             f"(onnxruntime fell back to {self.session.get_providers()[0]})")
+        self._started(self.session, p, path)
         self.provider, self.device = p.full_name, p.device
         self.contract = contract_of(self.session.get_modelmeta().custom_metadata_map, path)
-        check_graph(self.contract, _ports(self.session.get_inputs()), _ports(self.session.get_outputs()), path)
+        check_graph(self.contract.denoiser, _ports(self.session.get_inputs()), _ports(self.session.get_outputs()),
+                    path)
+        self.decoder = None  # a latent model's decoder: a session on its stage file, with the same providers
+        if (stage := self.contract.decoder) is not None:
+            if stage.file is None:
+                raise ModelError(f"{path}: its contract names no file for its decoder stage (an ONNX latent model "
+                                 "keeps it in a file beside it)")
+            decoder = stage_file(self.path, stage)
+            self.decoder = _session(decoder, self.providers, session_options, quiet)
+            self._started(self.decoder, p, decoder)
+            check_graph(stage, _ports(self.decoder.get_inputs()), _ports(self.decoder.get_outputs()), decoder)
         self._input_names = [i.name for i in self.session.get_inputs()]
         self._step_sessions: dict[tuple[bool, int], object] = {}
         self._step_lock = threading.Lock()
         self._precision: Precision | None = None
+
+    @staticmethod
+    def _started(session, p: Provider, path) -> None:
+        if session.get_providers()[0] != p.full_name:
+            raise ModelError(f"{p.full_name} did not start for {path} "
+                             f"(onnxruntime fell back to {session.get_providers()[0]})")
 
     @property
     def precision(self) -> Precision:
@@ -116,7 +131,11 @@ class OnnxModel:
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 for conditional models -> ε (B, C, H, W) float32."""
         inputs = feed(x, t, y, self._input_names, self.path)
-        return self.session.run(None, inputs)[0]
+        return predicted(self.session.run(None, inputs)[0], self.contract)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """The decoder stage on host arrays (``Backend.decode``)."""
+        return self.decoder.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
     def device_engine(self):
         """The batch engine with the fused step (``runtime.backends.fused``): one step graph call per step, x and the
@@ -125,10 +144,12 @@ class OnnxModel:
         model."""
         from runtime.backends.fused import FusedStep, fused_ops
         from runtime.sampling.engine import Engine
+        from runtime.sampling.finish import finisher
 
         on_device = self.prefers_device_loop
-        return Engine(None, fused_ops(self.device if on_device else None), null_class=self.contract.null_class,
-                      fused=FusedStep(self._step_session, on_device))
+        ops, finish = fused_ops(self.device if on_device else None), finisher(self.contract, self.decode)
+        return Engine(None, ops, null_class=self.contract.null_class, fused=FusedStep(self._step_session, on_device),
+                      finish=lambda x: finish(ops.download(x)))  # a decoder runs on host arrays
 
     def _step_session(self, guided: bool, history: int):
         from runtime.backends.fused import StepSession
@@ -140,7 +161,8 @@ class OnnxModel:
                 from runtime.backends.step_graph import build_step_graph
 
                 null = self.contract.null_class if guided else None
-                step = build_step_graph(onnx.load(str(self.path)), null_class=null, history=history)
+                step = build_step_graph(onnx.load(str(self.path)), null_class=null, history=history,
+                                        prediction_channels=self.contract.prediction_channels)
                 self._step_sessions[guided, history] = StepSession(step, self.providers, self.session_options)
             return self._step_sessions[guided, history]
 

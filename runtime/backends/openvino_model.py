@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.backend import Backend, BackendKind, LoadOptions
+from runtime.backends.backend import Backend, BackendKind, LoadOptions, host_engine, predicted
 from runtime.backends.onnx_file import check_graph, contract_of, feed, is_onnx
 from runtime.backends.precision import Precision
 from runtime.backends.providers import Provider
+from runtime.backends.stage_file import stage_file
 from runtime.errors import ModelError
-from runtime.metadata import CONTRACT_KEY
+from runtime.metadata import CONTRACT_KEY, STAGE_KEY
 
 PROVIDER = Provider("openvino", "openvino:CPU")
 HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16"}  # INFERENCE_PRECISION_HINT for each precision it runs
@@ -78,35 +79,61 @@ class OpenVinoModel:
             model = core.read_model(str(self.path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line report
             raise ModelError(f"OpenVINO cannot read {path}: {reason(e)}") from None
-        key = ["framework", CONTRACT_KEY]
-        meta = {CONTRACT_KEY: model.get_rt_info(key).astype(str)} if model.has_rt_info(key) else {}
+        meta = {k: model.get_rt_info(["framework", k]).astype(str) for k in (CONTRACT_KEY, STAGE_KEY)
+                if model.has_rt_info(["framework", k])}
         self.contract = contract_of(meta, path)
-        check_graph(self.contract, _ports(model.inputs), _ports(model.outputs), path)
+        check_graph(self.contract.denoiser, _ports(model.inputs), _ports(model.outputs), path)
         properties = {"INFERENCE_PRECISION_HINT": HINTS[self.precision], **(config or {})}
         if threads:
             properties["INFERENCE_NUM_THREADS"] = threads
-        try:
-            self.compiled = core.compile_model(model, "CPU", properties)
-        except Exception as e:  # noqa: BLE001
-            raise ModelError(f"OpenVINO cannot compile {path}: {reason(e)}") from None
+        self.compiled = self._compile(core, model, properties, path)
+        self.decoder = None  # a latent model's decoder, compiled with the same properties
+        if (stage := self.contract.decoder) is not None:
+            if stage.file is None:
+                raise ModelError(f"{path}: its contract names no file for its decoder stage (an ONNX latent model "
+                                 "keeps it in a file beside it)")
+            decoder = stage_file(self.path, stage)
+            try:
+                graph = core.read_model(str(decoder))
+            except Exception as e:  # noqa: BLE001
+                raise ModelError(f"OpenVINO cannot read {decoder}: {reason(e)}") from None
+            check_graph(stage, _ports(graph.inputs), _ports(graph.outputs), decoder)
+            self.decoder = self._compile(core, graph, properties, decoder)
         self.provider = PROVIDER.full_name
         self._input_names = [i.get_any_name() for i in model.inputs]
         self._local = threading.local()
 
+    @staticmethod
+    def _compile(core, model, properties: dict, path):
+        try:
+            return core.compile_model(model, "CPU", properties)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"OpenVINO cannot compile {path}: {reason(e)}") from None
+
+    def _request(self, name: str, compiled):
+        """This thread's infer request of ``compiled`` (a request reuses its buffers: one per thread)."""
+        request = getattr(self._local, name, None)
+        if request is None:
+            request = compiled.create_infer_request()
+            setattr(self._local, name, request)
+        return request
+
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64, y: (B,) int64 for conditional models -> ε (B, C, H, W) float32."""
-        inputs = feed(x, t, y, self._input_names, self.path)
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        request.infer(inputs)
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses its buffer
+        request = self._request("denoiser", self.compiled)
+        request.infer(feed(x, t, y, self._input_names, self.path))
+        out = np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request reuses its buffer
+        return predicted(out, self.contract)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """The decoder stage on host arrays (``Backend.decode``)."""
+        request = self._request("decoder", self.decoder)
+        request.infer({"z": np.ascontiguousarray(z, dtype=np.float32)})
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
     def device_engine(self):
         """The host engine: OpenVINO's arrays are the host's."""
-        from runtime.sampling.engine import Engine
-
-        return Engine(self.predict_eps, null_class=self.contract.null_class)
+        return host_engine(self)
 
 
 def _load(path: Path, provider: str, dtype: Precision | None, o: LoadOptions) -> Backend:

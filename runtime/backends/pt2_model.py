@@ -17,6 +17,7 @@ from runtime.errors import ContractError, ModelError, reason
 from runtime.metadata import CONTRACT_FILE, SamplingContract
 
 TARGET_FILE = "ddpm_pt2.json"  # extra file: {"device": "cpu"|"cuda", "precision": "fp32"|"bf16"|"fp16", ...}
+DECODER = "decoder"  # a latent model's decoder: the package's second AOTInductor model (the denoiser is "model")
 
 
 def is_pt2(path: str | os.PathLike) -> bool:
@@ -54,25 +55,33 @@ class Pt2Model(TorchBackend):
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            self.runner = load_pt2(io.BytesIO(self.path.read_bytes())).aoti_runners["model"]  # any file name
+            runners = load_pt2(io.BytesIO(self.path.read_bytes())).aoti_runners  # any file name
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"cannot load {path} as a .pt2 package: {reason(e)}") from None
         finally:
             quiet.setLevel(level)
+        self.runner = runners["model"]
+        if self.contract.decoder is not None:
+            if DECODER not in runners:
+                raise ModelError(f"{path}: its contract has a decoder stage, but the package holds no "
+                                 f"'{DECODER}' model")
+            self._decoder = runners[DECODER]
+            self.decoder = lambda z: self._chunked(self._decoder, z)
         self.provider = f"pt2:{self.device}:{self.precision}"
         self.max_batch, self.torch = int(target.get("max_batch", 65536)), torch
 
     def net(self, x, t, y=None):
-        """The compiled network on torch tensors of its device; a batch above the package's range (``max_batch``
-        in its target: a network whose code branches on the batch size compiles for a bounded range) runs in even
-        chunks."""
-        b = x.shape[0]
+        """The compiled network on torch tensors of its device."""
+        return self._chunked(self.runner, x, t) if y is None else self._chunked(self.runner, x, t, y)
+
+    def _chunked(self, runner, *args):
+        """``runner(*args)``; a batch above the package's range (``max_batch`` in its target: a network whose code
+        branches on the batch size compiles for a bounded range) runs in even chunks."""
+        b = args[0].shape[0]
         if b <= self.max_batch:
-            return self.runner(x, t) if y is None else self.runner(x, t, y)
+            return runner(*args)
         size = -(-b // -(-b // self.max_batch))  # the fewest chunks, as even as they come
-        parts = [self.net(x[i:i + size], t[i:i + size], None if y is None else y[i:i + size])
-                 for i in range(0, b, size)]
-        return self.torch.cat(parts)
+        return self.torch.cat([runner(*(a[i:i + size] for a in args)) for i in range(0, b, size)])
 
 
 def _extra_files(path: Path) -> tuple[str, dict]:

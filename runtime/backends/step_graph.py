@@ -26,7 +26,8 @@ from runtime.sampling.table import COLUMNS, history_columns
 MIN_OPSET = 14  # the oldest opset ddpm-export writes and the runtime runs (the step graph needs 13+)
 
 
-def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None, history: int = 0) -> onnx.ModelProto:
+def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None, history: int = 0,
+                     prediction_channels: int | None = None) -> onnx.ModelProto:
     """A copy of ``model`` extended into one sampler step (``model`` itself is left untouched).
 
     Inputs: ``x_t`` float32 [B,C,H,W], ``t`` int64 [B], ``y`` int64 [B] (only if ``model`` has ``y``),
@@ -34,7 +35,8 @@ def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None, h
     before, newest first; zeros before they exist), ``coef`` float32 [7 + H] (``table.COLUMNS``, then the history
     coefficients) and, for a guided step (``null_class`` given), ``w`` float32 [1] (guidance scale). Outputs:
     ``x_next`` and, where H > 0, ``d``, float32 [B,C,H,W].
-    B stays dynamic. Guided runs the predictor on 2B images with labels ``concat([y, null_class…])``. The
+    B stays dynamic. Guided runs the predictor on 2B images with labels ``concat([y, null_class…])``.
+    ``prediction_channels``: the predictor's output has more channels, of which the first this many are eps. The
     model's own values are renamed (``step_model_x`` …) so they cannot clash with these names; every new value
     and node name starts with ``step_``. Metadata props are kept. Raises ValueError for a model without inputs
     x and t (and at most y) and one output, an opset below ``MIN_OPSET``, or ``null_class`` without a ``y`` input.
@@ -45,7 +47,7 @@ def build_step_graph(model: onnx.ModelProto, *, null_class: int | None = None, h
     b = _Builder(out.graph)
     predictor = _rewire(b, inputs, history, guided=null_class is not None)
     feed = _feed_predictor(b, predictor, null_class)
-    step = _step(b, predictor, history, guided=null_class is not None)
+    step = _step(b, predictor, history, guided=null_class is not None, prediction_channels=prediction_channels)
     model_nodes = list(b.g.node)
     del b.g.node[:]
     b.g.node.extend(feed + model_nodes + step)
@@ -165,16 +167,22 @@ def _feed_predictor(b: _Builder, p: _Predictor, null_class: int | None) -> list[
     return b.take()
 
 
-def _step(b: _Builder, p: _Predictor, history: int, guided: bool) -> list[onnx.NodeProto]:
-    """The nodes after the predictor: guidance, then ``runtime.sampling.step.step``'s arithmetic."""
+def _step(b: _Builder, p: _Predictor, history: int, guided: bool,
+          prediction_channels: int | None = None) -> list[onnx.NodeProto]:
+    """The nodes after the predictor: its prediction channels, guidance, then ``runtime.sampling.step.step``'s
+    arithmetic."""
     width = len(COLUMNS) + history
     names = COLUMNS + history_columns(history)
     c = dict(zip(names, b.node("Split", ["coef", b.const("coef_split", [1] * width, np.int64)], width, axis=0)))
     eps = p.eps
+    if prediction_channels is not None:
+        (eps,) = b.node("Slice", [p.eps, b.const("channels_start", [0], np.int64),
+                                  b.const("channels_end", [prediction_channels], np.int64),
+                                  b.const("channels_axis", [1], np.int64)])
     if guided:
         (batch,) = b.node("Slice", [*b.node("Shape", ["x_t"]), b.const("zero", [0], np.int64),
                                     b.const("one", [1], np.int64)])
-        eps_c, eps_u = b.node("Split", [p.eps, *b.node("Concat", [batch, batch], axis=0)], 2, axis=0)
+        eps_c, eps_u = b.node("Split", [eps, *b.node("Concat", [batch, batch], axis=0)], 2, axis=0)
         (eps,) = b.node("Add", [eps_u, *b.node("Mul", ["w", *b.node("Sub", [eps_c, eps_u])])])
     d = "d" if history else b.fresh("d")
     (d_raw,) = b.node("Add", [*b.node("Mul", [c["d_from_x"], "x_t"]), *b.node("Mul", [c["d_from_eps"], eps])])

@@ -1,12 +1,14 @@
 """What the torch backends (TorchScript, .pt2) share: importing torch on demand, numpy in and out, the device engine.
 
-A subclass sets ``contract``, ``device`` and ``net(x, t, y=None)`` (torch tensors on ``device``).
+A subclass sets ``contract``, ``device``, ``net(x, t, y=None)`` (torch tensors on ``device``) and, for a latent model,
+``decoder(z)``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from runtime.backends.backend import predicted
 from runtime.backends.providers import Provider
 from runtime.errors import ModelError
 
@@ -51,9 +53,14 @@ class TorchBackend:
     """``predict_eps`` on host arrays and ``device_engine`` on the device, around the subclass's ``net``."""
 
     device: str
+    decoder = None  # a latent model's decoder(z) on torch tensors of ``device``
 
     def net(self, x, t, y=None):
         raise NotImplementedError
+
+    def prediction(self, x, t, y=None):
+        """The network's prediction channels (``runtime.backends.backend.predicted``)."""
+        return predicted(self.net(x, t, y), self.contract)
 
     @property
     def prefers_device_loop(self) -> bool:
@@ -62,10 +69,17 @@ class TorchBackend:
 
     def predict_eps(self, x: np.ndarray, t: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """x: (B, C, H, W) float32, t: (B,) int64[, y: (B,) int64] -> ε (B, C, H, W) float32."""
-        return call_torch(self.net, self.device, x, t, y)
+        return call_torch(self.prediction, self.device, x, t, y)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """The decoder stage on host arrays (``Backend.decode``)."""
+        torch = require_torch()
+        with torch.inference_mode():
+            z = torch.from_numpy(np.ascontiguousarray(z, np.float32)).to(self.device)
+            return self.decoder(z).float().cpu().numpy()
 
     def device_engine(self):
         """The batch engine on this backend's device (``runtime.backends.torch_loop``)."""
         from runtime.backends.torch_loop import device_engine
 
-        return device_engine(self.net, self.device, self.contract.null_class)
+        return device_engine(self.prediction, self.device, self.contract, self.decoder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.sampling.engine import Engine, Ops
+from runtime.sampling.finish import finisher
 
 
 def torch_ops(device) -> Ops:
@@ -33,6 +34,8 @@ def torch_ops(device) -> Ops:
                zeros_like=torch.zeros_like, context=torch.inference_mode, on_host=torch.device(device).type == "cpu")
 
 
-def device_engine(net, device: str, null_class: int | None) -> Engine:
-    """An engine whose arrays live on ``device``, around ``net(x, t, y)`` (torch tensors there)."""
-    return Engine(net, torch_ops(device), null_class=null_class)
+def device_engine(net, device: str, contract, decoder=None) -> Engine:
+    """An engine whose arrays live on ``device``, around ``net(x, t, y)`` (torch tensors there); a latent model's
+    ``decoder(z)`` runs there too, on each finished batch."""
+    ops = torch_ops(device)
+    return Engine(net, ops, null_class=contract.null_class, finish=finisher(contract, decoder, ops.download))

@@ -38,6 +38,9 @@ class TorchScriptModel(TorchBackend):
             self.contract = SamplingContract.from_json(extra[CONTRACT_FILE])
         except ContractError as e:
             raise ModelError(f"{path}: {e}") from None
+        if self.contract.decoder is not None:
+            raise ModelError(f"{path}: a latent model (a decoder stage) in TorchScript, which ddpm-export never "
+                             "writes; export it as ONNX or .pt2")
         self.provider, self.precision = f"torchscript:{device}", "fp32"
 
     def net(self, x, t, y=None):

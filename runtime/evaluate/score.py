@@ -24,6 +24,7 @@ from runtime.evaluate.idx import FASHION_MNIST_CLASSES, find_split, pad_to_32, r
 
 CLASSIFIER = "fashion_mnist_classifier.onnx"
 REFERENCES = ("fashion-mnist",)
+REFERENCE_SHAPE = (32, 32, 1)  # (H, W, C) of the reference images, FashionMNIST padded as training pads it
 
 
 def classifier_path() -> Path:
@@ -42,7 +43,7 @@ class FeatureExtractor:
         self.session = ort.InferenceSession(str(classifier_path()), so, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
-        if images.ndim != 4 or images.shape[1:] != (32, 32, 1):
+        if images.ndim != 4 or images.shape[1:] != REFERENCE_SHAPE:
             raise EvalError(f"the FashionMNIST classifier takes 32×32 grayscale images, got shape {images.shape[1:]}")
         x = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
         logits, feats = zip(*(self.session.run(["logits", "features"], {"x": x[i:i + batch]})
@@ -192,6 +193,10 @@ def evaluate(folder: Path, data_root: Path, *, seed: int = 0, threads: int | Non
         raise EvalError(f"{folder} holds an unfinished run: {n} of {generated.expected} images (run.json's n), "
                         f"{missing} missing; rerun its ddpm-generate command to finish it, or pass --allow-incomplete "
                         f"to score the {n} there are")
+    if images.shape[1:] != REFERENCE_SHAPE:
+        raise EvalError(f"{folder} holds {'×'.join(map(str, images.shape[1:]))} (H×W×C) images; ddpm-eval scores "
+                        f"images of its reference's size only, FashionMNIST's 32×32×1: it ships no reference set or "
+                        "feature network for other images (docs/evaluate.md)")
     if n < 10:
         raise EvalError(f"{folder} holds {n} images; the scores need at least 10")
     extract = FeatureExtractor(threads)

@@ -162,7 +162,7 @@ def generate_to_dir(g: Pipeline, o: RunOptions, *, report: Callable[[float], Non
     start = time.perf_counter()
     if already < len(mine):
         names = g.contract.class_names
-        steps = len(plan.coefs.timesteps)
+        steps = g.progress_steps(plan)
         finished, steps_done = already, 0
         with _progress(report, already, len(mine)) as show:
             show(finished)

@@ -50,7 +50,7 @@ def reference(pipeline: Pipeline, *, steps: int, images: int, seed: int, sampler
     labels = pipeline.labels(indices, None)
     engine = Engine(pipeline.backend.predict_eps, null_class=c.null_class, finish=lambda x: x)
     xs, x0s = [], []
-    with NoiseStreams(seed, indices, (c.channels, c.image_size, c.image_size), draws=plan.coefs.draws) as streams:
+    with NoiseStreams(seed, indices, c.latent_shape, draws=plan.coefs.draws) as streams:
         engine.add(plan.coefs, indices, streams, labels)
         while True:
             xs.append(engine.x)

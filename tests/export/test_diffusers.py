@@ -26,7 +26,7 @@ from click.testing import CliRunner  # noqa: E402
 import runtime  # noqa: E402
 from ddpm_export import export_module  # noqa: E402
 from ddpm_export.cli import main as export_cli  # noqa: E402
-from ddpm_export.diffusers_source import diffusers_contract, read_config  # noqa: E402
+from ddpm_export.diffusers_source import denoiser_facts, diffusers_contract, read_config  # noqa: E402
 from ddpm_export.run_defaults import set_contract  # noqa: E402
 from runtime.errors import SettingsError  # noqa: E402
 from runtime.metadata import SamplingContract, ScheduleSpec  # noqa: E402
@@ -36,6 +36,11 @@ from runtime.sampling.schedule import default_params  # noqa: E402
 from runtime.tolerances import TOLERANCES  # noqa: E402
 
 SIZE, CHANNELS, T = 8, 3, 1000
+
+
+def facts(config: dict) -> dict:
+    """What the contract needs of a UNet2DModel config."""
+    return denoiser_facts(config, Path("config.json"))
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
@@ -71,7 +76,7 @@ def with_prediction(exported: Path, folder: Path, prediction: str, tmp_path: Pat
     file = tmp_path / "scheduler_config.json"
     file.write_text(json.dumps(config))
     unet = read_config(folder / "unet" / "config.json", ("UNet2DModel",))
-    contract = diffusers_contract(unet, read_config(file, ("DDPMScheduler",)), where=folder, scheduler_file=file)
+    contract = diffusers_contract(facts(unet), read_config(file, ("DDPMScheduler",)), where=folder, scheduler_file=file)
     path = tmp_path / f"{prediction}.onnx"
     shutil.copy(exported, path)
     set_contract(path, lambda c: contract)
@@ -144,7 +149,7 @@ def test_every_diffusers_schedule_and_setting_reaches_the_contract(pipeline_fold
     file.write_text(json.dumps(config))
     sched = read_config(file, ("DDPMScheduler", "DDIMScheduler"))
     unet = read_config(pipeline_folder / "unet" / "config.json", ("UNet2DModel",))
-    c = diffusers_contract(unet, sched, where=pipeline_folder, scheduler_file=file)
+    c = diffusers_contract(facts(unet), sched, where=pipeline_folder, scheduler_file=file)
     assert (c.schedule.name, c.run_defaults.spacing) == expect
     theirs = getattr(diffusers, sched["_class_name"]).from_config(config).alphas_cumprod.double().numpy()
     np.testing.assert_allclose(c.schedule.build().alphas_cumprod, theirs, rtol=2e-5)  # diffusers: float32 tables
@@ -303,16 +308,16 @@ def test_null_class_must_be_the_last_label(pipeline_folder, tmp_path):
     unet = read_config(pipeline_folder / "unet" / "config.json", ("UNet2DModel",))
     sched = read_config(pipeline_folder / "scheduler" / "scheduler_config.json", ("DDPMScheduler",))
     cond = {**unet, "num_class_embeds": 11}
-    c = diffusers_contract(cond, sched, null_class=10, where=pipeline_folder, scheduler_file=pipeline_folder)
+    c = diffusers_contract(facts(cond), sched, null_class=10, where=pipeline_folder, scheduler_file=pipeline_folder)
     assert (c.num_classes, c.null_class, c.guidable) == (10, 10, True)
-    c = diffusers_contract(cond, sched, where=pipeline_folder, scheduler_file=pipeline_folder)
+    c = diffusers_contract(facts(cond), sched, where=pipeline_folder, scheduler_file=pipeline_folder)
     assert (c.num_classes, c.null_class, c.guidable) == (11, None, False)
     from ddpm_export.errors import SourceError
 
     with pytest.raises(SourceError, match="must be the last"):
-        diffusers_contract(cond, sched, null_class=3, where=pipeline_folder, scheduler_file=pipeline_folder)
+        diffusers_contract(facts(cond), sched, null_class=3, where=pipeline_folder, scheduler_file=pipeline_folder)
     with pytest.raises(SourceError, match="unconditional"):
-        diffusers_contract(unet, sched, null_class=0, where=pipeline_folder, scheduler_file=pipeline_folder)
+        diffusers_contract(facts(unet), sched, null_class=0, where=pipeline_folder, scheduler_file=pipeline_folder)
 
 
 def test_a_module_that_cannot_be_traced_is_one_error_and_no_file(tmp_path):

@@ -30,7 +30,7 @@ def with_contract(src, dst, mutate) -> str:
 
 def shape(name, dims):
     def mutate(d):
-        for spec in d["inputs"] + d["outputs"]:
+        for spec in d["stages"][0]["inputs"] + d["stages"][0]["outputs"]:
             if spec["name"] == name or (name == "*" and spec["name"] in ("x", "eps")):
                 spec["shape"] = dims
     return mutate
@@ -42,8 +42,8 @@ CASES = [
     (lambda d: d["schedule"].update(timesteps=10**12), "schedule.timesteps"),
     (lambda d: (d.update(image_size=8), shape("*", ["batch", 1, 8, 8])(d)), "image_size, channels or dtype disagree"),
     (lambda d: (d.update(channels=3), shape("*", ["batch", 3, 16, 16])(d)), "image_size, channels or dtype disagree"),
-    (lambda d: d["inputs"][1].update(dtype="float32"), "image_size, channels or dtype disagree"),
-    (lambda d: d["outputs"][0].update(name="noise"), "contract names outputs"),
+    (lambda d: d["stages"][0]["inputs"][1].update(dtype="float32"), "image_size, channels or dtype disagree"),
+    (lambda d: d["stages"][0]["outputs"][0].update(name="noise"), "contract names outputs"),
 ]
 
 

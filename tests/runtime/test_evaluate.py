@@ -181,7 +181,9 @@ def test_conditional_accuracy_reads_the_manifest(reference_root, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [("missing", "is not a folder"), ("empty", "holds no generated images"),
-                                           ("no-data", "FashionMNIST test data not found")])
+                                           ("no-data", "FashionMNIST test data not found"),
+                                           ("rgb", "holds 16×16×3 (H×W×C) images; ddpm-eval scores images of its "
+                                                   "reference's size only, FashionMNIST's 32×32×1")])
 def test_bad_input(case, message, tmp_path, reference_root):
     folder, root = tmp_path / "gen", reference_root
     if case != "missing":
@@ -189,6 +191,9 @@ def test_bad_input(case, message, tmp_path, reference_root):
     if case == "no-data":
         write_folder(tmp_path / "g2", np.zeros((12, 32, 32), np.uint8))
         folder, root = tmp_path / "g2", tmp_path / "nowhere"
+    if case == "rgb":  # a latent model's images, say: another size, in colour
+        write_folder(tmp_path / "g3", np.zeros((12, 16, 16, 3), np.uint8))
+        folder = tmp_path / "g3"
     r = CliRunner().invoke(main, [str(folder), "--data-root", str(root)])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
 

@@ -66,8 +66,8 @@ def test_runtime_is_split_by_concern():
 
 # Each part of the runtime stands above what it imports (``farm-studio look runtime`` draws them so): an import,
 # also one inside a function, goes to the same layer or one below, never back up.
-LAYERS = [("errors", "tolerances", "bundled"), ("sampling",), ("metadata",), ("backends",),
-          ("classes", "files", "images", "backend_options"), ("pipeline",), ("generation", "tuning"),
+LAYERS = [("errors", "tolerances", "bundled", "files"), ("sampling",), ("metadata",), ("backends",),
+          ("classes", "images", "backend_options"), ("pipeline",), ("generation", "tuning"),
           ("ray", "evaluate"), ("generate_cli",)]
 
 

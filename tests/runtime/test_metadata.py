@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 
 from runtime.metadata import SCHEMA_VERSION, ContractError, Provenance, SamplingContract, ScheduleSpec
 
+
+def as_schema(d: dict, version: int) -> dict:
+    """A current contract's dict laid out as schema ``version`` (< 6) wrote it: the denoiser's inputs and outputs at
+    the top, no stages (the fields other schemas lacked are the caller's to remove)."""
+    stage = d.pop("stages")[0]
+    d.update(schema_version=version, inputs=stage["inputs"], outputs=stage["outputs"])
+    return d
 
 def conditional_contract() -> SamplingContract:
     return SamplingContract(
@@ -58,16 +66,20 @@ def test_default_tensor_specs_follow_conditioning():
         (lambda d: d.update(channels=4), "channels"),
         (lambda d: d.update(pixel_range=[0, 1]), "pixel_range"),
         (lambda d: d.update(class_names=["a"]), "class_names"),
-        (lambda d: d["inputs"][0].update(dtype="float64"), "inputs[0].dtype"),
-        (lambda d: d["inputs"].pop(), "inputs"),
+        (lambda d: d["stages"][0]["inputs"][0].update(dtype="float64"), "stages[0].inputs[0].dtype"),
+        (lambda d: d["stages"][0]["inputs"].pop(), "stages[0].inputs"),
+        (lambda d: d["stages"][0].update(file="den.onnx"), "stages[0].file"),
+        (lambda d: d["stages"].append(d["stages"][0]), "stages"),
+        (lambda d: d.update(stages=[]), "stages"),
         (lambda d: d["provenance"].update(training_steps=-1), "provenance.training_steps"),
         (lambda d: d.update(schema_version=SCHEMA_VERSION + 1), "schema_version"),
         (lambda d: d.pop("schema_version"), "schema_version"),
         (lambda d: d["schedule"]["params"].update(beta_start=-0.1), "schedule.params"),
         (lambda d: d["schedule"]["params"].update(beta_end=1.0), "schedule.params"),
         (lambda d: d["schedule"].update(timesteps=10**12), "schedule.timesteps"),
-        (lambda d: d["inputs"][0].update(shape=["batch", 3, 32, 32]), "inputs[0].shape"),
-        (lambda d: d["outputs"][0].update(shape=["batch", 1, 16, 16]), "outputs[0].shape"),
+        (lambda d: d["stages"][0]["inputs"][0].update(shape=["batch", 3, 32, 32]), "stages[0].inputs[0].shape"),
+        (lambda d: d["stages"][0]["outputs"][0].update(shape=["batch", 1, 16, 16]), "stages[0].outputs[0].shape"),
+        (lambda d: d["stages"][0].update(prediction_channels=2), "stages[0].prediction_channels"),
     ],
 )
 def test_bad_contracts_name_the_field(mutate, field):
@@ -93,7 +105,7 @@ def test_not_json_is_a_contract_error():
 def test_schema_2_contracts_as_main_wrote_them_still_load():
     """Schema 2 (before every run setting could be recommended): run_defaults had four keys."""
     data = json.loads(SamplingContract(image_size=8, channels=1, num_classes=2).to_json())
-    data["schema_version"] = 2
+    as_schema(data, 2)
     data["run_defaults"] = {"sampler": "ddim", "steps": 50, "eta": None, "guidance": 1.5}
     c = SamplingContract.from_dict(data)
     assert (c.run_defaults.sampler, c.run_defaults.steps, c.run_defaults.guidance) == ("ddim", 50, 1.5)
@@ -140,7 +152,7 @@ def test_a_schema_4_contract_loads_without_what_schema_5_added():
     current = SamplingContract(image_size=8, channels=1, num_classes=2,
                                run_defaults=RunDefaults(sampler="ddim", steps=20, spacing="trailing"))
     d = json.loads(current.to_json())
-    d["schema_version"] = 4
+    as_schema(d, 4)
     del d["tuned_timesteps"], d["tuning"], d["run_defaults"]["timesteps"]
     c = SamplingContract.from_dict(d)
     assert c.tuned_timesteps == {} and c.tuning is None and c.run_defaults.timesteps is None
@@ -157,3 +169,52 @@ def test_tuned_timesteps_are_validated():
                          ({"2": [1000, 5]}, "tuned_timesteps.2"), ({"x": [5]}, "step counts as keys")):
         with pytest.raises(ContractError, match=message):
             SamplingContract(image_size=8, channels=1, tuned_timesteps=bad)
+
+
+def latent_contract(**decoder) -> SamplingContract:
+    from runtime.metadata import latent_stages
+
+    stages = latent_stages(4, 8, channels=3, image_size=32, num_classes=10, out_channels=8, scaling_factor=0.18215)
+    stages[1] = dataclasses.replace(stages[1], file="m.decoder.onnx", sha256="ab" * 32, **decoder)
+    return SamplingContract(image_size=32, channels=3, num_classes=10, stages=stages)
+
+
+def test_a_latent_contract_separates_the_latent_from_the_image():
+    c = latent_contract()
+    assert (c.latent_shape, c.prediction_channels, c.channels, c.image_size) == ((4, 8, 8), 4, 3, 32)
+    assert c.decoder.scaling_factor == 0.18215 and c.decoder.pixel_range == (-1.0, 1.0)
+    assert SamplingContract.from_json(c.to_json()) == c
+    pixel = SamplingContract(image_size=8, channels=1)
+    assert pixel.decoder is None and pixel.latent_shape == (1, 8, 8) and pixel.prediction_channels is None
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["stages"][1].update(scaling_factor=0), "stages[1].scaling_factor"),
+    (lambda d: d["stages"][1].update(shift=None), "stages[1].shift"),
+    (lambda d: d["stages"][1].update(pixel_range=[0, 1]), "stages[1].pixel_range"),
+    (lambda d: d["stages"][1].update(file="../m.onnx"), "stages[1].file"),
+    (lambda d: d["stages"][1].update(sha256="xyz"), "stages[1].sha256"),
+    (lambda d: d["stages"][1].update(sha256=None), "stages[1].sha256"),
+    (lambda d: d["stages"][1]["inputs"][0].update(shape=["batch", 3, 8, 8]), "stages[1].inputs"),
+    (lambda d: d["stages"][1]["outputs"][0].update(shape=["batch", 3, 16, 16]), "stages[1].outputs"),
+    (lambda d: d["stages"][0].update(prediction_channels=None), "stages[0].outputs[0].shape"),
+    (lambda d: d["stages"][0].update(scaling_factor=1.0), "stages[0]"),
+    (lambda d: d["stages"][1].update(name="vae"), "stages"),
+    (lambda d: d["stages"][1].pop("shift"), "stages[1].shift"),
+])
+def test_bad_stages_name_the_field(mutate, field):
+    d = json.loads(latent_contract().to_json())
+    mutate(d)
+    with pytest.raises(ContractError) as e:
+        SamplingContract.from_dict(d)
+    assert f"'{field}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_schema_5_contract_reads_as_one_denoiser_on_the_image():
+    cond = conditional_contract()
+    c = SamplingContract.from_dict(as_schema(json.loads(cond.to_json()), 5))
+    assert c == cond and [s.name for s in c.stages] == ["denoiser"] and c.decoder is None
+    d = as_schema(json.loads(cond.to_json()), 5)
+    del d["outputs"]
+    with pytest.raises(ContractError, match="'outputs': missing"):
+        SamplingContract.from_dict(d)

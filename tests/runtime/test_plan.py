@@ -14,6 +14,7 @@ from runtime.metadata import RunDefaults, SamplingContract
 from runtime.sampling.plan import make_plan
 from runtime.sampling.samplers import ddim, ddpm, dpmpp_3m
 from runtime.sampling.table import COLUMNS, history_columns
+from tests.runtime.test_metadata import as_schema
 
 COND = SamplingContract(image_size=8, channels=1, num_classes=3)
 UNCOND = SamplingContract(image_size=8, channels=1)
@@ -112,6 +113,6 @@ def test_contract_run_defaults_are_validated_and_round_trip():
 
 def test_schema_1_contracts_read_without_run_defaults():
     data = json.loads(COND.to_json())
-    data["schema_version"] = 1
+    as_schema(data, 1)
     del data["run_defaults"]
     assert SamplingContract.from_dict(data).run_defaults is None

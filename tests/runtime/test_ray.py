@@ -202,6 +202,16 @@ def test_a_ray_run_writes_what_one_process_writes(cluster, cond_onnx, tmp_path):
     assert_same_run(tmp_path / "ray", one_process(tmp_path / "other", *other))
 
 
+def test_a_latent_model_on_ray_writes_what_one_process_writes(cluster, latent_onnx, tmp_path):
+    """Each worker loads the model file and its decoder stage beside it; the decoder runs in the workers."""
+    address, env = cluster
+    args = [latent_onnx, "-n", 6, "--batch-size", 2, "--sampler", "dpmpp-2m", "--steps", 4, "--guidance", 1.5,
+            "--format", "both", "--grid", "--seed", 1]
+    r = generate(env, *args, "--out", tmp_path / "ray", "--ray", address, "--workers", 2)
+    assert r.returncode == 0 and "6 images in" in r.stdout, r.stderr
+    assert_same_run(tmp_path / "ray", one_process(tmp_path, *args))
+
+
 OPENVINO_DATASET = """
 import json, sys
 import numpy as np

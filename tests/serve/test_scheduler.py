@@ -76,6 +76,23 @@ def test_v_and_x0_models_serve_what_they_generate_offline(tmp_path, prediction):
         assert np.abs(np.stack(images).astype(int) - offline(model, **request)).max() <= LEVELS, request
 
 
+@pytest.mark.parametrize("batching", [True, False])
+def test_a_latent_model_serves_what_it_generates_offline(latent_onnx, batching):
+    """Each finished image goes through the decoder stage once, in the tick that finished it, batched with the images
+    that finished with it."""
+    model = runtime.load(latent_onnx, "cpu")
+    calls = []
+    decode = model.backend.decode
+    model.backend.decode = lambda z: (calls.append(len(z)), decode(z))[1]
+    requests = REQUESTS[:6]
+    results = run(Scheduler(model, max_batch=6, batching=batching), requests)
+    model.backend.decode = decode
+    for request, images in zip(requests, results):
+        assert np.stack(images).shape[1:] == (8, 8, 3)
+        assert np.abs(np.stack(images).astype(int) - offline(model, **request)).max() <= LEVELS, request
+    assert sum(calls) == sum(r["n"] for r in requests) and len(calls) < sum(r["n"] for r in requests)
+
+
 def test_a_short_request_overtakes_a_long_one(cond_model):
     scheduler = Scheduler(cond_model, max_batch=8)
     long = scheduler.submit(2, sampler="ddpm", steps=100)
