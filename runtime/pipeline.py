@@ -129,7 +129,8 @@ def load(model: str | os.PathLike, provider: str = "auto", *, dtype: Precision |
          session_options=None, log: Callable[[str], None] | None = None) -> Pipeline:
     """Load an exported model (``.onnx``; TorchScript ``.pt`` and ``.pt2``, which need torch) for generation.
 
-    ``model`` is a file, or the name of a model bundled with the package (``fashion-mnist``).
+    ``model`` is a file, or the name of a model bundled with the package (``fashion-mnist``); a latent model's
+    ``.onnx`` finds its decoder stage beside it (the file its contract names, checked by SHA-256).
     ``provider``: auto (for ONNX the best onnxruntime provider that actually starts: tensorrt, cuda, then cpu),
     cpu, cuda, tensorrt or openvino (the openvino extra; never chosen by auto): ``runtime.backends.registry``.
     ``dtype``: the precision to compute in (fp32, fp16, bf16; None: the backend's choice: OpenVINO takes bf16 where
