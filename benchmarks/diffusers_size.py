@@ -340,12 +340,16 @@ def main(out: Path, church: bool, worker: str | None) -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "flags": cpu_flags(),
-               "command": "python -m benchmarks.diffusers_size",
+    results = {**machine_facts("python -m benchmarks.diffusers_size"),
                "cifar10": _section(out / "cifar10.json", lambda: cifar10(models, log))}
     if church:
         results["church"] = _section(out / "church.json", lambda: church_model(models, log))
     write_results(out, results, markdown)
+
+
+def machine_facts(command: str) -> dict:
+    """What a results file says of where and how it was measured."""
+    return {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "flags": cpu_flags(), "command": command}
 
 
 def write_results(out: Path, results: dict, markdown) -> None:

@@ -23,7 +23,6 @@ deleted).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,8 +30,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.diffusers_size import _section, cpu_flags, peak_rss_mb, write_results
-from benchmarks.throughput import cpu_name
+from benchmarks.diffusers_size import _section, machine_facts, peak_rss_mb, write_results
 
 DIT_S = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
              sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
@@ -244,8 +242,7 @@ def main(out: Path, with_ldm: bool, worker_args: tuple | None) -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    results = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "flags": cpu_flags(),
-               "command": "python -m benchmarks.latent_size",
+    results = {**machine_facts("python -m benchmarks.latent_size"),
                "dit": _section(out / "dit.json", lambda: dit(models, log))}
     if with_ldm:
         results["ldm"] = _section(out / "ldm.json", lambda: ldm(models, log))

@@ -46,6 +46,7 @@ class EpsCheck:
 # the second trajectory check runs the sampler that keeps the most history (ties: the first registered), so every
 # history slot goes through the backend
 MULTISTEP_CHECK = max(SAMPLERS.values(), key=lambda s: s.history).name
+_DDPM = "ddpm"  # the first trajectory check's sampler (Algorithm 2, σ² = β̃)
 
 
 @dataclass
@@ -159,16 +160,13 @@ def _per_call(cases: list[tuple[str, tuple, dict]], reference: Callable, candida
     return EpsCheck(worst_excess <= 0, calls, max_abs, worst)
 
 
-def check_decoder(reference: NumpyNet, reference_decode: Callable, candidate_decode: Callable,
-                  contract: SamplingContract, tol: Tolerance, seed: int = 0) -> EpsCheck:
-    """Per-call parity of a latent model's decoder on the latents an eager trajectory ends in (4 images, 20 DDPM
-    steps, scaled as the finish scales them): all four in one call, then the first alone."""
-    latents = decoder_input(contract, _trajectory(reference, contract, _DDPM, 4, 20, None, seed)[0])
+def check_decoder(x0: np.ndarray, reference_decode: Callable, candidate_decode: Callable,
+                  contract: SamplingContract, tol: Tolerance) -> EpsCheck:
+    """Per-call parity of a latent model's decoder on ``x0``, the latents an eager trajectory ends in (scaled as the
+    finish scales them): all of them in one call, then the first alone."""
+    latents = decoder_input(contract, x0)
     return _per_call([("batch4_trajectory_latents", (latents,), {}), ("batch1", (latents[:1],), {})],
                      reference_decode, candidate_decode, tol)
-
-
-_DDPM = "ddpm"
 
 
 def _trajectory(net: NumpyNet, contract: SamplingContract, sampler: str, n: int, steps: int, guidance: float | None,
@@ -188,16 +186,18 @@ def _trajectory(net: NumpyNet, contract: SamplingContract, sampler: str, n: int,
 
 def check_trajectory(reference: NumpyNet, candidate: NumpyNet, contract: SamplingContract, tol: Tolerance, *,
                      n: int = 4, steps: int = 20, guidance: float | None = None, seed: int = 0,
-                     sampler: str = _DDPM, decoders: tuple[Callable, Callable] | None = None) -> TrajectoryCheck:
+                     sampler: str = _DDPM, decoders: tuple[Callable, Callable] | None = None,
+                     reference_run: tuple | None = None) -> TrajectoryCheck:
     """Final uint8 images of a respaced run through both nets with identical injected noise: Algorithm 2 (σ² = β̃)
-    by default, or another ``sampler``; a latent model's through ``decoders`` (the reference's, the candidate's)."""
-    def run(net, decode):
-        x0, plan, w = _trajectory(net, contract, sampler, n, steps, guidance, seed)
-        return finisher(contract, decode)(x0), plan, w
+    by default, or another ``sampler``; a latent model's through ``decoders`` (the reference's, the candidate's).
+    ``reference_run``: the reference's run with these settings (``_trajectory``'s result), where it is made already."""
+    def run(net):
+        return _trajectory(net, contract, sampler, n, steps, guidance, seed)
 
-    want, plan, w = run(reference, decoders and decoders[0])
+    x0, plan, w = reference_run or run(reference)
+    want = finisher(contract, decoders and decoders[0])(x0)
     try:
-        images = [want, run(candidate, decoders and decoders[1])[0]]
+        images = [want, finisher(contract, decoders and decoders[1])(run(candidate)[0])]
     except Exception as e:  # noqa: BLE001 - a candidate that cannot even run fails the check, in one line
         problem = f"{type(e).__name__}: {reason(e)}"
         return TrajectoryCheck(False, n, plan.steps, w, 255, want.size, [], sampler, problem)
@@ -221,8 +221,10 @@ def verify_backend(name: str, reference: NumpyNet, candidate: NumpyNet, contract
     tol = TOLERANCES[precision]
     exact = per_call and tol.atol is not None
     eps = check_eps(reference, candidate, contract, tol) if exact else None
-    dec = check_decoder(reference, *decoders, contract, tol) if exact and decoders else None
-    traj = check_trajectory(reference, trajectory_candidate or candidate, contract, tol, decoders=decoders)
+    ddpm = _trajectory(reference, contract, _DDPM, 4, 20, None, 0)  # check_trajectory's defaults; run once for both
+    dec = check_decoder(ddpm[0], *decoders, contract, tol) if exact and decoders else None
+    traj = check_trajectory(reference, trajectory_candidate or candidate, contract, tol, decoders=decoders,
+                            reference_run=ddpm)
     multi = check_trajectory(reference, trajectory_candidate or candidate, contract, tol, steps=10,
                              sampler=MULTISTEP_CHECK, decoders=decoders)
     passed = all(c is None or c.passed for c in (eps, dec)) and traj.passed and multi.passed

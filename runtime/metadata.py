@@ -416,7 +416,7 @@ def _validate(c: SamplingContract) -> None:
 def _validate_stages(c: SamplingContract) -> None:
     """The stages: the denoiser, then optionally a decoder; their tensors, the latent between them, the image."""
     _check(isinstance(c.stages, list) and all(isinstance(st, Stage) for st in c.stages)
-           and [st.name for st in c.stages] in (["denoiser"], ["denoiser", "decoder"]), "stages",
+           and [st.name for st in c.stages] in (list(STAGES[:1]), list(STAGES)), "stages",
            f"expected the denoiser, then optionally a decoder, got {[getattr(st, 'name', st) for st in c.stages]}")
     for n, st in enumerate(c.stages):
         for key in ("inputs", "outputs"):

@@ -93,9 +93,6 @@ class OnnxModel:
                     path)
         self.decoder = None  # a latent model's decoder: a session on its stage file, with the same providers
         if (stage := self.contract.decoder) is not None:
-            if stage.file is None:
-                raise ModelError(f"{path}: its contract names no file for its decoder stage (an ONNX latent model "
-                                 "keeps it in a file beside it)")
             decoder = stage_file(self.path, stage)
             self.decoder = _session(decoder, self.providers, session_options, quiet)
             self._started(self.decoder, p, decoder)

@@ -89,9 +89,6 @@ class OpenVinoModel:
         self.compiled = self._compile(core, model, properties, path)
         self.decoder = None  # a latent model's decoder, compiled with the same properties
         if (stage := self.contract.decoder) is not None:
-            if stage.file is None:
-                raise ModelError(f"{path}: its contract names no file for its decoder stage (an ONNX latent model "
-                                 "keeps it in a file beside it)")
             decoder = stage_file(self.path, stage)
             try:
                 graph = core.read_model(str(decoder))

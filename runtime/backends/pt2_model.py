@@ -3,6 +3,7 @@ loaded."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -65,8 +66,7 @@ class Pt2Model(TorchBackend):
             if DECODER not in runners:
                 raise ModelError(f"{path}: its contract has a decoder stage, but the package holds no "
                                  f"'{DECODER}' model")
-            self._decoder = runners[DECODER]
-            self.decoder = lambda z: self._chunked(self._decoder, z)
+            self.decoder = functools.partial(self._chunked, runners[DECODER])
         self.provider = f"pt2:{self.device}:{self.precision}"
         self.max_batch, self.torch = int(target.get("max_batch", 65536)), torch
 

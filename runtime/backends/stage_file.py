@@ -12,6 +12,9 @@ from runtime.metadata import Stage
 
 def stage_file(model: Path, stage: Stage) -> Path:
     """The file of ``stage`` beside ``model``, once its SHA-256 is the one the contract records."""
+    if stage.file is None:
+        raise ModelError(f"{model}: its contract names no file for its {stage.name} stage (an ONNX latent model "
+                         "keeps it in a file beside it)")
     path = model.parent / stage.file
     if not path.is_file():
         raise ModelError(f"{model}: its {stage.name} stage {path} is missing (a latent model is its model file and "

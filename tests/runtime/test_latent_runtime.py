@@ -82,7 +82,7 @@ def test_progress_counts_the_decode_as_a_step(latent_onnx):
     assert model.progress_steps(plan) == 5 and calls == [2] * 5 + [1] * 5
 
 
-def test_a_run_folder_resumes_and_shards_like_a_pixel_models(latent_onnx, tmp_path):
+def test_a_sharded_run_folder_equals_one_run(latent_onnx, tmp_path):
     args = [str(latent_onnx), "-n", "6", "--steps", "4", "--sampler", "ddim", "--guidance", "1.5", "--batch-size",
             "2", "--provider", "cpu", "--format", "npz"]
     whole = tmp_path / "whole"
